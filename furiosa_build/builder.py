@@ -1,0 +1,266 @@
+"""``ArtifactBuilder``: the public build API, running load -> capture -> compile ->
+partition -> package.
+
+Capture runs in a joblib pool of ``num_pipeline_builder_workers`` (each worker gets a
+bucket and the model config, never the weights); compilation runs in a pool of
+``num_compile_workers`` over de-duplicated, cache-checked units.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from joblib import Parallel, delayed
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from furiosa_build import capture as capture_stage
+from furiosa_build.cache import CompileCache
+from furiosa_build.compile import CompileStats, CompileUnit, compile_all, plan_units
+from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS
+from furiosa_build.config import BuildSpec, spec_from_builder_args
+from furiosa_build.load import LoadedModel, LoadRequest, load, load_config
+from furiosa_build.package import directory_size, write_artifact
+from furiosa_build.partition import Placement, build_pipeline
+from furiosa_build.sources import resolve_source
+from furiosa_runtime.artifact import Bucket, Pipeline
+from furiosa_runtime.hardware import parse_devices
+
+FURIOSA_LLM_VERSION = "0.1.0"
+
+
+@dataclass
+class BuildReport:
+    """What a build did: for the closing summary and for tests."""
+
+    save_dir: Path | None
+    pipelines: int
+    compile: CompileStats
+    seconds: dict[str, float] = field(default_factory=dict)
+    artifact_bytes: int = 0
+
+    def render(self) -> str:
+        stats = self.compile
+        reused = stats.units - stats.unique
+        lines = [
+            f"pipelines: {self.pipelines}",
+            f"programs: {stats.units} requested, {stats.unique} unique ({reused} reused by blockwise/bucket sharing), "
+            f"{stats.compiled} compiled, {stats.cached} served from cache",
+            "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()) + f", total {sum(self.seconds.values()):.2f}",
+        ]
+        if self.save_dir is not None:
+            lines.append(f"artifact: {self.save_dir} ({self.artifact_bytes / 2**20:.1f} MiB)")
+        return "\n".join(lines)
+
+
+@dataclass
+class BuildPlan:
+    """A dry run: what would be built, and how much of it the cache already holds."""
+
+    buckets: list[Bucket]
+    pipelines: list[str]
+    supertasks_per_pipeline: int
+    units: int
+    unique: int
+    cached: int
+
+    def render(self) -> str:
+        lines = ["buckets:"]
+        lines += [f"  {b.phase:7s} batch={b.batch_size} attention={b.attention_size} kv_cache={b.kv_cache_size}" for b in self.buckets]
+        lines.append("pipelines:")
+        lines += [f"  {p}" for p in self.pipelines]
+        lines.append(f"supertasks per pipeline: {self.supertasks_per_pipeline}")
+        lines.append(f"programs: {self.units} requested, {self.unique} unique, {self.cached} already in the cache, "
+                     f"{self.unique - self.cached} to compile")  # fmt: skip
+        return "\n".join(lines)
+
+
+class ArtifactBuilder:
+    """Build an artifact for a model (see the reference's ``ArtifactBuilder``)."""
+
+    def __init__(self, model_id_or_path: str | None, devices: str = "npu:0", name: str = "", **kwargs: Any) -> None:
+        self.spec = spec_from_builder_args(model_id_or_path, devices, name, kwargs, {})
+
+    @classmethod
+    def from_spec(cls, spec: BuildSpec) -> ArtifactBuilder:
+        builder = cls.__new__(cls)
+        builder.spec = spec
+        return builder
+
+    def build(self, save_dir: str | Path, **kwargs: Any) -> BuildReport:
+        """Build into ``save_dir``; keyword arguments are those of the reference's ``build()``."""
+        spec = spec_from_builder_args(None, "", "", {}, {**kwargs, "save_dir": str(save_dir)}, base=self.spec)
+        return ArtifactBuilder.from_spec(spec).build_from_spec()
+
+    # -- stages ------------------------------------------------------------------------------
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.spec.build.save_dir or f"artifacts/{self.spec.model.name}")
+
+    def _cache(self) -> CompileCache:
+        return CompileCache(Path(self.spec.build.cache_dir).expanduser() if self.spec.build.cache_dir else None)
+
+    def _load_request(self) -> LoadRequest:
+        m = self.spec.model
+        source = resolve_source(m.model_id_or_path, m.hf_config is not None)
+        return LoadRequest(source, m.hf_config, m.num_hidden_layers, m.seed_for_random_weight, m.auto_bfloat16_cast, m.trust_remote_code)
+
+    def _buckets(self) -> list[Bucket]:
+        buckets = [*self.spec.buckets.prefill_buckets(), *self.spec.buckets.decode_buckets()]
+        return list(dict.fromkeys(buckets))
+
+    def _slice_last_token(self) -> bool:
+        b = self.spec.buckets
+        return bool(b.calculate_logit_only_for_last_token in (None, True) or b.add_prefill_last_block_slice)
+
+    def _signatures(self, hf_config: dict[str, Any]) -> list[capture_stage.Signature]:
+        types = capture_stage.layer_types(hf_config)
+        return capture_stage.block_signatures(types, self.spec.build.num_blocks_per_supertask)
+
+    def _capture(self, hf_config: dict[str, Any], stage_times: dict[str, float]) -> list[capture_stage.CaptureResult]:
+        signatures = self._signatures(hf_config)
+        units = [
+            capture_stage.CaptureUnit(hf_config, bucket, tuple(dict.fromkeys(signatures)), self.spec.buckets.paged_attention_block_size, self._slice_last_token())
+            for bucket in self._buckets()
+        ]  # fmt: skip
+        with _timed(stage_times, "capture"):
+            opts = self.spec.build
+            jobs = Parallel(n_jobs=opts.num_pipeline_builder_workers, backend=opts.backend, return_as="generator")(
+                delayed(capture_stage.capture)(u) for u in units
+            )
+            return list(tqdm(jobs, total=len(units), desc="capture", disable=not opts.progress))
+
+    def _compile_units(self, captures, hf_config) -> tuple[list[CompileUnit], list[dict[str, str]]]:
+        """Compile units of every pipeline and, per pipeline, role -> unit key."""
+        options = {**DEFAULT_OPTIONS, **(self.spec.build.compiler_config_overrides or {})}
+        blockwise = self.spec.build.use_blockwise_compile
+        units, roles = [], []
+        for cap in captures:
+            mine = {
+                "embed": CompileUnit("embed", cap.embed.graph.to_json(), options),
+                "head": CompileUnit("head", cap.head.graph.to_json(), options),
+            }
+            for g, sig in enumerate(self._signatures(hf_config)):
+                mine[f"block:{g}"] = CompileUnit("block", cap.blocks[sig].graph.to_json(), options, "" if blockwise else f"group{g}")
+            units.extend(mine.values())
+            roles.append({role: unit.key for role, unit in mine.items()})
+        return units, roles
+
+    def plan(self) -> BuildPlan:
+        """Capture and hash every program without compiling (``build.dry_run``)."""
+        hf_config = load_config(self._load_request())
+        captures = self._capture(hf_config, {})
+        units, _ = self._compile_units(captures, hf_config)
+        unique = plan_units(units)
+        cache = self._cache()
+        return BuildPlan(
+            buckets=self._buckets(),
+            pipelines=[c.bucket.pipeline_name(self.spec.model.name) for c in captures],
+            supertasks_per_pipeline=2 + len(self._signatures(hf_config)),
+            units=len(units),
+            unique=len(unique),
+            cached=sum(cache.contains(k) for k in unique),
+        )
+
+    def build_from_spec(self) -> BuildReport:
+        """Run every stage and write the artifact to ``save_dir``."""
+        times: dict[str, float] = {}
+        opts = self.spec.build
+        with _timed(times, "load"):
+            cache_root = Path(opts.param_file_path or opts.cache_dir or "").expanduser() if (opts.param_file_path or opts.cache_dir) else None
+            loaded = load(self._load_request(), cache_root)
+        hf_config = loaded.hf_config
+        captures = self._capture(hf_config, times)
+        units, roles = self._compile_units(captures, hf_config)
+        with _timed(times, "compile"):
+            compiled = compile_all(units, self._cache(), opts.num_compile_workers, opts.backend, opts.progress)
+        with _timed(times, "partition"):
+            pipelines = self._pipelines(captures, roles, hf_config)
+        with _timed(times, "package"):
+            artifact_fields = self._artifact_fields(hf_config, pipelines, loaded)
+            used = {key for p in pipelines for key in (t.program for t in p.tasks)}
+            programs = {k: v for k, v in compiled.programs.items() if k in used}
+            tensors = self._tensors(pipelines, captures, loaded)
+            write_artifact(self.save_dir, artifact_fields, programs, tensors, loaded.tokenizer_files())
+        report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, directory_size(self.save_dir))
+        if opts.progress:
+            print(report.render())
+        return report
+
+    def _pipelines(self, captures, roles, hf_config) -> list[Pipeline]:
+        device = parse_devices(self.spec.parallel.devices)[0]
+        placement = Placement(device.pe(0), int(hf_config["num_hidden_layers"]), self.spec.build.num_blocks_per_supertask)
+        signatures = self._signatures(hf_config)
+        return [build_pipeline(self.spec.model.name, cap, signatures, placement, keys) for cap, keys in zip(captures, roles)]
+
+    def _tensors(self, pipelines: list[Pipeline], captures, loaded: LoadedModel) -> dict[str, np.ndarray]:
+        """Exactly the weights and constants that some task binds."""
+        wanted = {name for p in pipelines for t in p.tasks for name in t.params.values()}
+        constants = {f"const:{k}": v for cap in captures for k, v in cap.constants.items()}
+        tensors = {name: constants[name] for name in wanted if name in constants}
+        with safe_open(str(loaded.weights_file), framework="numpy") as f:
+            available = set(f.keys())
+            for name in sorted(wanted - tensors.keys()):
+                if name not in available:
+                    raise ValueError(f"weight {name} needed by the compiled graph is missing from the model")
+                tensors[name] = f.get_tensor(name)
+        return tensors
+
+    def _artifact_fields(self, hf_config: dict[str, Any], pipelines: list[Pipeline], loaded: LoadedModel) -> dict[str, Any]:
+        spec = self.spec
+        eos = hf_config.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return {
+            "metadata": {
+                "artifact_id": str(uuid.uuid4()),
+                "name": spec.model.name,
+                "timestamp": int(time.time()),
+                "version": {"furiosa_llm": FURIOSA_LLM_VERSION, "furiosa_compiler": COMPILER_VERSION},
+            },
+            "devices": spec.parallel.devices,
+            "generator_config": {
+                "prefill_buckets": [b.model_dump() for b in spec.buckets.prefill_buckets()],
+                "decode_buckets": [b.model_dump() for b in spec.buckets.decode_buckets()],
+                "max_seq_len_to_capture": spec.buckets.max_seq_len_to_capture,
+                "paged_attention_config": {"num_blocks": spec.buckets.num_blocks(), "block_size": spec.buckets.paged_attention_block_size},
+            },
+            "hf_config": hf_config,
+            "model_metadata": {
+                "pretrained_id": spec.model.model_id_or_path or f"random:{hf_config.get('model_type')}",
+                "architecture": (hf_config.get("architectures") or [hf_config.get("model_type", "unknown")])[0],
+                "num_hidden_layers": int(hf_config["num_hidden_layers"]),
+                "trust_remote_code": spec.model.trust_remote_code,
+                "eos_token_ids": eos_ids,
+            },
+            "model_rewriting_config": {
+                "do_decompositions_for_model_rewrite": spec.build.do_decompositions_for_model_rewrite,
+                "use_blockwise_compile": spec.build.use_blockwise_compile,
+                "num_blocks_per_supertask": spec.build.num_blocks_per_supertask,
+                "embed_all_constants_into_graph": spec.build.embed_all_constants_into_graph,
+                "calculate_logit_only_for_last_token": self._slice_last_token(),
+                "add_prefill_last_block_slice": spec.buckets.add_prefill_last_block_slice,
+            },
+            "parallel_config": {
+                "tensor_parallel_size": spec.parallel.tensor_parallel_size,
+                "pipeline_parallel_size": spec.parallel.pipeline_parallel_size,
+                "data_parallel_size": spec.parallel.data_parallel_size or 1,
+                "num_blocks_per_pp_stage": [int(hf_config["num_hidden_layers"])],
+            },
+            "scheduler_config": spec.scheduler.model_dump(),
+            "pipelines": [p.model_dump(mode="json") for p in pipelines],
+        }
+
+
+@contextmanager
+def _timed(times: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - start

@@ -1,0 +1,292 @@
+"""Capture stage: ``torch.export`` a weightless model skeleton for one bucket and split it
+into supertasks (embedding, transformer-block groups, head) in canonical graph form.
+
+The skeleton holds uninitialised parameters (never touched, so they cost no memory) and
+only the config-derived buffers (rotary tables) are real; capture therefore never needs
+the model weights.  It has one group of decoder layers per distinct *block signature*
+(the layer types inside a supertask), not ``num_hidden_layers`` layers, so the cost of
+capture does not grow with depth and every group of the same signature shares one
+program.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind
+
+from furiosa_build import attention
+from furiosa_build.graph_ir import GraphIR, build_graph_ir
+from furiosa_runtime.artifact import Bucket
+
+Signature = tuple[str, ...]
+USER_INPUTS = ("input_ids", "position_ids", "positions", "slot_mapping", "block_tables")
+CARRY = "hidden"
+
+
+@dataclass(frozen=True)
+class CaptureUnit:
+    """A picklable work unit: everything a pipeline-builder worker needs for one bucket."""
+
+    hf_config: dict[str, Any]
+    bucket: Bucket
+    signatures: tuple[Signature, ...]  # distinct layer-type signatures of the block groups
+    block_size: int
+    slice_last_token: bool
+
+
+@dataclass
+class Supertask:
+    """One captured supertask: its graph and the pipeline values bound to its inputs/outputs."""
+
+    kind: str  # "embed" | "block" | "head"
+    graph: GraphIR
+    input_values: list[str]
+    output_values: list[str]
+    constant_params: list[str] = field(default_factory=list)  # params that are buffers/constants
+
+
+@dataclass
+class CaptureResult:
+    bucket: Bucket
+    embed: Supertask
+    blocks: dict[Signature, Supertask]
+    head: Supertask
+    constants: dict[str, np.ndarray]  # buffer / lifted-constant values by captured name
+    layers_path: str
+
+
+def num_layers(hf_config: dict[str, Any]) -> int:
+    """The decoder depth, whatever the architecture calls it (``n_layer`` for GPT-2...)."""
+    return int(hf_config.get("num_hidden_layers", hf_config.get("n_layer", 0)))
+
+
+def with_layers(hf_config: dict[str, Any], types: list[str]) -> dict[str, Any]:
+    """A copy of ``hf_config`` with ``len(types)`` decoder layers of those types."""
+    key = "num_hidden_layers" if "num_hidden_layers" in hf_config else "n_layer"
+    config = {**hf_config, key: len(types)}
+    if hf_config.get("layer_types"):
+        config["layer_types"] = list(types)
+    return config
+
+
+def layer_types(hf_config: dict[str, Any]) -> list[str]:
+    """The type of every decoder layer (``"full_attention"`` unless the config says)."""
+    types = hf_config.get("layer_types")
+    return list(types) if types else ["full_attention"] * num_layers(hf_config)
+
+
+def block_signatures(types: list[str], blocks_per_supertask: int) -> list[Signature]:
+    """Split the layer types into supertask groups of ``blocks_per_supertask`` layers."""
+    return [tuple(types[i : i + blocks_per_supertask]) for i in range(0, len(types), blocks_per_supertask)]
+
+
+def capture(unit: CaptureUnit) -> CaptureResult:
+    """Export the skeleton for ``unit.bucket`` and split it into supertasks."""
+    attention.register()
+    model, groups = _skeleton(unit.hf_config, unit.signatures)
+    layers_path, layers = _decoder_layers(model, sum(len(s) for s in unit.signatures))
+    for layer in layers:
+        layer.register_forward_pre_hook(_mark_carry, with_kwargs=True)
+    kwargs = example_inputs(unit.bucket, unit.block_size)
+    if unit.slice_last_token and unit.bucket.is_prefill:
+        kwargs["logits_to_keep"] = 1
+    with torch.no_grad():
+        program = torch.export.export(model, (), kwargs, strict=False).run_decompositions()
+    return _split(program, model, layers_path, groups, unit)
+
+
+def example_inputs(bucket: Bucket, block_size: int) -> dict[str, Any]:
+    """Static-shape example inputs of a bucket (values are irrelevant to the trace)."""
+    batch, seq = bucket.batch_size, bucket.input_len
+    ids = torch.zeros((batch, seq), dtype=torch.long)
+    return {
+        "input_ids": ids,
+        "position_ids": ids.clone(),
+        "positions": ids.clone(),
+        "slot_mapping": ids.clone(),
+        "block_tables": torch.zeros((batch, math.ceil(bucket.attention_size / block_size)), dtype=torch.long),
+        "use_cache": False,
+    }
+
+
+def _mark_carry(module, args, kwargs):
+    if args:
+        return (torch.ops.furiosa.carry(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": torch.ops.furiosa.carry(kwargs["hidden_states"])}
+
+
+def _skeleton(hf_config: dict[str, Any], signatures: tuple[Signature, ...]):
+    """A float32 model with one decoder-layer group per signature and no real weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    types = [t for sig in signatures for t in sig]
+    config = AutoConfig.for_model(**with_layers(hf_config, types))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attention.ATTN_IMPLEMENTATION, dtype=torch.float32
+        )
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                # Uninitialised host memory is never touched by export, so it stays virtual.
+                module._parameters[name] = torch.nn.Parameter(torch.empty(param.shape), requires_grad=False)
+    model.tie_weights()
+    bounds, start = [], 0
+    for sig in signatures:
+        bounds.append((start, start + len(sig), sig))
+        start += len(sig)
+    return model.eval(), bounds
+
+
+def _decoder_layers(model: torch.nn.Module, count: int) -> tuple[str, torch.nn.ModuleList]:
+    candidates = [
+        (sum(p.numel() for p in m.parameters()), name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) == count
+    ]
+    if not candidates:
+        raise ValueError(f"cannot find the list of {count} decoder layers in {type(model).__name__}")
+    _, name, layers = max(candidates, key=lambda c: c[0])
+    return name, layers
+
+
+def _layer_index(node: fx.Node, pattern: re.Pattern[str]) -> int | None:
+    for path, _ in reversed(list(node.meta.get("nn_module_stack", {}).values())):
+        match = pattern.match(path)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _split(program, model, layers_path: str, groups, unit: CaptureUnit) -> CaptureResult:
+    graph = program.graph
+    specs = {s.arg.name: s for s in program.graph_signature.input_specs}
+    pattern = re.compile(rf"^(?:L__self__\.?)?{re.escape(layers_path)}\.(\d+)(?:\.|$)")
+    group_of = {layer: g for g, (lo, hi, _) in enumerate(groups) for layer in range(lo, hi)}
+    carries = [n for n in graph.nodes if n.op == "call_function" and n.target == torch.ops.furiosa.carry.default]
+    carry_src = {node: node.args[0] for node in carries}  # marker -> the value it marks
+    segment = _assign_segments(graph, carries, pattern, group_of)
+
+    def resolve(node: fx.Node) -> fx.Node:
+        while node in carry_src:
+            node = carry_src[node]
+        return node
+
+    def seg_nodes(tag: str) -> list[fx.Node]:
+        """The segment's nodes plus the weight-only nodes (transposes...) they read."""
+        own = {n for n in graph.nodes if segment.get(n) == tag and n not in carry_src}
+        needed, stack = set(own), list(own)
+        while stack:
+            for arg in stack.pop().all_input_nodes:
+                if arg.op == "call_function" and arg not in segment and arg not in needed:
+                    needed.add(arg)
+                    stack.append(arg)
+        # Shape assertions carry no value and no users: the static shapes make them moot.
+        return [n for n in graph.nodes if n in needed and (n.users or n.meta.get("val") is not None)]
+
+    def leaves(tag: str, nodes: list[fx.Node]) -> list[fx.Node]:
+        return [n for n in nodes if segment.get(n) == tag and any(segment.get(u) != tag for u in n.users)]
+
+    constants: dict[str, np.ndarray] = {}
+    value_name: dict[fx.Node, str] = {}
+
+    def build(tag: str, kind: str, first_layer: int, outputs: list[fx.Node]) -> Supertask:
+        nodes = seg_nodes(tag)
+        inside = set(nodes)
+        ext_inputs: list[fx.Node] = [resolve(carries[first_layer])] if kind == "block" else []
+        params: list[tuple[fx.Node, str]] = []
+        constant_params: list[str] = []
+        seen = set(ext_inputs)
+        for node in nodes:
+            for arg in map(resolve, node.all_input_nodes):
+                if arg in inside or arg in seen:
+                    continue
+                seen.add(arg)
+                spec = specs.get(arg.name) if arg.op == "placeholder" else None
+                if spec is not None and spec.kind != InputKind.USER_INPUT:
+                    rel, is_const = _param_name(spec, layers_path, first_layer, program, model, constants)
+                    params.append((arg, rel))
+                    if is_const:
+                        constant_params.append(rel)
+                else:
+                    ext_inputs.append(arg)
+        ir = build_graph_ir(nodes, ext_inputs, params, outputs, carry_src)
+        names = [value_name[n] if n in value_name else _external_name(n) for n in ext_inputs]
+        return Supertask(kind, ir, names, [], constant_params)
+
+    embed_outputs = leaves("embed", seg_nodes("embed"))
+    for node in embed_outputs:
+        value_name[node] = CARRY if node is resolve(carries[0]) else f"aux:{node.name}"
+    embed = build("embed", "embed", 0, embed_outputs)
+    embed.output_values = [value_name[n] for n in embed_outputs]
+
+    blocks: dict[Signature, Supertask] = {}
+    for g, (lo, _, sig) in enumerate(groups):
+        tag = f"g{g}"
+        outputs = leaves(tag, seg_nodes(tag))
+        if len(outputs) != 1:
+            raise ValueError(f"a decoder-layer group must produce one hidden state, got {len(outputs)}")
+        value_name[outputs[0]] = CARRY
+        blocks[sig] = build(tag, "block", lo, outputs)
+        blocks[sig].output_values = [CARRY]
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    head = build("head", "head", 0, [resolve(output_node.args[0][0])])
+    head.output_values = ["logits"]
+    return CaptureResult(unit.bucket, embed, blocks, head, constants, layers_path)
+
+
+def _assign_segments(graph: fx.Graph, carries: list[fx.Node], pattern, group_of) -> dict[fx.Node, str]:
+    """Tag every activation node with "embed", "g<group>" or "head".
+
+    Nodes that read no activation (weight transposes, constant tables) are left untagged:
+    they are replicated into whichever supertask reads them.
+    """
+    dynamic: set[fx.Node] = {n for n in graph.nodes if n.op == "placeholder" and n.name in USER_INPUTS}
+    segment: dict[fx.Node, str] = {}
+    for layer, node in enumerate(carries):
+        segment[node] = f"g{group_of[layer]}"
+    for node in graph.nodes:
+        if node.op != "call_function" or not any(a in dynamic for a in node.all_input_nodes):
+            continue
+        dynamic.add(node)
+        if node in segment:
+            continue
+        layer = _layer_index(node, pattern)
+        if layer is not None:
+            segment[node] = f"g{group_of[layer]}"
+        elif any(segment.get(a, "embed") != "embed" for a in node.all_input_nodes if a in segment):
+            segment[node] = "head"
+        else:
+            segment[node] = "embed"
+    return segment
+
+
+def _external_name(node: fx.Node) -> str:
+    if node.op == "placeholder" and node.name in USER_INPUTS:
+        return node.name
+    raise ValueError(f"supertask input {node.name!r} is produced by another block; not a supported structure")
+
+
+def _param_name(spec, layers_path: str, first_layer: int, program, model, constants) -> tuple[str, bool]:
+    """Name a parameter relative to its supertask; record buffer/constant values."""
+    target = spec.target
+    if spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+        value = program.constants[target] if spec.kind == InputKind.CONSTANT_TENSOR else model.get_buffer(target)
+        if target not in program.constants and spec.kind == InputKind.CONSTANT_TENSOR:
+            raise ValueError(f"missing constant {target}")
+        array = value.detach().cpu()
+        constants[target] = array.float().numpy() if array.is_floating_point() else array.numpy()
+        return f"const:{target}", True
+    prefix = f"{layers_path}."
+    if target.startswith(prefix):
+        index, rest = target[len(prefix) :].split(".", 1)
+        return f"{int(index) - first_layer}.{rest}", False
+    return target, False

@@ -1,0 +1,84 @@
+"""Compile stage: de-duplicate compile units by content hash, serve them from the cache,
+compile the rest in a joblib worker pool.
+
+A unit is a supertask graph plus compiler options; its key is
+``cache_key(graph, options, COMPILER_VERSION)``.  Identical transformer blocks of one
+bucket (and, with blockwise compile, of every layer) share a key, so each is compiled
+once.  Workers receive only the JSON graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from joblib import Parallel, delayed
+from tqdm.auto import tqdm
+
+from furiosa_build.cache import CompileCache, cache_key, canonical_json
+from furiosa_build.compiler import COMPILER_VERSION, compile_graph
+
+
+@dataclass(frozen=True)
+class CompileUnit:
+    """One program to compile: a supertask kind and its canonical graph."""
+
+    kind: str
+    graph: Mapping[str, Any]
+    options: Mapping[str, Any]
+    salt: str = ""  # distinguishes per-layer programs when blockwise compile is off
+
+    @property
+    def key(self) -> str:
+        program_input = {"kind": self.kind, "graph": self.graph, "salt": self.salt}
+        return cache_key(program_input, self.options, COMPILER_VERSION)
+
+
+@dataclass
+class CompileStats:
+    units: int = 0  # programs requested by all pipelines
+    unique: int = 0  # after de-duplication by key
+    cached: int = 0  # served from the compile cache
+    compiled: int = 0  # actually compiled in this build
+
+
+@dataclass
+class CompileResult:
+    programs: dict[str, bytes] = field(default_factory=dict)
+    stats: CompileStats = field(default_factory=CompileStats)
+
+
+def compile_unit(unit: CompileUnit) -> bytes:
+    """Worker entry: compile one unit to the canonical JSON bytes of its program."""
+    program = compile_graph(unit.graph, unit.kind, unit.options)
+    return canonical_json(program.model_dump(mode="json"))
+
+
+def plan_units(units: Iterable[CompileUnit]) -> dict[str, CompileUnit]:
+    """Unique units by key, in first-seen order."""
+    unique: dict[str, CompileUnit] = {}
+    for unit in units:
+        unique.setdefault(unit.key, unit)
+    return unique
+
+
+def compile_all(
+    units: list[CompileUnit], cache: CompileCache, workers: int, backend: str, progress: bool
+) -> CompileResult:
+    unique = plan_units(units)
+    result = CompileResult(stats=CompileStats(units=len(units), unique=len(unique)))
+    todo: list[CompileUnit] = []
+    for key, unit in unique.items():
+        payload = cache.get(key)
+        if payload is None:
+            todo.append(unit)
+        else:
+            result.programs[key] = payload
+    result.stats.cached = len(unique) - len(todo)
+    jobs = Parallel(n_jobs=workers, backend=backend, return_as="generator")(delayed(compile_unit)(u) for u in todo)
+    for unit, payload in tqdm(zip(todo, jobs), total=len(todo), desc="compile", disable=not progress or not todo):
+        cache.put(unit.key, payload)
+        result.programs[unit.key] = payload
+    result.stats.compiled = len(todo)
+    return result

@@ -1,0 +1,47 @@
+"""The NPU compiler: canonical ATen graph -> ``furiosa_runtime.isa.Program``.
+
+``compile_graph`` runs lowering, fusion and memory planning.  It imports neither torch
+nor the model, so compile workers are cheap processes fed plain JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from furiosa_build.compiler.fuse import fuse
+from furiosa_build.compiler.lower import LoweringError, constant_specs, lower
+from furiosa_build.compiler.memory import plan_memory
+from furiosa_runtime.isa import Program
+
+COMPILER_VERSION = "0.1.0"
+DEFAULT_OPTIONS: dict[str, Any] = {"fuse": True}
+
+__all__ = ["COMPILER_VERSION", "DEFAULT_OPTIONS", "LoweringError", "compile_graph"]
+
+
+def compile_graph(graph: Mapping[str, Any], name: str, options: Mapping[str, Any] = DEFAULT_OPTIONS) -> Program:
+    """Compile one supertask graph (``GraphIR.to_json()``) into a program."""
+    lowered = lower(dict(graph))
+    if options.get("fuse", True):
+        fuse(lowered)
+    instructions, plan = plan_memory(lowered)
+    names = {n for inst in instructions for n in (*inst.ins, *inst.outs)} | set(lowered.outputs)
+    kv_index = 0
+    numbered = []
+    for inst in instructions:
+        if inst.op == "paged_attention":
+            inst = inst.model_copy(update={"attrs": {**inst.attrs, "kv_index": kv_index}})
+            kv_index += 1
+        numbered.append(inst)
+    return Program(
+        name=name,
+        inputs=tuple(lowered.inputs),
+        params=tuple(p for p in lowered.params if p.name in names),
+        constants=tuple(constant_specs(lowered)),
+        outputs=tuple(lowered.outputs),
+        values={k: v for k, v in sorted(lowered.values.items()) if k in names},
+        instructions=tuple(numbered),
+        memory_plan=plan,
+        uses_kv_cache=kv_index > 0,
+    )

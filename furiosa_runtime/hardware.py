@@ -1,0 +1,76 @@
+"""The hardware description of the simulated NPU (RNGD-class), in one place.
+
+Public per-chip figures: 8 processing elements (PEs), BF16 256 TFLOPS, FP8/INT8 512
+TFLOPS/TOPS, 48 GB HBM3 at 1.5 TB/s, 256 MB SRAM, 150 W, 1 GHz.  A PE gets an equal
+share of compute, memory and bandwidth.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str = "RNGD"
+    pes_per_device: int = 8
+    bf16_tflops: float = 256.0
+    fp8_tflops: float = 512.0
+    hbm_bytes: int = 48 * GB
+    hbm_bandwidth: float = 1.5e12  # bytes/s
+    sram_bytes: int = 256 * 1024**2
+    power_watts: float = 150.0
+    clock_hz: float = 1.0e9
+
+    @property
+    def pe_hbm_bytes(self) -> int:
+        return self.hbm_bytes // self.pes_per_device
+
+    @property
+    def pe_sram_bytes(self) -> int:
+        return self.sram_bytes // self.pes_per_device
+
+
+RNGD = HardwareSpec()
+
+_DEVICE = re.compile(r"^npu:(\d+)(?::(\d+)(?:-(\d+))?)?$")
+
+
+@dataclass(frozen=True)
+class DeviceRef:
+    """A parsed device string: ``npu:D`` (all PEs), ``npu:D:P`` or ``npu:D:P-Q`` (fused PEs)."""
+
+    device: int
+    pes: tuple[int, ...]
+
+    def __str__(self) -> str:
+        if len(self.pes) == RNGD.pes_per_device:
+            return f"npu:{self.device}"
+        if len(self.pes) == 1:
+            return f"npu:{self.device}:{self.pes[0]}"
+        return f"npu:{self.device}:{self.pes[0]}-{self.pes[-1]}"
+
+    def pe(self, index: int) -> str:
+        return f"npu:{self.device}:{self.pes[index]}"
+
+
+def parse_devices(devices: str, hw: HardwareSpec = RNGD) -> list[DeviceRef]:
+    """Parse a comma-separated device string; raise ValueError naming the bad part."""
+    refs = []
+    for part in devices.split(","):
+        match = _DEVICE.match(part.strip())
+        if not match:
+            raise ValueError(f"devices: {part.strip()!r} is not a device; use npu:N, npu:N:P or npu:N:P-Q")
+        device, first, last = match.groups()
+        if first is None:
+            pes = tuple(range(hw.pes_per_device))
+        else:
+            lo, hi = int(first), int(last if last is not None else first)
+            if not lo <= hi < hw.pes_per_device:
+                raise ValueError(f"devices: {part.strip()!r} names PEs outside 0-{hw.pes_per_device - 1}")
+            pes = tuple(range(lo, hi + 1))
+        refs.append(DeviceRef(int(device), pes))
+    return refs

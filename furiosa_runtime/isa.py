@@ -1,0 +1,442 @@
+"""The NPU instruction set: program format and the reference semantics of every opcode.
+
+A compiled program is a straight-line list of macro-instructions over named values.
+Each opcode below is defined by a small NumPy function; that function *is* the
+specification (the simulator executes it, the compiler folds constants with it).
+Values are computed in float32 (integers in int64); parameters are stored in bf16 and
+widened when read, which is the accumulate-in-fp32 contract of the hardware.
+
+Opcodes (ins -> outs, attrs):
+  linear          x[..., K], w[N, K] (, b[N]) -> y[..., N]      w_layout "nk" | "kn"
+  matmul          a[..., M, K], b[..., K, N] -> c                  batched, broadcasting
+  rms_norm        x, w -> y                                        eps, weight_offset
+  layer_norm      x, w, b -> y                                     eps
+  rotary          x[B,H,S,D], cos, sin -> y                        rotate-half RoPE
+  gated_act       gate, up -> act(gate) * up                       act
+  paged_attention q, k, v, positions, slot_mapping, block_tables -> o[B,S,H,D]
+                  scale, causal, sliding_window, softcap; writes k/v into the bound KV cache
+  all_reduce      x -> sum of x over the PE group                  group (collective)
+  unary / binary  elementwise math                                 fn (, scalar)
+  reduce          x -> reduction over dims                         fn, dims, keepdim
+  softmax         x -> softmax along dim                           dim
+  gather          table, ids -> table[ids]                         (embedding lookup)
+  index_select    x, idx -> x.take(idx, dim)                       dim
+  where           cond, a, b -> select
+  cast            x -> x as dtype                                  dtype
+  reshape, permute, expand, slice, select, cat, copy               data movement
+  iota / full     -> constant tensors                              shape, value, dtype
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any, Literal
+
+import ml_dtypes
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+PROGRAM_FORMAT = "furiosa-npu-program/1"
+
+DTYPES: dict[str, np.dtype] = {
+    "f32": np.dtype(np.float32),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+    "f16": np.dtype(np.float16),
+    "i64": np.dtype(np.int64),
+    "i32": np.dtype(np.int32),
+    "bool": np.dtype(np.bool_),
+}
+COMPUTE_DTYPE = {"f32": "f32", "bf16": "f32", "f16": "f32", "i64": "i64", "i32": "i64", "bool": "bool"}
+
+DType = Literal["f32", "bf16", "f16", "i64", "i32", "bool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """A named tensor with a static shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: DType
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+
+class Constant(TensorSpec):
+    """A tensor embedded in the program (``embed_all_constants_into_graph``)."""
+
+    data: str  # base64 of the little-endian raw bytes
+
+    def array(self) -> np.ndarray:
+        raw = base64.b64decode(self.data)
+        return np.frombuffer(raw, dtype=DTYPES[self.dtype]).reshape(self.shape).copy()
+
+    @classmethod
+    def of(cls, name: str, array: np.ndarray, dtype: DType) -> Constant:
+        data = np.ascontiguousarray(array.astype(DTYPES[dtype]))
+        return cls(name=name, shape=array.shape, dtype=dtype, data=base64.b64encode(data.tobytes()).decode())
+
+
+class Instruction(_Strict):
+    op: str
+    ins: tuple[str, ...]
+    outs: tuple[str, ...]
+    attrs: dict[str, Any] = Field(default_factory=dict)
+    free: tuple[str, ...] = ()  # values whose last use is this instruction
+
+
+class MemoryPlan(_Strict):
+    """Static placement of intermediate values in one activation arena (bytes)."""
+
+    arena_bytes: int
+    offsets: dict[str, int]
+
+
+class Program(_Strict):
+    """One compiled unit: what a PE executes for one supertask of one bucket."""
+
+    format: Literal["furiosa-npu-program/1"] = PROGRAM_FORMAT
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    params: tuple[TensorSpec, ...]
+    constants: tuple[Constant, ...] = ()
+    outputs: tuple[str, ...]
+    values: dict[str, TensorSpec]
+    instructions: tuple[Instruction, ...]
+    memory_plan: MemoryPlan
+    uses_kv_cache: bool = False
+
+    def op_histogram(self) -> dict[str, int]:
+        hist: dict[str, int] = {}
+        for inst in self.instructions:
+            hist[inst.op] = hist.get(inst.op, 0) + 1
+        return dict(sorted(hist.items()))
+
+
+# ----------------------------------------------------------------------------------------
+# Reference semantics.  Every kernel takes (inputs, attrs, ctx) and returns a tuple.
+
+
+class KVCacheLayer:
+    """The K and V storage of one layer: flat token slots (num_blocks * block_size)."""
+
+    def __init__(self, num_slots: int, kv_heads: int, head_dim: int, v_head_dim: int, dtype: np.dtype) -> None:
+        self.k = np.zeros((num_slots, kv_heads, head_dim), dtype=dtype)
+        self.v = np.zeros((num_slots, kv_heads, v_head_dim), dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class ExecContext:
+    """What a kernel may touch besides its operands: the bound KV cache and collectives."""
+
+    def __init__(
+        self,
+        kv: KVCacheLayer | None = None,
+        block_size: int = 1,
+        all_reduce: Callable[[np.ndarray, str], np.ndarray] | None = None,
+    ) -> None:
+        self.kv = kv
+        self.block_size = block_size
+        self.all_reduce = all_reduce
+
+
+Kernel = Callable[[list[np.ndarray], dict[str, Any], ExecContext], tuple[np.ndarray, ...]]
+KERNELS: dict[str, Kernel] = {}
+
+
+def kernel(name: str) -> Callable[[Kernel], Kernel]:
+    def register(fn: Kernel) -> Kernel:
+        KERNELS[name] = fn
+        return fn
+
+    return register
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+@kernel("linear")
+def _linear(ins, attrs, ctx):
+    x, w = ins[0], _f32(ins[1])
+    y = x @ (w.T if attrs.get("w_layout", "nk") == "nk" else w)
+    if len(ins) > 2:
+        y = y + _f32(ins[2])
+    return (y,)
+
+
+@kernel("matmul")
+def _matmul(ins, attrs, ctx):
+    return (np.matmul(_f32(ins[0]), _f32(ins[1])),)
+
+
+@kernel("rms_norm")
+def _rms_norm(ins, attrs, ctx):
+    x, w = ins
+    y = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(attrs["eps"])))
+    return ((y * (_f32(w) + np.float32(attrs.get("weight_offset", 0.0)))).astype(np.float32),)
+
+
+@kernel("layer_norm")
+def _layer_norm(ins, attrs, ctx):
+    x, w, b = ins
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + np.float32(attrs["eps"]))
+    return ((y * _f32(w) + _f32(b)).astype(np.float32),)
+
+
+@kernel("rotary")
+def _rotary(ins, attrs, ctx):
+    x, cos, sin = ins
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin,)
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x**3)))
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf via Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, below float32 resolution near 1)."""
+    t = 1.0 / (1.0 + np.float32(0.3275911) * np.abs(x))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return (np.sign(x) * (1.0 - poly * np.exp(-x * x))).astype(np.float32)
+
+
+def _gelu_erf(x: np.ndarray) -> np.ndarray:
+    return (0.5 * x * (1.0 + _erf(x * np.float32(0.7071067811865476)))).astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(x.dtype)
+
+
+UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "neg": np.negative,
+    "exp": np.exp,
+    "log": np.log,
+    "sqrt": np.sqrt,
+    "rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "reciprocal": lambda x: 1.0 / x,
+    "abs": np.abs,
+    "tanh": np.tanh,
+    "sigmoid": _sigmoid,
+    "silu": lambda x: x * _sigmoid(x),
+    "relu": lambda x: np.maximum(x, 0),
+    "gelu": _gelu_erf,
+    "gelu_tanh": _gelu_tanh,
+    "cos": np.cos,
+    "sin": np.sin,
+    "logical_not": np.logical_not,
+    "erf": _erf,
+}
+
+BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "div": np.divide,
+    "floordiv": np.floor_divide,
+    "pow": np.power,
+    "maximum": np.maximum,
+    "minimum": np.minimum,
+    "eq": np.equal,
+    "ne": np.not_equal,
+    "lt": np.less,
+    "le": np.less_equal,
+    "gt": np.greater,
+    "ge": np.greater_equal,
+    "logical_and": np.logical_and,
+    "logical_or": np.logical_or,
+}
+
+
+def _keep_float32(result: np.ndarray, *operands: np.ndarray) -> np.ndarray:
+    """NumPy promotes float32 op python-scalar correctly, but int op float goes to float64."""
+    if result.dtype == np.float64:
+        return result.astype(np.float32)
+    return result
+
+
+@kernel("unary")
+def _unary(ins, attrs, ctx):
+    return (_keep_float32(np.asarray(UNARY[attrs["fn"]](ins[0]))),)
+
+
+@kernel("binary")
+def _binary(ins, attrs, ctx):
+    a = ins[0]
+    b = ins[1] if len(ins) > 1 else _scalar_like(attrs["scalar"], a)
+    if attrs.get("scalar_first"):
+        a, b = b, a
+    return (_keep_float32(np.asarray(BINARY[attrs["fn"]](a, b))),)
+
+
+def _scalar_like(value: float | int | bool, like: np.ndarray) -> np.ndarray:
+    if isinstance(value, bool):
+        return np.bool_(value)
+    if like.dtype.kind == "f" or isinstance(value, float):
+        return np.float32(value)
+    return np.int64(value)
+
+
+@kernel("reduce")
+def _reduce(ins, attrs, ctx):
+    fn = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min, "any": np.any}[attrs["fn"]]
+    dims = tuple(attrs["dims"]) if attrs.get("dims") is not None else None
+    return (_keep_float32(np.asarray(fn(ins[0], axis=dims, keepdims=attrs.get("keepdim", False)))),)
+
+
+@kernel("softmax")
+def _softmax(ins, attrs, ctx):
+    x = ins[0]
+    e = np.exp(x - x.max(axis=attrs["dim"], keepdims=True))
+    return (e / e.sum(axis=attrs["dim"], keepdims=True),)
+
+
+@kernel("gated_act")
+def _gated_act(ins, attrs, ctx):
+    gate, up = ins
+    return (UNARY[attrs["act"]](gate) * up,)
+
+
+@kernel("gather")
+def _gather(ins, attrs, ctx):
+    table, ids = ins
+    return (_f32(table[ids]),)
+
+
+@kernel("index_select")
+def _index_select(ins, attrs, ctx):
+    return (np.take(ins[0], ins[1], axis=attrs["dim"]),)
+
+
+@kernel("where")
+def _where(ins, attrs, ctx):
+    return (np.where(ins[0], ins[1], ins[2]),)
+
+
+@kernel("cast")
+def _cast(ins, attrs, ctx):
+    return (ins[0].astype(DTYPES[COMPUTE_DTYPE[attrs["dtype"]]]),)
+
+
+@kernel("reshape")
+def _reshape(ins, attrs, ctx):
+    return (ins[0].reshape(attrs["shape"]),)
+
+
+@kernel("permute")
+def _permute(ins, attrs, ctx):
+    return (ins[0].transpose(attrs["dims"]),)
+
+
+@kernel("expand")
+def _expand(ins, attrs, ctx):
+    return (np.broadcast_to(ins[0], attrs["shape"]),)
+
+
+@kernel("slice")
+def _slice(ins, attrs, ctx):
+    index = [slice(None)] * ins[0].ndim
+    index[attrs["dim"]] = slice(attrs["start"], attrs["end"], attrs["step"])
+    return (ins[0][tuple(index)],)
+
+
+@kernel("select")
+def _select(ins, attrs, ctx):
+    return (np.take(ins[0], attrs["index"], axis=attrs["dim"]),)
+
+
+@kernel("cat")
+def _cat(ins, attrs, ctx):
+    return (np.concatenate(ins, axis=attrs["dim"]),)
+
+
+@kernel("copy")
+def _copy(ins, attrs, ctx):
+    return (np.array(ins[0]),)
+
+
+@kernel("iota")
+def _iota(ins, attrs, ctx):
+    return (np.arange(attrs["start"], attrs["end"], attrs["step"]).astype(DTYPES[COMPUTE_DTYPE[attrs["dtype"]]]),)
+
+
+@kernel("full")
+def _full(ins, attrs, ctx):
+    return (np.full(attrs["shape"], attrs["value"], dtype=DTYPES[COMPUTE_DTYPE[attrs["dtype"]]]),)
+
+
+@kernel("all_reduce")
+def _all_reduce(ins, attrs, ctx):
+    assert ctx.all_reduce is not None, "all_reduce executed outside a PE group"
+    return (ctx.all_reduce(ins[0], attrs["group"]),)
+
+
+@kernel("paged_attention")
+def _paged_attention(ins, attrs, ctx):
+    """Write this step's K/V into the paged cache, then attend over the cached context.
+
+    Keys are addressed by logical position: the cache slot of position j of sequence b is
+    block_tables[b, j // block_size] * block_size + j % block_size.  A query at position
+    p sees positions j <= p (causal) that lie in the sequence's context; slot -1 marks a
+    padding token, which is neither written nor attended.
+    """
+    q, k, v, positions, slot_mapping, block_tables = ins
+    kv = ctx.kv
+    assert kv is not None, "paged_attention needs a bound KV cache"
+    batch, heads, seq, _ = q.shape  # (B, H, S, D)
+    kv_heads = k.shape[1]
+    valid = slot_mapping >= 0  # (B, S)
+    slots = slot_mapping[valid]
+    kv.k[slots] = k.transpose(0, 2, 1, 3)[valid]  # (B, S, Hkv, D) -> (T, Hkv, D)
+    kv.v[slots] = v.transpose(0, 2, 1, 3)[valid]
+
+    bs = ctx.block_size
+    key_pos = np.arange(block_tables.shape[1] * bs)  # (L,)
+    key_slots = block_tables[:, key_pos // bs] * bs + key_pos % bs  # (B, L)
+    keys = _f32(kv.k[key_slots])  # (B, L, Hkv, D)
+    values = _f32(kv.v[key_slots])
+    context_len = np.where(valid, positions + 1, 0).max(axis=1)  # (B,)
+
+    mask = key_pos[None, None, :] < context_len[:, None, None]  # (B, S, L)
+    if attrs["causal"]:
+        mask = mask & (key_pos[None, None, :] <= positions[:, :, None])
+    if attrs.get("sliding_window"):
+        mask = mask & (key_pos[None, None, :] > positions[:, :, None] - attrs["sliding_window"])
+
+    group = heads // kv_heads
+    qg = q.reshape(batch, kv_heads, group, seq, q.shape[-1])  # (B, Hkv, G, S, D)
+    scores = np.einsum("bhgsd,blhd->bhgsl", qg, keys) * np.float32(attrs["scale"])
+    if attrs.get("softcap"):
+        cap = np.float32(attrs["softcap"])
+        scores = np.tanh(scores / cap) * cap
+    m = mask[:, None, None, :, :]
+    scores = np.where(m, scores, -np.inf)
+    peak = np.where(np.isfinite(scores.max(axis=-1, keepdims=True)), scores.max(axis=-1, keepdims=True), 0)
+    probs = np.where(m, np.exp(scores - peak), 0)
+    denom = probs.sum(axis=-1, keepdims=True)
+    probs = probs / np.where(denom > 0, denom, 1)
+    out = np.einsum("bhgsl,blhd->bshgd", probs.astype(np.float32), values)  # (B, S, Hkv, G, Dv)
+    return (out.reshape(batch, seq, heads, values.shape[-1]),)
+
+
+def execute(inst: Instruction, operands: list[np.ndarray], ctx: ExecContext) -> tuple[np.ndarray, ...]:
+    """Run one instruction with its reference semantics."""
+    try:
+        fn = KERNELS[inst.op]
+    except KeyError:
+        raise ValueError(f"unknown opcode {inst.op!r}; known: {', '.join(sorted(KERNELS))}") from None
+    return fn(operands, inst.attrs, ctx)
