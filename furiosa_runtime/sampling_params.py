@@ -1,0 +1,216 @@
+"""vLLM-compatible `SamplingParams`: how one request turns logits into tokens.
+
+Names, defaults and normalisation follow vLLM so that existing client code works. Every
+field is validated on construction with a one-line `ValueError` naming the field and its
+allowed values. Features the engine does not implement yet are rejected with
+"<field>: not supported yet" instead of being silently ignored, so nobody gets a
+different distribution from the one they asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any
+
+__all__ = ["RequestOutputKind", "SamplingParams", "SamplingType"]
+
+# Temperatures below this are treated as greedy decoding (same threshold as vLLM).
+_SAMPLING_EPS = 1e-5
+
+
+class RequestOutputKind(Enum):
+    """What each streamed `RequestOutput` carries."""
+
+    CUMULATIVE = 0  # all text and tokens generated so far
+    DELTA = 1  # only what is new since the previous output
+    FINAL_ONLY = 2  # nothing until the request finishes
+
+
+class SamplingType(IntEnum):
+    """How the sampler picks a token (mirrors vLLM's enum)."""
+
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters for one generation request (vLLM names and defaults).
+
+    `top_k=0` is accepted as "disabled" and normalised to -1; `stop` may be one string or
+    a list; `max_tokens=None` means "until the context is full" (the engine resolves it
+    against the model length).
+    """
+
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    use_beam_search: bool = False
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # EOS ids from the model / generation_config, filled by update_from_generation_config.
+    _all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._normalize()
+        self._verify_ranges()
+        self._verify_supported()
+        self._all_stop_token_ids.update(self.stop_token_ids)
+
+    # -- validation ---------------------------------------------------------------
+
+    def _normalize(self) -> None:
+        """Bring accepted aliases to one canonical form (vLLM does the same)."""
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.top_k == 0:
+            self.top_k = -1
+        if isinstance(self.output_kind, int):
+            self.output_kind = RequestOutputKind(self.output_kind)
+
+    def _verify_ranges(self) -> None:
+        """Reject values outside each field's domain."""
+        _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _check(
+            self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n),
+            "best_of", "None or an integer >= n", self.best_of,
+        )
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]",
+               self.presence_penalty)
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]",
+               self.frequency_penalty)
+        _check(self.repetition_penalty > 0.0, "repetition_penalty", "> 0",
+               self.repetition_penalty)
+        _check(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
+        _check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        _check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k",
+               "-1 or 0 (disabled) or an integer >= 1", self.top_k)
+        _check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
+        _check(self.seed is None or _is_int(self.seed), "seed", "None or an integer",
+               self.seed)
+        self._verify_lengths()
+        self._verify_stops()
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and value >= 0), name,
+                   "None or an integer >= 0", value)
+        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind",
+               "a RequestOutputKind", self.output_kind)
+
+    def _verify_lengths(self) -> None:
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+               "max_tokens", "None or an integer >= 1", self.max_tokens)
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+               "an integer >= 0", self.min_tokens)
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens",
+                   f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+
+    def _verify_stops(self) -> None:
+        assert isinstance(self.stop, list) and self.stop_token_ids is not None
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               "a non-empty string or a list of non-empty strings", self.stop)
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               "a list of integers >= 0", self.stop_token_ids)
+
+    def _verify_supported(self) -> None:
+        """Reject valid requests the engine cannot honour yet."""
+        _unsupported(self.n > 1, "n", "only n=1 is implemented", self.n)
+        _unsupported(self.best_of not in (None, 1), "best_of",
+                     "only None or 1 is implemented", self.best_of)
+        _unsupported(self.use_beam_search, "use_beam_search",
+                     "beam search is not implemented", self.use_beam_search)
+        _unsupported(self.logprobs is not None, "logprobs",
+                     "only None is implemented", self.logprobs)
+        _unsupported(self.prompt_logprobs is not None, "prompt_logprobs",
+                     "only None is implemented", self.prompt_logprobs)
+        _unsupported(self.min_p != 0.0, "min_p", "only 0.0 is implemented", self.min_p)
+        _unsupported(self.repetition_penalty != 1.0, "repetition_penalty",
+                     "only 1.0 is implemented", self.repetition_penalty)
+        _unsupported(self.presence_penalty != 0.0, "presence_penalty",
+                     "only 0.0 is implemented", self.presence_penalty)
+        _unsupported(self.frequency_penalty != 0.0, "frequency_penalty",
+                     "only 0.0 is implemented", self.frequency_penalty)
+
+    # -- derived values -----------------------------------------------------------
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        """GREEDY for (near-)zero temperature, else RANDOM or RANDOM_SEED."""
+        if self.temperature < _SAMPLING_EPS:
+            return SamplingType.GREEDY
+        if self.seed is not None:
+            return SamplingType.RANDOM_SEED
+        return SamplingType.RANDOM
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        """`stop_token_ids` plus the model's EOS ids (after update_from_generation_config)."""
+        return self._all_stop_token_ids
+
+    def update_from_generation_config(
+        self,
+        generation_config: dict[str, Any],
+        model_eos_token_id: int | None = None,
+    ) -> None:
+        """Record the model's EOS ids, as vLLM does when a request enters the engine.
+
+        Extra EOS ids from `generation_config.json` become stop tokens too (unless
+        `ignore_eos`), so models with several end tokens stop on each of them.
+        """
+        if model_eos_token_id is not None:
+            self._all_stop_token_ids.add(model_eos_token_id)
+        eos = generation_config.get("eos_token_id")
+        if eos is None:
+            return
+        extra = {eos} if isinstance(eos, int) else set(eos)
+        extra.discard(model_eos_token_id)  # type: ignore[arg-type]
+        if extra and not self.ignore_eos:
+            self._all_stop_token_ids.update(extra)
+            assert self.stop_token_ids is not None
+            self.stop_token_ids = sorted(set(self.stop_token_ids) | extra)
+
+    def clone(self) -> SamplingParams:
+        """A deep copy, so per-request updates never leak into a shared default."""
+        return copy.deepcopy(self)
+
+
+def _is_int(value: object) -> bool:
+    """True for ints but not bools (True is not a valid token count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, name: str, allowed: str, value: object) -> None:
+    """Raise a one-line ValueError naming the field and its domain unless `ok`."""
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+def _unsupported(bad: bool, name: str, detail: str, value: object) -> None:
+    """Raise the 'not supported yet' error for a feature the engine lacks."""
+    if bad:
+        raise ValueError(f"{name}: not supported yet ({detail}), got {value!r}.")
