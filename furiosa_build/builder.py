@@ -195,7 +195,7 @@ class ArtifactBuilder:
 
     def _pipelines(self, captures, roles, hf_config) -> list[Pipeline]:
         device = parse_devices(self.spec.parallel.devices)[0]
-        placement = Placement(device.pe(0), int(hf_config["num_hidden_layers"]), self.spec.build.num_blocks_per_supertask)
+        placement = Placement(device.pe(0), capture_stage.num_layers(hf_config), self.spec.build.num_blocks_per_supertask)
         signatures = self._signatures(hf_config)
         return [build_pipeline(self.spec.model.name, cap, signatures, placement, keys) for cap, keys in zip(captures, roles)]
 
@@ -234,7 +234,7 @@ class ArtifactBuilder:
             "model_metadata": {
                 "pretrained_id": spec.model.model_id_or_path or f"random:{hf_config.get('model_type')}",
                 "architecture": (hf_config.get("architectures") or [hf_config.get("model_type", "unknown")])[0],
-                "num_hidden_layers": int(hf_config["num_hidden_layers"]),
+                "num_hidden_layers": capture_stage.num_layers(hf_config),
                 "trust_remote_code": spec.model.trust_remote_code,
                 "eos_token_ids": eos_ids,
             },
@@ -250,7 +250,7 @@ class ArtifactBuilder:
                 "tensor_parallel_size": spec.parallel.tensor_parallel_size,
                 "pipeline_parallel_size": spec.parallel.pipeline_parallel_size,
                 "data_parallel_size": spec.parallel.data_parallel_size or 1,
-                "num_blocks_per_pp_stage": [int(hf_config["num_hidden_layers"])],
+                "num_blocks_per_pp_stage": [capture_stage.num_layers(hf_config)],
             },
             "scheduler_config": spec.scheduler.model_dump(),
             "pipelines": [p.model_dump(mode="json") for p in pipelines],

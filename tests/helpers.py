@@ -1,0 +1,93 @@
+"""Shared test helpers: compose and build configs, and the Hugging Face oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def compose_spec(overrides: list[str]):
+    """Compose ``conf/`` with Hydra overrides into a validated BuildSpec (no Hydra app)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from furiosa_build.config import load_spec
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return load_spec(OmegaConf.to_container(cfg, resolve=True))
+
+
+def build(overrides: list[str], out: Path, cache: Path | None):
+    """Build an artifact into ``out`` and return the BuildReport."""
+    from furiosa_build.builder import ArtifactBuilder
+
+    cache_override = f"build.cache_dir={cache}" if cache is not None else "build.cache_dir=null"
+    spec = compose_spec([*overrides, f"build.save_dir={out}", cache_override, "build.progress=false"])
+    return ArtifactBuilder.from_spec(spec).build_from_spec()
+
+
+def hf_random_model(hf_config: dict, seed: int):
+    """The oracle for random-weight configs: transformers' own init under the same seed,
+    rounded to bf16 and computed in fp32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config), dtype=torch.float32)
+    return model.to(torch.bfloat16).float().eval()
+
+
+def hf_gguf_model(gguf: Path):
+    """The oracle for the GGUF model: transformers loads it, bf16 weights, fp32 compute."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return model.to(torch.bfloat16).float().eval()
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens (EOS ignored) and the logits of the last prompt position."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )  # fmt: skip
+    return out.sequences[0, len(prompt_ids) :].tolist(), out.logits[0][0].numpy()
+
+
+def npu_greedy(llm, prompt_ids: list[int], max_new_tokens: int, prefill_bucket=None, decode_bucket=None):
+    """Greedy decoding through the engine's model runner in chosen buckets.
+
+    Returns the tokens and the logits of every step; other rows of the bucket stay
+    padding, so this also checks that padding changes nothing.
+    """
+    from furiosa_runtime.model_runner import smallest_bucket
+    from furiosa_runtime.sampling_params import SamplingParams
+    from furiosa_runtime.sequence import Sequence
+
+    engine = llm.engine
+    runner, blocks = engine.runner, engine.blocks
+    seq = Sequence("probe", None, list(prompt_ids), SamplingParams(temperature=0), None, max_new_tokens)
+    blocks.allocate(seq.request_id, seq.num_tokens)
+    bucket = prefill_bucket or smallest_bucket(runner.prefill_buckets, 1, seq.num_tokens)
+    steps = [runner.prefill([seq], bucket)[0]]
+    try:
+        while len(seq.output_token_ids) < max_new_tokens:
+            seq.output_token_ids.append(int(np.argmax(steps[-1])))
+            if len(seq.output_token_ids) == max_new_tokens:
+                break
+            blocks.allocate(seq.request_id, seq.num_tokens)
+            bucket = decode_bucket or smallest_bucket(runner.decode_buckets, 1, seq.num_tokens)
+            steps.append(runner.decode([seq], bucket)[0])
+    finally:
+        blocks.free(seq.request_id)
+    return seq.output_token_ids, steps
