@@ -1,0 +1,45 @@
+"""furiosa_runtime: load a built artifact onto the simulated NPU and generate.
+
+The public surface follows vLLM / furiosa-llm::
+
+    from furiosa_runtime import LLM, SamplingParams
+    llm = LLM("artifacts/tiny-llama")
+    print(llm.generate("Hello", SamplingParams(max_tokens=8))[0].outputs[0].text)
+
+Names are resolved lazily, so ``import furiosa_runtime`` stays cheap (no simulator,
+tokenizer or tqdm until ``LLM`` is touched) and never imports torch, transformers or Hydra.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "RequestOutputKind", "SamplingParams"]
+
+# public name -> module that defines it
+_EXPORTS = {
+    "LLM": "furiosa_runtime.llm",
+    "SamplingParams": "furiosa_runtime.sampling_params",
+    "RequestOutputKind": "furiosa_runtime.sampling_params",
+    "RequestOutput": "furiosa_runtime.outputs",
+    "CompletionOutput": "furiosa_runtime.outputs",
+}
+
+if TYPE_CHECKING:
+    from furiosa_runtime.llm import LLM
+    from furiosa_runtime.outputs import CompletionOutput, RequestOutput
+    from furiosa_runtime.sampling_params import RequestOutputKind, SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'furiosa_runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -47,21 +47,26 @@ def hf_gguf_model(gguf: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    return model.to(torch.bfloat16).float().eval()
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses dtype casts, so copy its rounded weights into a plain one.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in loaded.state_dict().items()})
+    return model.eval()
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens (EOS ignored) and the logits of the last prompt position."""
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = True) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and the logits of every step; with ``ignore_eos`` EOS does not stop
+    generation (nor is it banned), like ``SamplingParams(ignore_eos=True)``."""
     import torch
 
     ids = torch.tensor([prompt_ids])
+    eos = None if ignore_eos else model.config.eos_token_id
     with torch.no_grad():
         out = model.generate(
-            ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+            ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
             output_logits=True, return_dict_in_generate=True, pad_token_id=0,
         )  # fmt: skip
-    return out.sequences[0, len(prompt_ids) :].tolist(), out.logits[0][0].numpy()
+    return out.sequences[0, len(prompt_ids) :].tolist(), [step[0].numpy() for step in out.logits]
 
 
 def npu_greedy(llm, prompt_ids: list[int], max_new_tokens: int, prefill_bucket=None, decode_bucket=None):
