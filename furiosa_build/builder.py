@@ -103,8 +103,10 @@ class ArtifactBuilder:
     def save_dir(self) -> Path:
         return Path(self.spec.build.save_dir or f"artifacts/{self.spec.model.name}")
 
-    def _cache(self) -> CompileCache:
-        return CompileCache(Path(self.spec.build.cache_dir).expanduser() if self.spec.build.cache_dir else None)
+    def _cache(self, section: str = "") -> CompileCache:
+        """The content-addressed store of compiled programs (or, by section, of captures)."""
+        root = self.spec.build.cache_dir
+        return CompileCache(Path(root).expanduser() / section if root else None)
 
     def _load_request(self) -> LoadRequest:
         m = self.spec.model
@@ -124,17 +126,27 @@ class ArtifactBuilder:
         return capture_stage.block_signatures(types, self.spec.build.num_blocks_per_supertask)
 
     def _capture(self, hf_config: dict[str, Any], stage_times: dict[str, float]) -> list[capture_stage.CaptureResult]:
+        """Capture every bucket: from the cache when the same capture was done before."""
         signatures = self._signatures(hf_config)
         units = [
             capture_stage.CaptureUnit(hf_config, bucket, tuple(dict.fromkeys(signatures)), self.spec.buckets.paged_attention_block_size, self._slice_last_token())
             for bucket in self._buckets()
         ]  # fmt: skip
         with _timed(stage_times, "capture"):
+            store = self._cache("captures")
+            keys = [capture_stage.capture_key(u) for u in units]
+            cached = {k: store.get(k) for k in keys}
+            todo = [u for u, k in zip(units, keys) if cached[k] is None]
             opts = self.spec.build
             jobs = Parallel(n_jobs=opts.num_pipeline_builder_workers, backend=opts.backend, return_as="generator")(
-                delayed(capture_stage.capture)(u) for u in units
+                delayed(capture_stage.capture)(u) for u in todo
             )
-            return list(tqdm(jobs, total=len(units), desc="capture", disable=not opts.progress))
+            fresh = {}
+            for unit, result in tqdm(zip(todo, jobs), total=len(todo), desc="capture", disable=not opts.progress or not todo):
+                key = capture_stage.capture_key(unit)
+                store.put(key, capture_stage.encode_result(result))
+                fresh[key] = result
+            return [fresh[k] if k in fresh else capture_stage.decode_result(cached[k]) for k in keys]
 
     def _compile_units(self, captures, hf_config) -> tuple[list[CompileUnit], list[dict[str, str]]]:
         """Compile units of every pipeline and, per pipeline, role -> unit key."""

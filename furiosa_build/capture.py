@@ -290,3 +290,64 @@ def _param_name(spec, layers_path: str, first_layer: int, program, model, consta
         index, rest = target[len(prefix) :].split(".", 1)
         return f"{int(index) - first_layer}.{rest}", False
     return target, False
+
+
+# -- caching captured supertasks -------------------------------------------------------------
+CAPTURE_VERSION = "1"
+
+
+def capture_key(unit: CaptureUnit) -> str:
+    """Content key of a capture: the unit plus the versions of the tracing stack."""
+    import transformers
+
+    from furiosa_build.cache import cache_key
+
+    program_input = {
+        "hf_config": unit.hf_config,
+        "bucket": unit.bucket.model_dump(),
+        "signatures": [list(s) for s in unit.signatures],
+        "block_size": unit.block_size,
+        "slice_last_token": unit.slice_last_token,
+    }
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return cache_key(program_input, versions, f"capture-{CAPTURE_VERSION}")
+
+
+def encode_result(result: CaptureResult) -> bytes:
+    """Serialise a capture (graphs, bindings, constant values) without pickle."""
+    from furiosa_runtime.isa import Constant
+
+    def task(t: Supertask) -> dict[str, Any]:
+        return {"kind": t.kind, "graph": t.graph.to_json(), "inputs": t.input_values, "outputs": t.output_values, "constants": t.constant_params}
+
+    doc = {
+        "bucket": result.bucket.model_dump(),
+        "embed": task(result.embed),
+        "blocks": [[list(sig), task(t)] for sig, t in result.blocks.items()],
+        "head": task(result.head),
+        "constants": [Constant.of(k, v, "f32" if v.dtype.kind == "f" else "i64").model_dump() for k, v in sorted(result.constants.items())],
+        "layers_path": result.layers_path,
+    }
+    from furiosa_build.cache import canonical_json
+
+    return canonical_json(doc)
+
+
+def decode_result(payload: bytes) -> CaptureResult:
+    import json
+
+    from furiosa_runtime.isa import Constant
+
+    doc = json.loads(payload)
+
+    def task(d: dict[str, Any]) -> Supertask:
+        return Supertask(d["kind"], GraphIR(**d["graph"]), d["inputs"], d["outputs"], d["constants"])
+
+    return CaptureResult(
+        bucket=Bucket(**doc["bucket"]),
+        embed=task(doc["embed"]),
+        blocks={tuple(sig): task(t) for sig, t in doc["blocks"]},
+        head=task(doc["head"]),
+        constants={c["name"]: Constant(**c).array() for c in doc["constants"]},
+        layers_path=doc["layers_path"],
+    )

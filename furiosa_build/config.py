@@ -75,6 +75,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from furiosa_build.compiler import DEFAULT_OPTIONS, LoweringError
+from furiosa_build.load import LoadError
 from furiosa_build.sources import SourceError, resolve_source
 from furiosa_runtime.artifact import Bucket
 from furiosa_runtime.hardware import parse_devices
@@ -103,10 +105,10 @@ class ConfigError(ValueError):
 
 
 #: Exceptions that are the user's fault: entry points print them as one line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, SourceError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, SourceError, LoadError, LoweringError)
 
 #: The compiler options a user may override, with their type and default.
-COMPILER_CONFIG_OVERRIDES: dict[str, tuple[type, Any]] = {"fuse": (bool, True)}
+COMPILER_CONFIG_OVERRIDES: dict[str, tuple[type, Any]] = {k: (type(v), v) for k, v in DEFAULT_OPTIONS.items()}
 
 _JOBLIB_BACKENDS = ("loky", "threading", "multiprocessing", "sequential")
 _CLUSTER_BACKENDS = ("dask", "ray")

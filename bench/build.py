@@ -1,0 +1,231 @@
+"""Build benchmark: cold vs warm build time, and peak memory by number of pipeline builder workers.
+
+    python bench/build.py                                   # SmolLM2-135M-Instruct, workers 1 and 4
+    python bench/build.py --model tiny-llama --extra-override buckets=tiny --workers 1 2 4
+
+Every build is a subprocess ``sys.executable -m furiosa_build model=<model> ...`` run from the
+repository root into temporary directories (nothing is written to ``artifacts/`` or to the
+user cache). Figures:
+
+1. cold build: an empty cache dir (GGUF conversion, capture and compile all run);
+2. warm rebuild: the same command again, same cache, unchanged config;
+3. peak memory of a build with ``build.num_pipeline_builder_workers=W`` for each ``--workers``
+   value (``build.num_compile_workers=1``), each from a fresh cache holding only the converted
+   model (``models/`` of the cold build's cache), so capture and compile really run.
+
+Wall time is measured here around the subprocess (interpreter start and imports included);
+the build's own total comes from its closing summary. Peak memory is the largest sum of RSS
+over the build process and all its descendants (joblib/loky workers), sampled every 20 ms;
+pages shared between processes are counted once per process, so it is an upper bound.
+Only psutil and the standard library are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_SECONDS = 0.02
+MIB = 2**20
+
+_PROGRAMS_RE = re.compile(r"(\d+) compiled, (\d+) served from cache")
+_TOTAL_RE = re.compile(r"^seconds: .*total ([0-9.]+)\s*$", re.MULTILINE)
+
+
+@dataclass
+class BuildRun:
+    """One measured build: what the bench saw and what the build's summary said."""
+
+    label: str
+    overrides: list[str]
+    wall_seconds: float
+    peak_rss_bytes: int
+    build_seconds: float
+    compiled: int
+    cached: int
+
+
+class BuildFailed(RuntimeError):
+    """A build subprocess exited with a non-zero status."""
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def tree_rss(root: psutil.Process) -> int:
+    """RSS in bytes summed over ``root`` and all its live descendants (0 once it has exited)."""
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # a worker that exited between listing and sampling
+    return total
+
+
+def run_measured(cmd: list[str], log_path: Path) -> tuple[float, int, int]:
+    """Run ``cmd`` with output to ``log_path``; return (wall seconds, peak tree RSS, exit status)."""
+    with log_path.open("wb") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(root))
+            time.sleep(SAMPLE_SECONDS)
+        wall = time.perf_counter() - start
+    return wall, peak, proc.returncode
+
+
+def parse_summary(output: str) -> tuple[float, int, int]:
+    """(total seconds, programs compiled, programs served from cache) from a build's summary."""
+    programs = _PROGRAMS_RE.search(output)
+    total = _TOTAL_RE.search(output)
+    if programs is None or total is None:
+        raise ValueError("no closing summary found in the build output")
+    return float(total.group(1)), int(programs.group(1)), int(programs.group(2))
+
+
+def build(label: str, overrides: list[str], cache_dir: Path, save_dir: Path, log_dir: Path) -> BuildRun:
+    """Run one build into ``save_dir`` with ``cache_dir``; measure it and parse its summary."""
+    build_overrides = [*overrides, f"build.cache_dir={cache_dir}", f"build.save_dir={save_dir}"]
+    cmd = [sys.executable, "-m", "furiosa_build", *build_overrides]
+    log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9]+', '-', label)}.log"
+    print(f"... {label}: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
+    wall, peak, status = run_measured(cmd, log_path)
+    output = log_path.read_text(errors="replace")
+    if status != 0:
+        tail = "\n".join(output.splitlines()[-20:])
+        raise BuildFailed(f"{label}: exit status {status}\n{tail}")
+    total, compiled, cached = parse_summary(output)
+    return BuildRun(label, overrides, wall, peak, total, compiled, cached)
+
+
+def copy_models(src_cache: Path, dst_cache: Path) -> None:
+    """Give ``dst_cache`` the converted models of ``src_cache`` only (hard links when possible)."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(src_cache / "models", dst_cache / "models", copy_function=link_or_copy)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def run_benchmark(model: str, workers: Sequence[int], extra: Sequence[str], work: Path) -> list[BuildRun]:
+    """Cold build, warm rebuild, then one cold-compile build per pipeline builder worker count."""
+    base = [f"model={model}", *extra]
+    cache = work / "cache"
+    save = work / "artifact"
+    runs = [build("cold build", base, cache, save, work), build("warm rebuild", base, cache, save, work)]
+    for count in workers:
+        run_cache = work / f"cache-w{count}"
+        copy_models(cache, run_cache)
+        overrides = [*base, f"build.num_pipeline_builder_workers={count}", "build.num_compile_workers=1"]
+        runs.append(build(f"{count} pipeline worker{'s' if count != 1 else ''}", overrides,
+                          run_cache, work / f"artifact-w{count}", work))
+        shutil.rmtree(run_cache)
+        shutil.rmtree(work / f"artifact-w{count}")
+    return runs
+
+
+# --------------------------------------------------------------------------- reporting
+
+HEADERS = ("run", "wall s", "build s", "compiled", "cached", "peak RSS MiB")
+
+
+def table_rows(runs: Sequence[BuildRun]) -> list[tuple[str, ...]]:
+    """One row of strings per run, in HEADERS order."""
+    return [(r.label, f"{r.wall_seconds:.1f}", f"{r.build_seconds:.1f}", str(r.compiled), str(r.cached),
+             f"{r.peak_rss_bytes / MIB:.0f}") for r in runs]
+
+
+def text_table(runs: Sequence[BuildRun]) -> str:
+    """An aligned plain-text table (first column left-aligned, numbers right-aligned)."""
+    rows = [HEADERS, *table_rows(runs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADERS))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(runs: Sequence[BuildRun]) -> str:
+    """The same table in GitHub markdown."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join([":---", *["---:"] * (len(HEADERS) - 1)]) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
+    return "\n".join(lines)
+
+
+def figure_lines(runs: Sequence[BuildRun], workers: Sequence[int]) -> list[str]:
+    """One line per headline figure."""
+    cold, warm, *by_workers = runs
+    lines = [
+        f"cold build: {cold.wall_seconds:.1f} s",
+        f"warm rebuild: {warm.wall_seconds:.1f} s",
+        f"warm/cold: {warm.wall_seconds / cold.wall_seconds:.2f}",
+        f"warm rebuild programs: {warm.compiled} compiled, {warm.cached} served from cache",
+    ]
+    for count, run in zip(workers, by_workers):
+        lines.append(f"peak RSS, {run.label}: {run.peak_rss_bytes / MIB:.0f} MiB")
+    first = by_workers[0] if by_workers else None
+    for count, run in zip(workers[1:], by_workers[1:]):
+        ratio = run.peak_rss_bytes / first.peak_rss_bytes if first and first.peak_rss_bytes else float("nan")
+        lines.append(f"peak RSS {count}/{workers[0]} workers: {ratio:.2f}")
+    return lines
+
+
+def report(runs: Sequence[BuildRun], workers: Sequence[int], command: str) -> str:
+    """Table, figure lines and a markdown snippet for the README."""
+    snippet = f"`{command}` ({os.cpu_count()} CPUs, Python {sys.version.split()[0]}):\n\n{markdown_table(runs)}"
+    return "\n".join([text_table(runs), "", *figure_lines(runs, workers), "", "markdown:", "", snippet])
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a conf/model option (default: %(default)s)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 4],
+                        help="build.num_pipeline_builder_workers values for the memory runs (default: 1 4)")
+    parser.add_argument("--extra-override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Hydra override added to every build (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "bench/build.py", *(sys.argv[1:] if argv is None else argv)])
+    with tempfile.TemporaryDirectory(prefix="furiosa-bench-") as tmp:
+        try:
+            runs = run_benchmark(args.model, args.workers, args.extra_override, Path(tmp))
+        except BuildFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(report(runs, args.workers, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
