@@ -126,7 +126,9 @@ def copy_models(src_cache: Path, dst_cache: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(src_cache / "models", dst_cache / "models", copy_function=link_or_copy)
+    dst_cache.mkdir(parents=True)
+    if (src_cache / "models").is_dir():
+        shutil.copytree(src_cache / "models", dst_cache / "models", copy_function=link_or_copy)
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -186,7 +188,7 @@ def figure_lines(runs: Sequence[BuildRun], workers: Sequence[int]) -> list[str]:
         f"warm/cold: {warm.wall_seconds / cold.wall_seconds:.2f}",
         f"warm rebuild programs: {warm.compiled} compiled, {warm.cached} served from cache",
     ]
-    for count, run in zip(workers, by_workers):
+    for run in by_workers:
         lines.append(f"peak RSS, {run.label}: {run.peak_rss_bytes / MIB:.0f} MiB")
     first = by_workers[0] if by_workers else None
     for count, run in zip(workers[1:], by_workers[1:]):

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +26,6 @@ def model_dir(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2}))
     return folder
-
-
-@pytest.fixture
-def fake_builder(monkeypatch: pytest.MonkeyPatch) -> list[BuildSpec]:
-    """Replace furiosa_build.builder with a stand-in that records the specs it is given."""
-    seen: list[BuildSpec] = []
-
-    class ArtifactBuilder:
-        def __init__(self, spec: BuildSpec) -> None:
-            self.spec = spec
-
-        @classmethod
-        def from_spec(cls, spec: BuildSpec) -> ArtifactBuilder:
-            seen.append(spec)
-            return cls(spec)
-
-        def plan(self) -> types.SimpleNamespace:
-            return types.SimpleNamespace(render=lambda: f"plan for {self.spec.model.name}")
-
-        def build_from_spec(self) -> None:
-            Path(str(self.spec.build.save_dir)).mkdir(parents=True)
-
-    module = types.ModuleType("furiosa_build.builder")
-    module.ArtifactBuilder = ArtifactBuilder  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "furiosa_build.builder", module)
-    return seen
 
 
 def spec_for(*argv: str) -> BuildSpec:

@@ -43,32 +43,6 @@ def compose_spec(*overrides: str) -> BuildSpec:
     return load_spec(OmegaConf.to_container(cfg, resolve=True))
 
 
-@pytest.fixture
-def fake_builder(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Replace furiosa_build.builder with a stand-in that records the specs it is given."""
-    seen: list[Any] = []
-
-    class ArtifactBuilder:
-        def __init__(self, spec: BuildSpec) -> None:
-            self.spec = spec
-
-        @classmethod
-        def from_spec(cls, spec: BuildSpec) -> ArtifactBuilder:
-            seen.append(spec)
-            return cls(spec)
-
-        def plan(self) -> types.SimpleNamespace:
-            return types.SimpleNamespace(render=lambda: f"plan for {self.spec.model.name}")
-
-        def build_from_spec(self) -> None:
-            Path(str(self.spec.build.save_dir)).mkdir(parents=True)
-
-    module = types.ModuleType("furiosa_build.builder")
-    module.ArtifactBuilder = ArtifactBuilder  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "furiosa_build.builder", module)
-    return seen
-
-
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     """The single ``error: ...`` line a failed command wrote to stderr (without the prefix)."""
     err = capsys.readouterr().err
