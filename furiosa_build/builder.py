@@ -8,6 +8,8 @@ bucket and the model config, never the weights); compilation runs in a pool of
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 import uuid
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ from joblib import Parallel, delayed
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from furiosa_build import capture as capture_stage
+from furiosa_build import supertask as capture_stage
 from furiosa_build.cache import CompileCache
 from furiosa_build.compile import CompileStats, CompileUnit, compile_all, plan_units
 from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS
@@ -31,6 +33,7 @@ from furiosa_build.partition import Placement, build_pipeline
 from furiosa_build.sources import resolve_source
 from furiosa_runtime.artifact import Bucket, Pipeline
 from furiosa_runtime.hardware import parse_devices
+from furiosa_runtime.isa import Constant
 
 FURIOSA_LLM_VERSION = "0.1.0"
 
@@ -139,7 +142,7 @@ class ArtifactBuilder:
             todo = [u for u, k in zip(units, keys) if cached[k] is None]
             opts = self.spec.build
             jobs = Parallel(n_jobs=opts.num_pipeline_builder_workers, backend=opts.backend, return_as="generator")(
-                delayed(capture_stage.capture)(u) for u in todo
+                delayed(_capture_one)(u) for u in todo
             )
             fresh = {}
             for unit, result in tqdm(zip(todo, jobs), total=len(todo), desc="capture", disable=not opts.progress or not todo):
@@ -155,14 +158,26 @@ class ArtifactBuilder:
         units, roles = [], []
         for cap in captures:
             mine = {
-                "embed": CompileUnit("embed", cap.embed.graph.to_json(), options),
-                "head": CompileUnit("head", cap.head.graph.to_json(), options),
+                "embed": CompileUnit("embed", self._graph_json(cap.embed, cap), options),
+                "head": CompileUnit("head", self._graph_json(cap.head, cap), options),
             }
             for g, sig in enumerate(self._signatures(hf_config)):
-                mine[f"block:{g}"] = CompileUnit("block", cap.blocks[sig].graph.to_json(), options, "" if blockwise else f"group{g}")
+                graph = self._graph_json(cap.blocks[sig], cap)
+                mine[f"block:{g}"] = CompileUnit("block", graph, options, "" if blockwise else f"group{g}")
             units.extend(mine.values())
             roles.append({role: unit.key for role, unit in mine.items()})
         return units, roles
+
+    def _graph_json(self, task: capture_stage.Supertask, cap: capture_stage.CaptureResult) -> dict[str, Any]:
+        """The compiler input of a supertask; with ``embed_all_constants_into_graph`` the
+        buffer values travel inside it (and into the program) instead of the weight file."""
+        graph = task.graph.to_json()
+        if self.spec.build.embed_all_constants_into_graph:
+            graph["constants"] = {
+                rel: Constant.infer(rel, cap.constants[rel.removeprefix("const:")]).model_dump(exclude={"name"})
+                for rel in task.constant_params
+            }
+        return graph
 
     def plan(self) -> BuildPlan:
         """Capture and hash every program without compiling (``build.dry_run``)."""
@@ -185,15 +200,25 @@ class ArtifactBuilder:
         times: dict[str, float] = {}
         opts = self.spec.build
         with _timed(times, "load"):
-            cache_root = Path(opts.param_file_path or opts.cache_dir or "").expanduser() if (opts.param_file_path or opts.cache_dir) else None
-            loaded = load(self._load_request(), cache_root)
+            models = Path(opts.cache_dir).expanduser() / "models" if opts.cache_dir else None
+            loaded = load(self._load_request(), models)
+            if opts.param_file_path:
+                _copy_atomically(loaded.weights_file, Path(opts.param_file_path).expanduser())
+        try:
+            return self._build_loaded(loaded, times)
+        finally:
+            if models is None and opts.cleanup:
+                shutil.rmtree(loaded.folder.parent, ignore_errors=True)
+
+    def _build_loaded(self, loaded: LoadedModel, times: dict[str, float]) -> BuildReport:
+        opts = self.spec.build
         hf_config = loaded.hf_config
         captures = self._capture(hf_config, times)
         units, roles = self._compile_units(captures, hf_config)
         with _timed(times, "compile"):
             compiled = compile_all(units, self._cache(), opts.num_compile_workers, opts.backend, opts.progress)
         with _timed(times, "partition"):
-            pipelines = self._pipelines(captures, roles, hf_config)
+            pipelines = self._pipelines(captures, roles, hf_config, compiled.programs)
         with _timed(times, "package"):
             artifact_fields = self._artifact_fields(hf_config, pipelines, loaded)
             used = {key for p in pipelines for key in (t.program for t in p.tasks)}
@@ -205,11 +230,12 @@ class ArtifactBuilder:
             print(report.render())
         return report
 
-    def _pipelines(self, captures, roles, hf_config) -> list[Pipeline]:
+    def _pipelines(self, captures, roles, hf_config, programs: dict[str, bytes]) -> list[Pipeline]:
         device = parse_devices(self.spec.parallel.devices)[0]
         placement = Placement(device.pe(0), capture_stage.num_layers(hf_config), self.spec.build.num_blocks_per_supertask)
         signatures = self._signatures(hf_config)
-        return [build_pipeline(self.spec.model.name, cap, signatures, placement, keys) for cap, keys in zip(captures, roles)]
+        params = {key: [p["name"][2:] for p in json.loads(programs[key])["params"]] for key in {k for r in roles for k in r.values()}}
+        return [build_pipeline(self.spec.model.name, cap, signatures, placement, keys, params) for cap, keys in zip(captures, roles)]
 
     def _tensors(self, pipelines: list[Pipeline], captures, loaded: LoadedModel) -> dict[str, np.ndarray]:
         """Exactly the weights and constants that some task binds."""
@@ -267,6 +293,21 @@ class ArtifactBuilder:
             "scheduler_config": spec.scheduler.model_dump(),
             "pipelines": [p.model_dump(mode="json") for p in pipelines],
         }
+
+
+def _capture_one(unit: capture_stage.CaptureUnit) -> capture_stage.CaptureResult:
+    """Worker entry of the pipeline-builder pool; torch is imported only where capture runs."""
+    from furiosa_build.capture import capture
+
+    return capture(unit)
+
+
+def _copy_atomically(src: Path, dst: Path) -> None:
+    """``param_file_path``: keep a copy of the converted bf16 parameter file there."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,70 +21,17 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind
 
 from furiosa_build import attention
-from furiosa_build.graph_ir import GraphIR, build_graph_ir
+from furiosa_build.graph_ir import build_graph_ir
+from furiosa_build.supertask import (
+    CARRY,
+    USER_INPUTS,
+    CaptureResult,
+    CaptureUnit,
+    Signature,
+    Supertask,
+    with_layers,
+)
 from furiosa_runtime.artifact import Bucket
-
-Signature = tuple[str, ...]
-USER_INPUTS = ("input_ids", "position_ids", "positions", "slot_mapping", "block_tables")
-CARRY = "hidden"
-
-
-@dataclass(frozen=True)
-class CaptureUnit:
-    """A picklable work unit: everything a pipeline-builder worker needs for one bucket."""
-
-    hf_config: dict[str, Any]
-    bucket: Bucket
-    signatures: tuple[Signature, ...]  # distinct layer-type signatures of the block groups
-    block_size: int
-    slice_last_token: bool
-
-
-@dataclass
-class Supertask:
-    """One captured supertask: its graph and the pipeline values bound to its inputs/outputs."""
-
-    kind: str  # "embed" | "block" | "head"
-    graph: GraphIR
-    input_values: list[str]
-    output_values: list[str]
-    constant_params: list[str] = field(default_factory=list)  # params that are buffers/constants
-
-
-@dataclass
-class CaptureResult:
-    bucket: Bucket
-    embed: Supertask
-    blocks: dict[Signature, Supertask]
-    head: Supertask
-    constants: dict[str, np.ndarray]  # buffer / lifted-constant values by captured name
-    layers_path: str
-
-
-def num_layers(hf_config: dict[str, Any]) -> int:
-    """The decoder depth, whatever the architecture calls it (``n_layer`` for GPT-2...)."""
-    return int(hf_config.get("num_hidden_layers", hf_config.get("n_layer", 0)))
-
-
-def with_layers(hf_config: dict[str, Any], types: list[str]) -> dict[str, Any]:
-    """A copy of ``hf_config`` with ``len(types)`` decoder layers of those types."""
-    key = "num_hidden_layers" if "num_hidden_layers" in hf_config else "n_layer"
-    config = {**hf_config, key: len(types)}
-    if hf_config.get("layer_types"):
-        config["layer_types"] = list(types)
-    return config
-
-
-def layer_types(hf_config: dict[str, Any]) -> list[str]:
-    """The type of every decoder layer (``"full_attention"`` unless the config says)."""
-    types = hf_config.get("layer_types")
-    return list(types) if types else ["full_attention"] * num_layers(hf_config)
-
-
-def block_signatures(types: list[str], blocks_per_supertask: int) -> list[Signature]:
-    """Split the layer types into supertask groups of ``blocks_per_supertask`` layers."""
-    return [tuple(types[i : i + blocks_per_supertask]) for i in range(0, len(types), blocks_per_supertask)]
-
 
 def capture(unit: CaptureUnit) -> CaptureResult:
     """Export the skeleton for ``unit.bucket`` and split it into supertasks."""
@@ -292,62 +238,3 @@ def _param_name(spec, layers_path: str, first_layer: int, program, model, consta
     return target, False
 
 
-# -- caching captured supertasks -------------------------------------------------------------
-CAPTURE_VERSION = "1"
-
-
-def capture_key(unit: CaptureUnit) -> str:
-    """Content key of a capture: the unit plus the versions of the tracing stack."""
-    import transformers
-
-    from furiosa_build.cache import cache_key
-
-    program_input = {
-        "hf_config": unit.hf_config,
-        "bucket": unit.bucket.model_dump(),
-        "signatures": [list(s) for s in unit.signatures],
-        "block_size": unit.block_size,
-        "slice_last_token": unit.slice_last_token,
-    }
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    return cache_key(program_input, versions, f"capture-{CAPTURE_VERSION}")
-
-
-def encode_result(result: CaptureResult) -> bytes:
-    """Serialise a capture (graphs, bindings, constant values) without pickle."""
-    from furiosa_runtime.isa import Constant
-
-    def task(t: Supertask) -> dict[str, Any]:
-        return {"kind": t.kind, "graph": t.graph.to_json(), "inputs": t.input_values, "outputs": t.output_values, "constants": t.constant_params}
-
-    doc = {
-        "bucket": result.bucket.model_dump(),
-        "embed": task(result.embed),
-        "blocks": [[list(sig), task(t)] for sig, t in result.blocks.items()],
-        "head": task(result.head),
-        "constants": [Constant.of(k, v, "f32" if v.dtype.kind == "f" else "i64").model_dump() for k, v in sorted(result.constants.items())],
-        "layers_path": result.layers_path,
-    }
-    from furiosa_build.cache import canonical_json
-
-    return canonical_json(doc)
-
-
-def decode_result(payload: bytes) -> CaptureResult:
-    import json
-
-    from furiosa_runtime.isa import Constant
-
-    doc = json.loads(payload)
-
-    def task(d: dict[str, Any]) -> Supertask:
-        return Supertask(d["kind"], GraphIR(**d["graph"]), d["inputs"], d["outputs"], d["constants"])
-
-    return CaptureResult(
-        bucket=Bucket(**doc["bucket"]),
-        embed=task(doc["embed"]),
-        blocks={tuple(sig): task(t) for sig, t in doc["blocks"]},
-        head=task(doc["head"]),
-        constants={c["name"]: Constant(**c).array() for c in doc["constants"]},
-        layers_path=doc["layers_path"],
-    )

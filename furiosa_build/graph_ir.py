@@ -1,4 +1,4 @@
-"""A canonical, JSON-able form of an exported ATen subgraph: the compiler's input.
+"""Serialise an exported ATen subgraph into ``GraphIR``, the compiler's canonical input.
 
 Capture turns each supertask of an exported program into a ``GraphIR``.  Names are
 canonical (inputs ``in0..``, nodes ``n0..``, parameters relative to the supertask), so
@@ -10,11 +10,12 @@ the model: this plain data is all they get.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+
+from furiosa_build.supertask import GraphIR
 
 TORCH_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "f32",
@@ -32,19 +33,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         return TORCH_DTYPES[dtype]
     except KeyError:
         raise ValueError(f"tensors of dtype {dtype} are not supported by the NPU compiler") from None
-
-
-@dataclass
-class GraphIR:
-    """Inputs, parameters, nodes and outputs of one supertask, canonically named."""
-
-    inputs: list[dict[str, Any]] = field(default_factory=list)
-    params: list[dict[str, Any]] = field(default_factory=list)
-    nodes: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"inputs": self.inputs, "params": self.params, "nodes": self.nodes, "outputs": self.outputs}
 
 
 def tensor_meta(val: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from furiosa_build.capture import CaptureResult, Signature, Supertask
+from furiosa_build.supertask import CaptureResult, Signature, Supertask
 from furiosa_runtime.artifact import Bucket, Pipeline, PipelineInput, Task
 
 
@@ -28,11 +28,10 @@ class Placement:
         return [(lo, min(step, self.num_layers - lo)) for lo in range(0, self.num_layers, step)]
 
 
-def bind_params(task: Supertask, layers_path: str, first_layer: int) -> dict[str, str]:
+def bind_params(task: Supertask, params: list[str], layers_path: str, first_layer: int) -> dict[str, str]:
     """Map the program's relative parameter names to tensor names in the weight file."""
     binding = {}
-    for param in task.graph.params:
-        rel = param["name"]
+    for rel in params:
         head, _, rest = rel.partition(".")
         if task.kind == "block" and head.isdigit() and not rel.startswith("const:"):
             binding[rel] = f"{layers_path}.{first_layer + int(head)}.{rest}"
@@ -47,38 +46,36 @@ def build_pipeline(
     signatures: list[Signature],
     placement: Placement,
     program_keys: dict[str, str],
+    program_params: dict[str, list[str]],
 ) -> Pipeline:
     """Assemble one bucket's pipeline from its captured supertasks and program keys.
 
     ``signatures[g]`` is the layer-type signature of group g and ``program_keys`` maps
-    "embed", "head" and "block:<g>" to compiled program keys.
+    "embed", "head" and "block:<g>" to compiled program keys; ``program_params`` lists,
+    per key, the parameters the compiled program reads (folded or embedded constants need
+    no binding).
     """
     bucket: Bucket = capture.bucket
-    tasks = [_task("embed", capture.embed, program_keys["embed"], placement.pe, capture.layers_path, 0, [])]
+
+    def task(name: str, supertask: Supertask, role: str, first: int, layers: list[int]) -> Task:
+        key = program_keys[role]
+        binding = bind_params(supertask, program_params[key], capture.layers_path, first)
+        return Task(
+            name=name, kind=supertask.kind, program=key, device=placement.pe, stage=0,
+            inputs=supertask.input_values, outputs=supertask.output_values, params=binding, kv_layers=layers,
+        )  # fmt: skip
+
+    tasks = [task("embed", capture.embed, "embed", 0, [])]
     for g, ((first, count), sig) in enumerate(zip(placement.groups(), signatures)):
         supertask = capture.blocks[sig]
         layers = list(range(first, first + count))
-        tasks.append(_task(f"block.{g}", supertask, program_keys[f"block:{g}"], placement.pe, capture.layers_path, first, layers))
-    tasks.append(_task("head", capture.head, program_keys["head"], placement.pe, capture.layers_path, 0, []))
+        tasks.append(task(f"block.{g}", supertask, f"block:{g}", first, layers))
+    tasks.append(task("head", capture.head, "head", 0, []))
     inputs = [
         PipelineInput(name=spec["name"], shape=spec["shape"], dtype=spec["dtype"])
         for spec in _pipeline_inputs(capture)
     ]
     return Pipeline(name=bucket.pipeline_name(model_name), bucket=bucket, inputs=inputs, tasks=tasks)
-
-
-def _task(name: str, supertask: Supertask, key: str, pe: str, layers_path: str, first: int, layers: list[int]) -> Task:
-    return Task(
-        name=name,
-        kind=supertask.kind,
-        program=key,
-        device=pe,
-        stage=0,
-        inputs=supertask.input_values,
-        outputs=supertask.output_values,
-        params=bind_params(supertask, layers_path, first),
-        kv_layers=layers,
-    )
 
 
 def _pipeline_inputs(capture: CaptureResult) -> list[dict]:

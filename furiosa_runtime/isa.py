@@ -78,6 +78,12 @@ class Constant(TensorSpec):
         return np.frombuffer(raw, dtype=DTYPES[self.dtype]).reshape(self.shape).copy()
 
     @classmethod
+    def infer(cls, name: str, array: np.ndarray) -> Constant:
+        """Embed ``array`` in its compute dtype (floats as f32, integers as i64)."""
+        kind = "f32" if array.dtype.kind in "fV" else ("bool" if array.dtype.kind == "b" else "i64")
+        return cls.of(name, array, kind)
+
+    @classmethod
     def of(cls, name: str, array: np.ndarray, dtype: DType) -> Constant:
         data = np.ascontiguousarray(array.astype(DTYPES[dtype]))
         return cls(name=name, shape=array.shape, dtype=dtype, data=base64.b64encode(data.tobytes()).decode())

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from furiosa_runtime.isa import COMPUTE_DTYPE, Constant, ExecContext, Instruction, TensorSpec, execute
+from furiosa_runtime.isa import COMPUTE_DTYPE, DTYPES, Constant, ExecContext, Instruction, TensorSpec, execute
 
 
 class LoweringError(ValueError):
@@ -58,13 +58,18 @@ def _base(op: str) -> str:
 class Lowerer:
     def __init__(self, graph: dict[str, Any]) -> None:
         self.graph = graph
+        embedded = {name: Constant(name=name, **spec).array() for name, spec in graph.get("constants", {}).items()}
+        params = [TensorSpec(name=f"p:{p['name']}", shape=tuple(p["shape"]), dtype=_compute(p["dtype"])) for p in graph["params"]]
         self.out = Lowered(
             inputs=[TensorSpec(name=i["name"], shape=tuple(i["shape"]), dtype=_compute(i["dtype"])) for i in graph["inputs"]],
-            params=[TensorSpec(name=f"p:{p['name']}", shape=tuple(p["shape"]), dtype=_compute(p["dtype"])) for p in graph["params"]],
+            params=[p for p in params if p.name[2:] not in embedded],
             outputs=[],
         )
-        for spec in [*self.out.inputs, *self.out.params]:
+        for spec in [*self.out.inputs, *params]:
             self.out.values[spec.name] = spec
+        # embed_all_constants_into_graph: buffers become program constants (and may fold).
+        for name, array in embedded.items():
+            self.out.constants[f"p:{name}"] = array.astype(_np_dtype(self.out.values[f"p:{name}"].dtype))
         self.alias: dict[str, str] = {}
         self.multi: dict[str, list[str]] = {}  # node name -> names of its tuple elements
 
@@ -318,8 +323,6 @@ def _compute(dtype: str) -> str:
 
 
 def _np_dtype(dtype: str) -> np.dtype:
-    from furiosa_runtime.isa import DTYPES
-
     return DTYPES[dtype]
 
 
