@@ -38,7 +38,7 @@ from pathlib import Path
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_SECONDS = 0.02
+SAMPLE_SECONDS = 0.05
 MIB = 2**20
 
 _PROGRAMS_RE = re.compile(r"(\d+) compiled, (\d+) served from cache")
@@ -53,6 +53,7 @@ class BuildRun:
     overrides: list[str]
     wall_seconds: float
     peak_rss_bytes: int
+    peak_pss_bytes: int
     build_seconds: float
     compiled: int
     cached: int
@@ -65,33 +66,41 @@ class BuildFailed(RuntimeError):
 # --------------------------------------------------------------------------- measuring
 
 
-def tree_rss(root: psutil.Process) -> int:
-    """RSS in bytes summed over ``root`` and all its live descendants (0 once it has exited)."""
+def tree_memory(root: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over ``root`` and its live descendants.
+
+    RSS counts the pages of shared libraries (libtorch...) once per process; PSS splits
+    each shared page between the processes that map it, so its sum is the tree's real
+    footprint.
+    """
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    rss = pss = 0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            info = proc.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass  # a worker that exited between listing and sampling
-    return total
+            continue  # a worker that exited between listing and sampling
+        rss += info.rss
+        pss += info.pss
+    return rss, pss
 
 
-def run_measured(cmd: list[str], log_path: Path) -> tuple[float, int, int]:
-    """Run ``cmd`` with output to ``log_path``; return (wall seconds, peak tree RSS, exit status)."""
+def run_measured(cmd: list[str], log_path: Path) -> tuple[float, int, int, int]:
+    """Run ``cmd`` with output to ``log_path``; return (wall s, peak RSS, peak PSS, exit status)."""
     with log_path.open("wb") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         root = psutil.Process(proc.pid)
-        peak = 0
+        peak_rss = peak_pss = 0
         while proc.poll() is None:
-            peak = max(peak, tree_rss(root))
+            rss, pss = tree_memory(root)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(SAMPLE_SECONDS)
         wall = time.perf_counter() - start
-    return wall, peak, proc.returncode
+    return wall, peak_rss, peak_pss, proc.returncode
 
 
 def parse_summary(output: str) -> tuple[float, int, int]:
@@ -109,13 +118,13 @@ def build(label: str, overrides: list[str], cache_dir: Path, save_dir: Path, log
     cmd = [sys.executable, "-m", "furiosa_build", *build_overrides]
     log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9]+', '-', label)}.log"
     print(f"... {label}: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
-    wall, peak, status = run_measured(cmd, log_path)
+    wall, peak_rss, peak_pss, status = run_measured(cmd, log_path)
     output = log_path.read_text(errors="replace")
     if status != 0:
         tail = "\n".join(output.splitlines()[-20:])
         raise BuildFailed(f"{label}: exit status {status}\n{tail}")
     total, compiled, cached = parse_summary(output)
-    return BuildRun(label, overrides, wall, peak, total, compiled, cached)
+    return BuildRun(label, overrides, wall, peak_rss, peak_pss, total, compiled, cached)
 
 
 def copy_models(src_cache: Path, dst_cache: Path) -> None:
@@ -153,13 +162,13 @@ def run_benchmark(model: str, workers: Sequence[int], extra: Sequence[str], work
 
 # --------------------------------------------------------------------------- reporting
 
-HEADERS = ("run", "wall s", "build s", "compiled", "cached", "peak RSS MiB")
+HEADERS = ("run", "wall s", "build s", "compiled", "cached", "peak PSS MiB", "peak RSS MiB")
 
 
 def table_rows(runs: Sequence[BuildRun]) -> list[tuple[str, ...]]:
     """One row of strings per run, in HEADERS order."""
     return [(r.label, f"{r.wall_seconds:.1f}", f"{r.build_seconds:.1f}", str(r.compiled), str(r.cached),
-             f"{r.peak_rss_bytes / MIB:.0f}") for r in runs]
+             f"{r.peak_pss_bytes / MIB:.0f}", f"{r.peak_rss_bytes / MIB:.0f}") for r in runs]
 
 
 def text_table(runs: Sequence[BuildRun]) -> str:
@@ -189,11 +198,11 @@ def figure_lines(runs: Sequence[BuildRun], workers: Sequence[int]) -> list[str]:
         f"warm rebuild programs: {warm.compiled} compiled, {warm.cached} served from cache",
     ]
     for run in by_workers:
-        lines.append(f"peak RSS, {run.label}: {run.peak_rss_bytes / MIB:.0f} MiB")
+        lines.append(f"peak memory (PSS), {run.label}: {run.peak_pss_bytes / MIB:.0f} MiB")
     first = by_workers[0] if by_workers else None
     for count, run in zip(workers[1:], by_workers[1:]):
-        ratio = run.peak_rss_bytes / first.peak_rss_bytes if first and first.peak_rss_bytes else float("nan")
-        lines.append(f"peak RSS {count}/{workers[0]} workers: {ratio:.2f}")
+        ratio = run.peak_pss_bytes / first.peak_pss_bytes if first and first.peak_pss_bytes else float("nan")
+        lines.append(f"peak memory (PSS) {count}/{workers[0]} workers: {ratio:.2f}")
     return lines
 
 

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from joblib import Parallel, delayed
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from furiosa_build import supertask as capture_stage
 from furiosa_build.cache import CompileCache
@@ -30,6 +28,7 @@ from furiosa_build.config import BuildSpec, spec_from_builder_args
 from furiosa_build.load import LoadedModel, LoadRequest, load, load_config
 from furiosa_build.package import directory_size, write_artifact
 from furiosa_build.partition import Placement, build_pipeline
+from furiosa_build.pool import run_pool
 from furiosa_build.sources import resolve_source
 from furiosa_runtime.artifact import Bucket, Pipeline
 from furiosa_runtime.hardware import parse_devices
@@ -141,11 +140,11 @@ class ArtifactBuilder:
             cached = {k: store.get(k) for k in keys}
             todo = [u for u, k in zip(units, keys) if cached[k] is None]
             opts = self.spec.build
-            jobs = Parallel(n_jobs=opts.num_pipeline_builder_workers, backend=opts.backend, return_as="generator")(
-                delayed(_capture_one)(u) for u in todo
-            )
+            if todo and opts.backend == "multiprocessing":
+                import furiosa_build.capture  # noqa: F401  forked workers then share torch's pages
+            jobs = run_pool(_capture_one, todo, opts.num_pipeline_builder_workers, opts.backend, "capture", opts.progress)
             fresh = {}
-            for unit, result in tqdm(zip(todo, jobs), total=len(todo), desc="capture", disable=not opts.progress or not todo):
+            for unit, result in zip(todo, jobs):
                 key = capture_stage.capture_key(unit)
                 store.put(key, capture_stage.encode_result(result))
                 fresh[key] = result

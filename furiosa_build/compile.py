@@ -13,11 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from joblib import Parallel, delayed
-from tqdm.auto import tqdm
-
 from furiosa_build.cache import CompileCache, cache_key, canonical_json
 from furiosa_build.compiler import COMPILER_VERSION, compile_graph
+from furiosa_build.pool import run_pool
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,7 @@ def compile_all(
         else:
             result.programs[key] = payload
     result.stats.cached = len(unique) - len(todo)
-    jobs = Parallel(n_jobs=workers, backend=backend, return_as="generator")(delayed(compile_unit)(u) for u in todo)
-    for unit, payload in tqdm(zip(todo, jobs), total=len(todo), desc="compile", disable=not progress or not todo):
+    for unit, payload in zip(todo, run_pool(compile_unit, todo, workers, backend, "compile", progress)):
         cache.put(unit.key, payload)
         result.programs[unit.key] = payload
     result.stats.compiled = len(todo)

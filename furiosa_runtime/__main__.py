@@ -54,13 +54,10 @@ def _generate(args: argparse.Namespace) -> str:
         seed=args.seed,
     )
     llm = LLM(args.artifact, seed=args.seed)
-    tokenizer = llm.tokenizer
-    prompt: str | dict[str, object] = args.prompt
-    if tokenizer.has_chat_template and not args.no_chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        # The template already carries the special tokens (BOS etc.); do not add them twice.
-        prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
-    [output] = llm.generate(prompt, params, use_tqdm=False)
+    if llm.tokenizer.has_chat_template and not args.no_chat_template:
+        [output] = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        [output] = llm.generate(args.prompt, params, use_tqdm=False)
     return output.outputs[0].text
 
 

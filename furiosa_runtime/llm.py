@@ -69,7 +69,9 @@ class LLM:
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Apply the tokenizer's chat template, then generate."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        # The template already places the special tokens, so the tokenizer must not add more.
+        prompts = [{"prompt": t, "prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)} for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _normalise(self, prompts, prompt_token_ids) -> list[tuple[str | None, list[int]]]:
