@@ -14,9 +14,10 @@ user cache). Figures:
    model (``models/`` of the cold build's cache), so capture and compile really run.
 
 Wall time is measured here around the subprocess (interpreter start and imports included);
-the build's own total comes from its closing summary. Peak memory is the largest sum of RSS
-over the build process and all its descendants (joblib/loky workers), sampled every 20 ms;
-pages shared between processes are counted once per process, so it is an upper bound.
+the build's own total comes from its closing summary. Peak memory is sampled every 50 ms over
+the build process and all its descendants (joblib/loky workers) as two sums: PSS, which splits
+shared pages between the processes that map them (the real footprint), and RSS, which counts
+them once per process (an upper bound).
 Only psutil and the standard library are needed.
 """
 

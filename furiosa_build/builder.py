@@ -144,7 +144,7 @@ class ArtifactBuilder:
                 import furiosa_build.capture  # noqa: F401  forked workers then share torch's pages
             jobs = run_pool(_capture_one, todo, opts.num_pipeline_builder_workers, opts.backend, "capture", opts.progress)
             fresh = {}
-            for unit, result in zip(todo, jobs):
+            for unit, result in jobs:
                 key = capture_stage.capture_key(unit)
                 store.put(key, capture_stage.encode_result(result))
                 fresh[key] = result

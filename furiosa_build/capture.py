@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from furiosa_build.supertask import (
 )
 from furiosa_runtime.artifact import Bucket
 
+
 def capture(unit: CaptureUnit) -> CaptureResult:
     """Export the skeleton for ``unit.bucket`` and split it into supertasks."""
     attention.register()
@@ -43,7 +45,9 @@ def capture(unit: CaptureUnit) -> CaptureResult:
     kwargs = example_inputs(unit.bucket, unit.block_size)
     if unit.slice_last_token and unit.bucket.is_prefill:
         kwargs["logits_to_keep"] = 1
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own deepcopy of the module call graph trips a deprecation inside torch.
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         program = torch.export.export(model, (), kwargs, strict=False).run_decompositions()
     return _split(program, model, layers_path, groups, unit)
 

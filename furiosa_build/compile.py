@@ -74,7 +74,7 @@ def compile_all(
         else:
             result.programs[key] = payload
     result.stats.cached = len(unique) - len(todo)
-    for unit, payload in zip(todo, run_pool(compile_unit, todo, workers, backend, "compile", progress)):
+    for unit, payload in run_pool(compile_unit, todo, workers, backend, "compile", progress):
         cache.put(unit.key, payload)
         result.programs[unit.key] = payload
     result.stats.compiled = len(todo)
