@@ -23,16 +23,16 @@ from safetensors import safe_open
 from furiosa_build import supertask as capture_stage
 from furiosa_build.cache import CompileCache
 from furiosa_build.compile import CompileStats, CompileUnit, compile_all, plan_units
-from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS
-from furiosa_build.config import BuildSpec, spec_from_builder_args
-from furiosa_build.load import LoadedModel, LoadRequest, load, load_config
+from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS, ShardSpec
+from furiosa_build.compiler.shard import cut
+from furiosa_build.config import BuildSpec, check_model_fit, spec_from_builder_args
+from furiosa_build.load import LoadedModel, LoadRequest, load, load_config, load_pooling
 from furiosa_build.package import directory_size, write_artifact
-from furiosa_build.partition import Placement, build_pipeline
+from furiosa_build.partition import Placement, ProgramParams, TensorSlice, build_pipeline
 from furiosa_build.pool import run_pool
 from furiosa_build.sources import resolve_source
 from furiosa_runtime.artifact import Bucket, Pipeline
-from furiosa_runtime.hardware import parse_devices
-from furiosa_runtime.isa import Constant
+from furiosa_runtime.isa import Constant, ParamShard
 
 FURIOSA_LLM_VERSION = "0.1.0"
 
@@ -46,6 +46,7 @@ class BuildReport:
     compile: CompileStats
     seconds: dict[str, float] = field(default_factory=dict)
     artifact_bytes: int = 0
+    weights: WeightReport | None = None
 
     def render(self) -> str:
         stats = self.compile
@@ -56,9 +57,41 @@ class BuildReport:
             f"{stats.compiled} compiled, {stats.cached} served from cache",
             "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()) + f", total {sum(self.seconds.values()):.2f}",
         ]
+        if self.weights is not None:
+            lines.append(self.weights.render())
         if self.save_dir is not None:
             lines.append(f"artifact: {self.save_dir} ({self.artifact_bytes / 2**20:.1f} MiB)")
         return "\n".join(lines)
+
+
+@dataclass
+class WeightReport:
+    """Weight bytes each PE of data-parallel replica 0 stores, against the whole model's."""
+
+    per_pe: dict[str, int]
+    total: int  # every weight and constant the pipelines bind, unsharded
+    replicated: int  # the part of ``total`` that every tensor-parallel rank holds whole
+    tensor_parallel_size: int
+
+    @classmethod
+    def of(cls, pipelines: list[Pipeline], slices: list[TensorSlice], tensors: dict[str, np.ndarray], tp: int) -> WeightReport:
+        held: dict[str, set[str]] = {}
+        for task in (t for p in pipelines for t in p.tasks):
+            held.setdefault(task.device, set()).update(task.params.values())
+        sources = {s.source: tensors[s.name].nbytes * (s.layout.parts if s.layout else 1) for s in slices}
+        replicated = sum(tensors[s.name].nbytes for s in {s.source: s for s in slices if s.layout is None}.values())
+        per_pe = {pe: sum(tensors[name].nbytes for name in names) for pe, names in sorted(held.items())}
+        return cls(per_pe, sum(sources.values()), replicated, tp)
+
+    def render(self) -> str:
+        mib = 2**20
+        share = self.replicated + (self.total - self.replicated) / self.tensor_parallel_size
+        return (
+            f"weights per PE: max {max(self.per_pe.values()) / mib:.2f} MiB over {len(self.per_pe)} PEs "
+            f"(model {self.total / mib:.2f} MiB; tp={self.tensor_parallel_size}: 1/{self.tensor_parallel_size} of the "
+            f"sharded {(self.total - self.replicated) / mib:.2f} MiB + {self.replicated / mib:.2f} MiB replicated = "
+            f"{share / mib:.2f} MiB for a PE holding every layer)"
+        )  # fmt: skip
 
 
 @dataclass
@@ -113,7 +146,8 @@ class ArtifactBuilder:
     def _load_request(self) -> LoadRequest:
         m = self.spec.model
         source = resolve_source(m.model_id_or_path, m.hf_config is not None)
-        return LoadRequest(source, m.hf_config, m.num_hidden_layers, m.seed_for_random_weight, m.auto_bfloat16_cast, m.trust_remote_code)
+        return LoadRequest(source, m.hf_config, m.num_hidden_layers, m.seed_for_random_weight, m.auto_bfloat16_cast,
+                           m.trust_remote_code, m.task, m.pooling)  # fmt: skip
 
     def _buckets(self) -> list[Bucket]:
         buckets = [*self.spec.buckets.prefill_buckets(), *self.spec.buckets.decode_buckets()]
@@ -130,8 +164,9 @@ class ArtifactBuilder:
     def _capture(self, hf_config: dict[str, Any], stage_times: dict[str, float]) -> list[capture_stage.CaptureResult]:
         """Capture every bucket: from the cache when the same capture was done before."""
         signatures = self._signatures(hf_config)
+        pooling = load_pooling(self._load_request())
         units = [
-            capture_stage.CaptureUnit(hf_config, bucket, tuple(dict.fromkeys(signatures)), self.spec.buckets.paged_attention_block_size, self._slice_last_token())
+            capture_stage.CaptureUnit(hf_config, bucket, tuple(dict.fromkeys(signatures)), self.spec.buckets.paged_attention_block_size, self._slice_last_token(), pooling)
             for bucket in self._buckets()
         ]  # fmt: skip
         with _timed(stage_times, "capture"):
@@ -150,21 +185,30 @@ class ArtifactBuilder:
                 fresh[key] = result
             return [fresh[k] if k in fresh else capture_stage.decode_result(cached[k]) for k in keys]
 
-    def _compile_units(self, captures, hf_config) -> tuple[list[CompileUnit], list[dict[str, str]]]:
-        """Compile units of every pipeline and, per pipeline, role -> unit key."""
+    def _shard_specs(self, hf_config: dict[str, Any]) -> list[ShardSpec | None]:
+        """One entry per tensor-parallel rank; ``[None]`` for single-PE programs."""
+        tp = self.spec.parallel.tensor_parallel_size
+        if tp == 1:
+            return [None]
+        _, kv_heads = capture_stage.attention_heads(hf_config)
+        return [ShardSpec(tp, rank, min(tp, kv_heads), int(hf_config["vocab_size"])) for rank in range(tp)]
+
+    def _compile_units(self, captures, hf_config) -> tuple[list[CompileUnit], list[dict[str, list[str]]]]:
+        """Compile units of every pipeline and, per pipeline, role -> unit key of each rank."""
         options = {**DEFAULT_OPTIONS, **(self.spec.build.compiler_config_overrides or {})}
         blockwise = self.spec.build.use_blockwise_compile
+        shards = self._shard_specs(hf_config)
         units, roles = [], []
         for cap in captures:
-            mine = {
-                "embed": CompileUnit("embed", self._graph_json(cap.embed, cap), options),
-                "head": CompileUnit("head", self._graph_json(cap.head, cap), options),
-            }
+            graphs = {"embed": (cap.embed, ""), "head": (cap.head, "")}
             for g, sig in enumerate(self._signatures(hf_config)):
-                graph = self._graph_json(cap.blocks[sig], cap)
-                mine[f"block:{g}"] = CompileUnit("block", graph, options, "" if blockwise else f"group{g}")
-            units.extend(mine.values())
-            roles.append({role: unit.key for role, unit in mine.items()})
+                graphs[f"block:{g}"] = (cap.blocks[sig], "" if blockwise else f"group{g}")
+            mine = {}
+            for role, (task, salt) in graphs.items():
+                graph = self._graph_json(task, cap)
+                mine[role] = [CompileUnit(task.kind, graph, options, salt, shard) for shard in shards]
+            units.extend(u for ranks in mine.values() for u in ranks)
+            roles.append({role: [u.key for u in ranks] for role, ranks in mine.items()})
         return units, roles
 
     def _graph_json(self, task: capture_stage.Supertask, cap: capture_stage.CaptureResult) -> dict[str, Any]:
@@ -181,6 +225,7 @@ class ArtifactBuilder:
     def plan(self) -> BuildPlan:
         """Capture and hash every program without compiling (``build.dry_run``)."""
         hf_config = load_config(self._load_request())
+        check_model_fit(self.spec.parallel, self.spec.build.num_blocks_per_supertask, hf_config)
         captures = self._capture(hf_config, {})
         units, _ = self._compile_units(captures, hf_config)
         unique = plan_units(units)
@@ -198,6 +243,7 @@ class ArtifactBuilder:
         """Run every stage and write the artifact to ``save_dir``."""
         times: dict[str, float] = {}
         opts = self.spec.build
+        check_model_fit(self.spec.parallel, opts.num_blocks_per_supertask, load_config(self._load_request()))
         with _timed(times, "load"):
             models = Path(opts.cache_dir).expanduser() / "models" if opts.cache_dir else None
             loaded = load(self._load_request(), models)
@@ -217,36 +263,50 @@ class ArtifactBuilder:
         with _timed(times, "compile"):
             compiled = compile_all(units, self._cache(), opts.num_compile_workers, opts.backend, opts.progress)
         with _timed(times, "partition"):
-            pipelines = self._pipelines(captures, roles, hf_config, compiled.programs)
+            pipelines, slices = self._pipelines(captures, roles, hf_config, compiled.programs)
         with _timed(times, "package"):
             artifact_fields = self._artifact_fields(hf_config, pipelines, loaded)
             used = {key for p in pipelines for key in (t.program for t in p.tasks)}
             programs = {k: v for k, v in compiled.programs.items() if k in used}
-            tensors = self._tensors(pipelines, captures, loaded)
+            tensors = self._tensors(slices, captures, loaded)
             write_artifact(self.save_dir, artifact_fields, programs, tensors, loaded.tokenizer_files())
-        report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, directory_size(self.save_dir))
+        weights = WeightReport.of(pipelines, slices, tensors, self.spec.parallel.tensor_parallel_size)
+        report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, directory_size(self.save_dir), weights)
         if opts.progress:
             print(report.render())
         return report
 
-    def _pipelines(self, captures, roles, hf_config, programs: dict[str, bytes]) -> list[Pipeline]:
-        device = parse_devices(self.spec.parallel.devices)[0]
-        placement = Placement(device.pe(0), capture_stage.num_layers(hf_config), self.spec.build.num_blocks_per_supertask)
+    def _pipelines(self, captures, roles, hf_config, programs: dict[str, bytes]) -> tuple[list[Pipeline], list[TensorSlice]]:
+        """Every bucket's pipeline, and the tensor slices their tasks bind."""
+        layers = capture_stage.num_layers(hf_config)
+        par = self.spec.parallel
+        stages = tuple(par.layers_per_stage(layers))
+        placement = Placement(par.mesh(), layers, self.spec.build.num_blocks_per_supertask, stages)
         signatures = self._signatures(hf_config)
-        params = {key: [p["name"][2:] for p in json.loads(programs[key])["params"]] for key in {k for r in roles for k in r.values()}}
-        return [build_pipeline(self.spec.model.name, cap, signatures, placement, keys, params) for cap, keys in zip(captures, roles)]
+        params = {key: _program_params(programs[key]) for r in roles for keys in r.values() for key in keys}
+        pipelines, slices = [], []
+        for cap, keys in zip(captures, roles):
+            pipeline, bound = build_pipeline(self.spec.model.name, cap, signatures, placement, keys, params)
+            pipelines.append(pipeline)
+            slices.extend(bound)
+        return pipelines, list(dict.fromkeys(slices))
 
-    def _tensors(self, pipelines: list[Pipeline], captures, loaded: LoadedModel) -> dict[str, np.ndarray]:
-        """Exactly the weights and constants that some task binds."""
-        wanted = {name for p in pipelines for t in p.tasks for name in t.params.values()}
+    def _tensors(self, slices: list[TensorSlice], captures, loaded: LoadedModel) -> dict[str, np.ndarray]:
+        """Exactly the weights and constants that some task binds, cut into tensor-parallel chunks."""
+        sources = {s.source for s in slices}
         constants = {f"const:{k}": v for cap in captures for k, v in cap.constants.items()}
-        tensors = {name: constants[name] for name in wanted if name in constants}
+        full = {name: constants[name] for name in sources if name in constants}
         with safe_open(str(loaded.weights_file), framework="numpy") as f:
             available = set(f.keys())
-            for name in sorted(wanted - tensors.keys()):
+            for name in sorted(sources - full.keys()):
                 if name not in available:
                     raise ValueError(f"weight {name} needed by the compiled graph is missing from the model")
-                tensors[name] = f.get_tensor(name)
+                full[name] = f.get_tensor(name)
+        tensors: dict[str, np.ndarray] = {}
+        layouts: dict[str, ParamShard | None] = {}
+        for s in slices:
+            assert layouts.setdefault(s.name, s.layout) == s.layout, f"{s.name} is cut two ways"
+            tensors[s.name] = full[s.source] if s.layout is None else np.ascontiguousarray(cut(full[s.source], s.layout, s.chunk))
         return tensors
 
     def _artifact_fields(self, hf_config: dict[str, Any], pipelines: list[Pipeline], loaded: LoadedModel) -> dict[str, Any]:
@@ -271,6 +331,8 @@ class ArtifactBuilder:
             "model_metadata": {
                 "pretrained_id": spec.model.model_id_or_path or f"random:{hf_config.get('model_type')}",
                 "architecture": (hf_config.get("architectures") or [hf_config.get("model_type", "unknown")])[0],
+                "task": spec.model.task,
+                "pooling": load_pooling(self._load_request()),
                 "num_hidden_layers": capture_stage.num_layers(hf_config),
                 "trust_remote_code": spec.model.trust_remote_code,
                 "eos_token_ids": eos_ids,
@@ -286,12 +348,20 @@ class ArtifactBuilder:
             "parallel_config": {
                 "tensor_parallel_size": spec.parallel.tensor_parallel_size,
                 "pipeline_parallel_size": spec.parallel.pipeline_parallel_size,
-                "data_parallel_size": spec.parallel.data_parallel_size or 1,
-                "num_blocks_per_pp_stage": [capture_stage.num_layers(hf_config)],
+                "data_parallel_size": spec.parallel.mesh().dp,
+                "num_blocks_per_pp_stage": spec.parallel.layers_per_stage(capture_stage.num_layers(hf_config)),
             },
             "scheduler_config": spec.scheduler.model_dump(),
             "pipelines": [p.model_dump(mode="json") for p in pipelines],
         }
+
+
+def _program_params(payload: bytes) -> ProgramParams:
+    """The parameters a compiled program reads, with their tensor-parallel layouts."""
+    program = json.loads(payload)
+    layouts = (program.get("tensor_parallel") or {}).get("params", {})
+    names = [p["name"][2:] for p in program["params"]]
+    return {name: ParamShard(**layouts[name]) if name in layouts else None for name in names}
 
 
 def _capture_one(unit: capture_stage.CaptureUnit) -> capture_stage.CaptureResult:

@@ -1,6 +1,11 @@
 """Capture stage: ``torch.export`` a weightless model skeleton for one bucket and split it
 into supertasks (embedding, transformer-block groups, head) in canonical graph form.
 
+For an embedding model (``unit.pooling`` set) the skeleton is the bare encoder whose
+output is pooled (mean or CLS over the real tokens, then L2-normalised) inside the
+exported graph, so the head supertask compiles the pooling to NPU instructions and the
+pipeline returns one vector per row.
+
 The skeleton holds uninitialised parameters (never touched, so they cost no memory) and
 only the config-derived buffers (rotary tables) are real; capture therefore never needs
 the model weights.  It has one group of decoder layers per distinct *block signature*
@@ -11,6 +16,7 @@ program.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import warnings
@@ -23,6 +29,7 @@ from torch.export.graph_signature import InputKind
 
 from furiosa_build import attention
 from furiosa_build.graph_ir import build_graph_ir
+from furiosa_build.load import auto_model_class
 from furiosa_build.supertask import (
     CARRY,
     USER_INPUTS,
@@ -32,18 +39,20 @@ from furiosa_build.supertask import (
     Supertask,
     with_layers,
 )
-from furiosa_runtime.artifact import Bucket
+from furiosa_runtime.artifact import Bucket, PoolingConfig
+
+EMBEDDINGS = "embeddings"  # the pipeline value a pooling head produces
 
 
 def capture(unit: CaptureUnit) -> CaptureResult:
     """Export the skeleton for ``unit.bucket`` and split it into supertasks."""
     attention.register()
-    model, groups = _skeleton(unit.hf_config, unit.signatures)
+    model, groups = _skeleton(unit.hf_config, unit.signatures, unit.pooling)
     layers_path, layers = _decoder_layers(model, sum(len(s) for s in unit.signatures))
     for layer in layers:
         layer.register_forward_pre_hook(_mark_carry, with_kwargs=True)
     kwargs = example_inputs(unit.bucket, unit.block_size)
-    if unit.slice_last_token and unit.bucket.is_prefill:
+    if unit.slice_last_token and unit.bucket.is_prefill and unit.pooling is None:
         kwargs["logits_to_keep"] = 1
     with torch.no_grad(), warnings.catch_warnings():
         # torch's own deepcopy of the module call graph trips a deprecation inside torch.
@@ -72,15 +81,16 @@ def _mark_carry(module, args, kwargs):
     return args, {**kwargs, "hidden_states": torch.ops.furiosa.carry(kwargs["hidden_states"])}
 
 
-def _skeleton(hf_config: dict[str, Any], signatures: tuple[Signature, ...]):
+def _skeleton(hf_config: dict[str, Any], signatures: tuple[Signature, ...], pooling: PoolingConfig | None):
     """A float32 model with one decoder-layer group per signature and no real weights."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     types = [t for sig in signatures for t in sig]
     config = AutoConfig.for_model(**with_layers(hf_config, types))
+    model_class = auto_model_class("generate" if pooling is None else "embed")
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(
+        model = model_class.from_config(
             config, attn_implementation=attention.ATTN_IMPLEMENTATION, dtype=torch.float32
         )
     for module in model.modules():
@@ -89,11 +99,44 @@ def _skeleton(hf_config: dict[str, Any], signatures: tuple[Signature, ...]):
                 # Uninitialised host memory is never touched by export, so it stays virtual.
                 module._parameters[name] = torch.nn.Parameter(torch.empty(param.shape), requires_grad=False)
     model.tie_weights()
+    if pooling is not None:
+        _pool_outputs(model, pooling)
     bounds, start = [], 0
     for sig in signatures:
         bounds.append((start, start + len(sig), sig))
         start += len(sig)
     return model.eval(), bounds
+
+
+def _pool_outputs(model: torch.nn.Module, pooling: PoolingConfig) -> None:
+    """Make the encoder return one pooled vector per row, as sentence-transformers does.
+
+    Real tokens are those with a KV slot (padding has slot -1), so padding never enters
+    the pool; ``cls`` keeps only the real token at position 0.  The forward is replaced on
+    the instance rather than wrapped in a module, so parameter names stay those of the
+    weight file.  Single texts have token type 0 everywhere (what the tokenizer gives).
+    """
+    encode = model.forward
+    takes_token_types = "token_type_ids" in inspect.signature(encode).parameters
+
+    def forward(input_ids, position_ids, positions, slot_mapping, block_tables, use_cache=False):
+        extra = {"token_type_ids": torch.zeros_like(input_ids)} if takes_token_types else {}
+        hidden = encode(
+            input_ids=input_ids, position_ids=position_ids, positions=positions, slot_mapping=slot_mapping,
+            block_tables=block_tables, use_cache=use_cache, **extra,
+        ).last_hidden_state  # (B, S, H)  fmt: skip
+        real = slot_mapping >= 0
+        if pooling.mode == "cls":
+            real = real & (positions == 0)
+        weights = real.to(hidden.dtype).unsqueeze(-1)  # (B, S, 1)
+        pooled = (hidden * weights).sum(1)  # (B, H)
+        if pooling.mode == "mean":
+            pooled = pooled / weights.sum(1).clamp(min=1e-9)
+        if pooling.normalize:
+            pooled = pooled / torch.sqrt((pooled * pooled).sum(-1, keepdim=True)).clamp(min=1e-12)
+        return pooled
+
+    model.forward = forward
 
 
 def _decoder_layers(model: torch.nn.Module, count: int) -> tuple[str, torch.nn.ModuleList]:
@@ -189,7 +232,7 @@ def _split(program, model, layers_path: str, groups, unit: CaptureUnit) -> Captu
         blocks[sig].output_values = [CARRY]
     output_node = next(n for n in graph.nodes if n.op == "output")
     head = build("head", "head", 0, [resolve(output_node.args[0][0])])
-    head.output_values = ["logits"]
+    head.output_values = ["logits" if unit.pooling is None else EMBEDDINGS]
     return CaptureResult(unit.bucket, embed, blocks, head, constants, layers_path)
 
 

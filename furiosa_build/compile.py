@@ -1,20 +1,21 @@
 """Compile stage: de-duplicate compile units by content hash, serve them from the cache,
 compile the rest in a joblib worker pool.
 
-A unit is a supertask graph plus compiler options; its key is
-``cache_key(graph, options, COMPILER_VERSION)``.  Identical transformer blocks of one
-bucket (and, with blockwise compile, of every layer) share a key, so each is compiled
-once.  Workers receive only the JSON graph.
+A unit is a supertask graph plus compiler options (and, with tensor parallelism, the PE
+of the group it is for); its key is ``cache_key(graph, options, COMPILER_VERSION)``.
+Identical transformer blocks of one bucket (and, with blockwise compile, of every layer)
+share a key, so each is compiled once per tensor-parallel rank.  Workers receive only
+the JSON graph.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from furiosa_build.cache import CompileCache, cache_key, canonical_json
-from furiosa_build.compiler import COMPILER_VERSION, compile_graph
+from furiosa_build.compiler import COMPILER_VERSION, ShardSpec, compile_graph
 from furiosa_build.pool import run_pool
 
 
@@ -26,10 +27,13 @@ class CompileUnit:
     graph: Mapping[str, Any]
     options: Mapping[str, Any]
     salt: str = ""  # distinguishes per-layer programs when blockwise compile is off
+    tp: ShardSpec | None = None  # the tensor-parallel PE this program is for
 
     @property
     def key(self) -> str:
-        program_input = {"kind": self.kind, "graph": self.graph, "salt": self.salt}
+        program_input: dict[str, Any] = {"kind": self.kind, "graph": self.graph, "salt": self.salt}
+        if self.tp is not None:  # single-PE keys stay what they were
+            program_input["tp"] = asdict(self.tp)
         return cache_key(program_input, self.options, COMPILER_VERSION)
 
 
@@ -49,7 +53,7 @@ class CompileResult:
 
 def compile_unit(unit: CompileUnit) -> bytes:
     """Worker entry: compile one unit to the canonical JSON bytes of its program."""
-    program = compile_graph(unit.graph, unit.kind, unit.options)
+    program = compile_graph(unit.graph, unit.kind, unit.options, unit.tp)
     return canonical_json(program.model_dump(mode="json"))
 
 

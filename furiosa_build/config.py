@@ -39,6 +39,8 @@ The flat parameter names of furiosa-llm's ``ArtifactBuilder.__init__`` and
     auto_bfloat16_cast (kwargs)               model.auto_bfloat16_cast
     trust_remote_code (kwargs)                model.trust_remote_code
     hf_config (kwargs)                        model.hf_config
+    task (kwargs)                             model.task
+    pooling (kwargs)                          model.pooling
     default_scheduler_config                  scheduler (the whole section)
     prefill_chunk_size (kwargs)               scheduler.prefill_chunk_size
     quantize_artifact_path                    build.quantize_artifact_path
@@ -61,7 +63,15 @@ The flat parameter names of furiosa-llm's ``ArtifactBuilder.__init__`` and
     progress (kwargs)                         build.progress
 
 Deliberate difference from the reference: ``tensor_parallel_size`` defaults to 1 (the
-reference defaults to 4), because tensor parallelism is not built yet.
+reference defaults to 4), so that the plainest build is a single-PE program per task.
+As in the reference, ``data_parallel_size`` left null fills the remaining PEs of
+``devices`` with replicas (``conf/parallel/single.yaml`` therefore names one PE).
+
+Parallel settings are checked in two steps: ``ParallelSpec`` checks what the config alone
+decides (device strings, power-of-two tp, tp * pp * dp against the PEs of the devices);
+``check_model_fit`` checks what depends on the model (heads and vocabulary divisible by
+tp, stages against the decoder depth) as soon as the model's config is read, before
+capture or compilation.
 """
 
 from __future__ import annotations
@@ -71,15 +81,16 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from furiosa_build.compiler import DEFAULT_OPTIONS, LoweringError
 from furiosa_build.load import LoadError
 from furiosa_build.sources import SourceError, resolve_source
-from furiosa_runtime.artifact import Bucket
-from furiosa_runtime.hardware import parse_devices
+from furiosa_build.supertask import attention_heads, num_layers
+from furiosa_runtime.artifact import Bucket, PoolingConfig, split_layers
+from furiosa_runtime.hardware import Mesh, plan_mesh
 
 __all__ = [
     "BUILDER_PARAM_LOCATION",
@@ -94,6 +105,7 @@ __all__ = [
     "ParallelSpec",
     "SchedulerSpec",
     "allowed_keys",
+    "check_model_fit",
     "default_artifact_name",
     "load_spec",
     "spec_from_builder_args",
@@ -143,7 +155,13 @@ def _not_supported(field: str, value: Any, default: Any) -> None:
 
 
 class ModelConfig(_Section):
-    """What to build from: a local folder, a GGUF file, ``pkg:`` file, or a config with random weights."""
+    """What to build from: a local folder, a GGUF file, ``pkg:`` file, or a config with random weights.
+
+    ``task`` is ``generate`` (a decoder with an LM head) or ``embed`` (an encoder whose
+    head pools the token states into one vector).  ``pooling`` overrides, for ``embed``,
+    what the model's sentence-transformers files say (null: read them; mean + normalize
+    when there are none).
+    """
 
     name: str
     model_id_or_path: str | None = None
@@ -152,6 +170,8 @@ class ModelConfig(_Section):
     num_hidden_layers: int | None = Field(default=None, gt=0)
     auto_bfloat16_cast: bool = False
     trust_remote_code: bool = False
+    task: Literal["generate", "embed"] = "generate"
+    pooling: PoolingConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -261,7 +281,8 @@ class BucketsConfig(_Section):
 
 
 class ParallelSpec(_Section):
-    """Devices and the tensor/pipeline/data parallel degrees (only 1 is built so far)."""
+    """Devices (``npu:0``, ``npu:0,npu:1``, ``npu:0:3``, ``npu:0:0-3``) and the
+    tensor/pipeline/data parallel degrees; ``data_parallel_size`` null uses every PE."""
 
     devices: str = "npu:0"
     tensor_parallel_size: int = 1
@@ -271,30 +292,68 @@ class ParallelSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ParallelSpec:
-        self._check_devices()
-        tp = self.tensor_parallel_size
+        tp, pp, dp = self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size
         if tp < 1 or tp & (tp - 1):
             raise _Invalid(("tensor_parallel_size",), f"must be a power of two (1, 2, 4, 8, ...), got {tp}")
-        if self.pipeline_parallel_size < 1:
-            raise _Invalid(("pipeline_parallel_size",), f"must be at least 1, got {self.pipeline_parallel_size}")
-        if self.data_parallel_size is not None and self.data_parallel_size < 1:
-            raise _Invalid(("data_parallel_size",), f"must be at least 1 or null, got {self.data_parallel_size}")
-        _not_supported("tensor_parallel_size", tp, 1)
-        _not_supported("pipeline_parallel_size", self.pipeline_parallel_size, 1)
-        if self.data_parallel_size not in (None, 1):
-            raise _Invalid(("data_parallel_size",), "not supported yet (only null or 1)")
-        _not_supported("num_blocks_per_pp_stage", self.num_blocks_per_pp_stage, None)
-        return self
-
-    def _check_devices(self) -> None:
-        try:
-            refs = parse_devices(self.devices)
-        except ValueError as exc:
-            raise _Invalid(("devices",), str(exc).removeprefix("devices: ")) from None
-        if len(refs) != 1:
-            raise _Invalid(("devices",), "not supported yet (only a single device such as npu:0, npu:0:3 or npu:0:0-3)")
+        if pp < 1:
+            raise _Invalid(("pipeline_parallel_size",), f"must be at least 1, got {pp}")
+        if dp is not None and dp < 1:
+            raise _Invalid(("data_parallel_size",), f"must be at least 1 or null, got {dp}")
         if self.devices != self.devices.strip():
             raise _Invalid(("devices",), f"unexpected whitespace in {self.devices!r}")
+        self.mesh()
+        stages = self.num_blocks_per_pp_stage
+        if stages is not None and (len(stages) != pp or min(stages) < 1):
+            raise _Invalid(("num_blocks_per_pp_stage",), f"expected {pp} positive layer counts (one per pipeline "
+                           f"stage, parallel.pipeline_parallel_size={pp}), got {_show(stages)}")  # fmt: skip
+        return self
+
+    def mesh(self) -> Mesh:
+        """The PEs of ``devices`` as replicas x stages x tensor-parallel shards."""
+        try:
+            return plan_mesh(self.devices, self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
+        except ValueError as exc:
+            field, _, problem = str(exc).partition(": ")
+            raise _Invalid((field,), problem) from None
+
+    def layers_per_stage(self, layers: int) -> list[int]:
+        """Decoder layers of each pipeline stage: as given, or split equally."""
+        return list(self.num_blocks_per_pp_stage or split_layers(layers, self.pipeline_parallel_size))
+
+
+def _tp_misfit(tp: int, heads: int, kv_heads: int, vocab: int) -> str | None:
+    """Why a tensor-parallel group of ``tp`` cannot split this model, or None if it can."""
+    if heads % tp:
+        return f"does not divide the model's {heads} attention heads"
+    if kv_heads % tp and tp % kv_heads:
+        return f"and the model's {kv_heads} key/value heads do not divide one another"
+    if vocab % tp:
+        return f"does not divide the model's vocabulary of {vocab} tokens"
+    return None
+
+
+def check_model_fit(parallel: ParallelSpec, blocks_per_supertask: int, hf_config: Mapping[str, Any]) -> None:
+    """Check the parallel settings against the model's config; raise ConfigError naming the field."""
+    heads, kv_heads = attention_heads(dict(hf_config))
+    vocab = int(hf_config.get("vocab_size", 1))
+    tp = parallel.tensor_parallel_size
+    problem = _tp_misfit(tp, heads, kv_heads, vocab)
+    if problem:
+        pes = len(parallel.mesh().pes)
+        fits = [t for t in (2**i for i in range(8)) if t <= pes and not _tp_misfit(t, heads, kv_heads, vocab)]
+        raise ConfigError(f"parallel.tensor_parallel_size: {tp} {problem}; allowed here: {', '.join(map(str, fits))}")
+    layers = num_layers(dict(hf_config))
+    stages = parallel.num_blocks_per_pp_stage
+    if stages is None and parallel.pipeline_parallel_size > layers:
+        raise ConfigError(f"parallel.pipeline_parallel_size: {parallel.pipeline_parallel_size} stages for a model of "
+                          f"{layers} decoder layers; at most {layers}")  # fmt: skip
+    if stages is not None and sum(stages) != layers:
+        raise ConfigError(f"parallel.num_blocks_per_pp_stage: {_show(stages)} sums to {sum(stages)}, but the model "
+                          f"has {layers} decoder layers")  # fmt: skip
+    per_stage = parallel.layers_per_stage(layers)
+    if any(sum(per_stage[: s + 1]) % blocks_per_supertask for s in range(len(per_stage) - 1)):
+        raise ConfigError(f"parallel.num_blocks_per_pp_stage: stages {per_stage} would split a supertask of "
+                          f"build.num_blocks_per_supertask={blocks_per_supertask} layers")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- scheduler
@@ -399,9 +458,23 @@ class BuildSpec(_Section):
     @model_validator(mode="after")
     def _check(self) -> BuildSpec:
         self._check_source()
+        self._check_task()
         if self.build.save_dir is None:
             self.build.save_dir = f"{self.DEFAULT_ARTIFACTS_DIR}/{self.model.name}"
         return self
+
+    def _check_task(self) -> None:
+        """An encoder (task=embed) runs one pass per text: prefill-shaped buckets only."""
+        model, buckets = self.model, self.buckets
+        if model.task == "generate":
+            if model.pooling is not None:
+                raise _Invalid(("model", "pooling"), "only for model.task=embed; set null for task=generate")
+            return
+        if buckets.decode:
+            raise _Invalid(("buckets", "decode"), "must be empty for model.task=embed (an encoder has no decode "
+                           f"phase); give buckets.prefill only (e.g. buckets=embed), got {_show([list(p) for p in buckets.decode])}")
+        if not buckets.prefill:
+            buckets.prefill = [(1, buckets.max_seq_len_to_capture)]
 
     def _check_source(self) -> None:
         model = self.model
@@ -449,6 +522,12 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return text or "config"
 
 
+def _unwrap_optional(annotation: Any) -> Any:
+    """``X | None`` -> ``X``, so an optional section (model.pooling) lists its keys too."""
+    members = [a for a in get_args(annotation) if a is not type(None)]
+    return members[0] if len(members) == 1 else annotation
+
+
 def allowed_keys(path: tuple[str, ...], root: type[BaseModel] | None = None) -> list[str] | None:
     """The field names of the section at ``path`` (``()`` is the top), or None if it is not a section."""
     cls: Any = root or BuildSpec
@@ -456,7 +535,7 @@ def allowed_keys(path: tuple[str, ...], root: type[BaseModel] | None = None) -> 
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
         if field is None:
             return None
-        cls = field.annotation
+        cls = _unwrap_optional(field.annotation)
     return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
@@ -519,6 +598,8 @@ BUILDER_PARAM_LOCATION: dict[str, str] = {
     "auto_bfloat16_cast": "model.auto_bfloat16_cast",
     "trust_remote_code": "model.trust_remote_code",
     "hf_config": "model.hf_config",
+    "task": "model.task",
+    "pooling": "model.pooling",
     "default_scheduler_config": "scheduler",
     "prefill_chunk_size": "scheduler.prefill_chunk_size",
     "quantize_artifact_path": "build.quantize_artifact_path",

@@ -1,7 +1,9 @@
 """Load stage: model config, weights (bf16), tokenizer and generation config.
 
 Sources are a Hugging Face folder, a GGUF file, or a config with random weights from
-``seed_for_random_weight``.  The result is written once as a bf16 safetensors file plus
+``seed_for_random_weight``.  ``task`` picks the model class: a causal LM for
+``generate``, the bare encoder (``AutoModel``) for ``embed``, whose pooling comes from the
+model's sentence-transformers files (``load_pooling``).  The result is written once as a bf16 safetensors file plus
 tokenizer files in a folder keyed by the content hash of the source and the options, so
 a second build (or a dry run) never converts the model again.
 """
@@ -13,11 +15,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from furiosa_build.cache import canonical_json
 from furiosa_build.sources import ModelSource
-from furiosa_runtime.artifact import sha256_file
+from furiosa_runtime.artifact import PoolingConfig, sha256_file
 
 LOADER_VERSION = "1"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,6 +39,8 @@ class LoadRequest:
     seed_for_random_weight: int | None
     auto_bfloat16_cast: bool
     trust_remote_code: bool
+    task: Literal["generate", "embed"] = "generate"
+    pooling: PoolingConfig | None = None  # overrides the sentence-transformers files for "embed"
 
     def key(self) -> str:
         """Content hash of the source plus every option that changes the loaded weights."""
@@ -54,6 +58,8 @@ class LoadRequest:
             "cast": self.auto_bfloat16_cast,
             "version": LOADER_VERSION,
         }
+        if self.task != "generate":  # keys of generate models stay as they were, so their caches remain valid
+            options["task"] = self.task
         digest.update(canonical_json(options))
         return digest.hexdigest()
 
@@ -110,6 +116,46 @@ def load(request: LoadRequest, cache_dir: Path | None) -> LoadedModel:
     return LoadedModel(folder, config)
 
 
+def auto_model_class(task: str):
+    """The transformers auto class of a task: a causal LM, or the bare encoder for embeddings."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModel if task == "embed" else AutoModelForCausalLM
+
+
+def load_pooling(request: LoadRequest) -> PoolingConfig | None:
+    """The pooling of an ``embed`` model (None for ``generate``).
+
+    ``request.pooling`` wins; otherwise the sentence-transformers files of the source say
+    it (``modules.json`` -> ``Pooling`` config, a ``Normalize`` module,
+    ``sentence_bert_config.json``); a model without them gets mean pooling + normalize.
+    """
+    if request.task != "embed":
+        return None
+    if request.pooling is not None:
+        return request.pooling
+    folder = _folder(request.source) if request.source.path is not None else None
+    modules = _read_json(folder / "modules.json", []) if folder is not None else []
+    if not modules:
+        return PoolingConfig()
+    assert folder is not None
+    kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+    if "Pooling" not in kinds:
+        raise LoadError(f"model.pooling: {folder / 'modules.json'} has no Pooling module; set model.pooling explicitly")
+    settings = _read_json(folder / kinds["Pooling"]["path"] / "config.json", {})
+    modes = [name for name, on in settings.items() if name.startswith("pooling_mode_") and on]
+    allowed = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+    if len(modes) != 1 or modes[0] not in allowed:
+        raise LoadError(f"model.pooling: sentence-transformers pooling {modes} is not supported yet (only "
+                        "pooling_mode_mean_tokens or pooling_mode_cls_token)")  # fmt: skip
+    max_len = _read_json(folder / "sentence_bert_config.json", {}).get("max_seq_length")
+    return PoolingConfig(mode=allowed[modes[0]], normalize="Normalize" in kinds, max_seq_length=max_len)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
 def _folder(source: ModelSource) -> Path:
     assert source.path is not None
     return source.path.parent if source.kind == "gguf" else source.path
@@ -121,24 +167,25 @@ def _gguf_kwargs(source: ModelSource) -> dict[str, str]:
 
 def _convert(request: LoadRequest, out: Path) -> dict[str, Any]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    model_class = auto_model_class(request.task)
     config_dict = load_config(request)
     config = AutoConfig.for_model(**config_dict)
     if request.source.kind == "config":
         torch.manual_seed(request.seed_for_random_weight or 0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = model_class.from_config(config, dtype=torch.float32)
         source_dtype = str(config_dict.get("dtype") or config_dict.get("torch_dtype") or "bfloat16")
         _write_random_tokenizer(out, int(config_dict["vocab_size"]), config_dict)
     else:
         overrides = {"num_hidden_layers": config.num_hidden_layers}
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             str(_folder(request.source)), **_gguf_kwargs(request.source), dtype="auto",
             trust_remote_code=request.trust_remote_code, **overrides,
         )  # fmt: skip
         source_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         _save_tokenizer(request, out)
-        if model.generation_config is not None and request.source.kind == "folder":
+        if getattr(model, "generation_config", None) is not None and request.source.kind == "folder":
             model.generation_config.save_pretrained(out)
     if source_dtype not in ALLOWED_DTYPES and not request.auto_bfloat16_cast:
         raise LoadError(
@@ -147,7 +194,7 @@ def _convert(request: LoadRequest, out: Path) -> dict[str, Any]:
         )
     if request.seed_for_random_weight is not None and request.source.kind != "config":
         torch.manual_seed(request.seed_for_random_weight)
-        model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        model = model_class.from_config(model.config, dtype=torch.float32)
     config_dict["dtype"] = "bfloat16"
     _save_bf16(model, out / WEIGHTS_FILE)
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
@@ -174,6 +221,22 @@ def _save_tokenizer(request: LoadRequest, out: Path) -> None:
         str(_folder(request.source)), **_gguf_kwargs(request.source), trust_remote_code=request.trust_remote_code
     )
     tokenizer.save_pretrained(str(out))
+    _without_padding(out / "tokenizer.json")
+
+
+def _without_padding(path: Path) -> None:
+    """Drop the fixed padding / truncation some tokenizer.json files carry (MiniLM pads
+    every text to 128): the runtime pads into buckets itself and truncates per task."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        return
+    tokenizer = Tokenizer.from_file(str(path))
+    if tokenizer.padding is None and tokenizer.truncation is None:
+        return
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    tokenizer.save(str(path))
 
 
 # A fixed corpus makes the tokenizer of random-weight models deterministic.

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from furiosa_build.cache import cache_key, canonical_json
-from furiosa_runtime.artifact import Bucket
+from furiosa_runtime.artifact import Bucket, PoolingConfig
 from furiosa_runtime.isa import Constant
 
 @dataclass
@@ -46,6 +46,7 @@ class CaptureUnit:
     signatures: tuple[Signature, ...]  # distinct layer-type signatures of the block groups
     block_size: int
     slice_last_token: bool
+    pooling: PoolingConfig | None = None  # an embedding model: the head pools instead of an LM head
 
 
 @dataclass
@@ -72,6 +73,12 @@ class CaptureResult:
 def num_layers(hf_config: dict[str, Any]) -> int:
     """The decoder depth, whatever the architecture calls it (``n_layer`` for GPT-2...)."""
     return int(hf_config.get("num_hidden_layers", hf_config.get("n_layer", 0)))
+
+
+def attention_heads(hf_config: dict[str, Any]) -> tuple[int, int]:
+    """(query heads, key/value heads), whatever the architecture calls them."""
+    heads = int(hf_config.get("num_attention_heads") or hf_config.get("n_head") or 1)
+    return heads, int(hf_config.get("num_key_value_heads") or heads)
 
 
 def with_layers(hf_config: dict[str, Any], types: list[str]) -> dict[str, Any]:
@@ -112,6 +119,8 @@ def capture_key(unit: CaptureUnit) -> str:
         "block_size": unit.block_size,
         "slice_last_token": unit.slice_last_token,
     }
+    if unit.pooling is not None:  # absent for generate models, so their keys are unchanged
+        program_input["pooling"] = unit.pooling.model_dump()
     versions = {"torch": version("torch"), "transformers": version("transformers")}
     return cache_key(program_input, versions, f"capture-{CAPTURE_VERSION}")
 

@@ -15,7 +15,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "RequestOutputKind", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "AsyncEngineArgs",
+    "AsyncLLMEngine",
+    "CompletionOutput",
+    "ContextLengthExceededError",
+    "EngineArgs",
+    "LLMEngine",
+    "Logprob",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
+    "SchedulerConfig",
+]
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -24,11 +37,23 @@ _EXPORTS = {
     "RequestOutputKind": "furiosa_runtime.sampling_params",
     "RequestOutput": "furiosa_runtime.outputs",
     "CompletionOutput": "furiosa_runtime.outputs",
+    "Logprob": "furiosa_runtime.outputs",
+    "LLMEngine": "furiosa_runtime.llm_engine",
+    "AsyncLLMEngine": "furiosa_runtime.async_llm_engine",
+    "EngineArgs": "furiosa_runtime.engine_args",
+    "AsyncEngineArgs": "furiosa_runtime.engine_args",
+    "ContextLengthExceededError": "furiosa_runtime.errors",
+    "SchedulerConfig": "furiosa_runtime.artifact",
 }
 
 if TYPE_CHECKING:
+    from furiosa_runtime.artifact import SchedulerConfig
+    from furiosa_runtime.async_llm_engine import AsyncLLMEngine
+    from furiosa_runtime.engine_args import AsyncEngineArgs, EngineArgs
+    from furiosa_runtime.errors import ContextLengthExceededError
     from furiosa_runtime.llm import LLM
-    from furiosa_runtime.outputs import CompletionOutput, RequestOutput
+    from furiosa_runtime.llm_engine import LLMEngine
+    from furiosa_runtime.outputs import CompletionOutput, Logprob, RequestOutput
     from furiosa_runtime.sampling_params import RequestOutputKind, SamplingParams
 
 

@@ -96,10 +96,25 @@ class GeneratorConfig(_Model):
     kv_cache_dtype: Literal["f32", "bf16"] = "f32"
 
 
+class PoolingConfig(_Model):
+    """How an embedding model turns its token states into one vector per text.
+
+    The sentence-transformers ``Pooling`` (+ ``Normalize``) modules: ``mean`` averages the
+    states of the real tokens, ``cls`` takes the first token's; ``normalize`` scales the
+    result to unit L2 norm.  ``max_seq_length`` is where sentence-transformers truncates a
+    text (special tokens included); None means no truncation.
+    """
+
+    mode: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    max_seq_length: int | None = Field(default=None, gt=0)
+
+
 class ModelMetadata(_Model):
     pretrained_id: str
     architecture: str
     task: Literal["generate", "embed"] = "generate"
+    pooling: PoolingConfig | None = None  # set when task is "embed"
     num_hidden_layers: int
     weight_dtype: Literal["bf16"] = "bf16"
     trust_remote_code: bool = False
@@ -131,13 +146,19 @@ class SchedulerConfig(_Model):
 
 
 class Task(_Model):
-    """One supertask of a pipeline placed on a PE: which program, which weights, which values."""
+    """One supertask of a pipeline on one PE: which program, which weights, which values.
+
+    With tensor parallelism a supertask is ``tensor_parallel_size`` consecutive tasks of
+    the same name, one per ``shard`` (rank in the group), each with its own program and
+    weight shards; they run in lockstep and meet at the programs' collectives.
+    """
 
     name: str
     kind: Literal["embed", "block", "head"]
     program: str  # key of programs/<key>.json
-    device: str  # "npu:D:P", the PE that runs it
+    device: str  # "npu:D:P", the PE that runs it in the build's placement (replica 0)
     stage: int  # pipeline-parallel stage
+    shard: int = 0  # tensor-parallel rank
     inputs: list[str]  # pipeline values bound to the program inputs, in order
     outputs: list[str]
     params: dict[str, str]  # program parameter -> tensor name in the weight files
@@ -145,12 +166,56 @@ class Task(_Model):
 
 
 class Transfer(_Model):
-    """An activation moved between pipeline stages (send on ``src``, receive on ``dst``)."""
+    """An activation sent from one pipeline stage to another once ``after_task`` has run.
+
+    Every PE of the source stage's tensor-parallel group sends its (replicated) copy to
+    the PE of the same rank in the destination stage.
+    """
 
     value: str
-    src: str
-    dst: str
+    src_stage: int
+    dst_stage: int
     after_task: str
+
+
+def split_layers(num_layers: int, stages: int) -> list[int]:
+    """Layers per pipeline stage when not given: as equal as possible, earlier stages first."""
+    base, extra = divmod(num_layers, stages)
+    return [base + (stage < extra) for stage in range(stages)]
+
+
+def assign_stages(tasks: list[Task], layers_per_stage: list[int]) -> dict[str, int]:
+    """Stage of every task name: embedding first, head last, blocks by their first layer."""
+    bounds = [sum(layers_per_stage[: s + 1]) for s in range(len(layers_per_stage))]
+    last = len(layers_per_stage) - 1
+    stages = {}
+    for task in tasks:
+        if task.kind == "block":
+            stages[task.name] = next(s for s, end in enumerate(bounds) if task.kv_layers[0] < end)
+        else:
+            stages[task.name] = 0 if task.kind == "embed" else last
+    return stages
+
+
+def plan_transfers(tasks: list[Task], stages: dict[str, int]) -> list[Transfer]:
+    """The sends a pipeline needs: a value read on another stage than the one that made it.
+
+    Values are not single-assignment (every block writes ``hidden``), so the walk follows
+    the latest writer of each value and which stages already hold that version.
+    """
+    writer: dict[str, str] = {}  # value -> task that wrote its current version
+    holders: dict[str, set[int]] = {}  # value -> stages holding that version
+    transfers: list[Transfer] = []
+    for task in tasks:
+        stage = stages[task.name]
+        for value in task.inputs:
+            if value in writer and stage not in holders[value]:
+                src = stages[writer[value]]
+                transfers.append(Transfer(value=value, src_stage=src, dst_stage=stage, after_task=writer[value]))
+                holders[value].add(stage)
+        for value in task.outputs:
+            writer[value], holders[value] = task.name, {stage}
+    return transfers
 
 
 class PipelineInput(_Model):

@@ -1,7 +1,7 @@
 """The engine core: requests in, one scheduled NPU step at a time, RequestOutputs out.
 
-``EngineCore`` owns the simulator, block manager, scheduler and sampler.  ``LLM`` (and
-the vLLM-style engines built on it) only tokenize, validate and collect outputs.
+``EngineCore`` owns the simulator, block manager, scheduler and sampler.  ``LLM``,
+``LLMEngine`` and ``AsyncLLMEngine`` only tokenize, validate and collect outputs.
 """
 
 from __future__ import annotations
@@ -9,15 +9,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from furiosa_runtime.artifact import SchedulerConfig, load_artifact
 from furiosa_runtime.block_manager import BlockManager
 from furiosa_runtime.errors import validate_context_length
 from furiosa_runtime.model_runner import ModelRunner
-from furiosa_runtime.outputs import CompletionOutput, RequestOutput
-from furiosa_runtime.sampler import Sampler, min_tokens_banned_ids
+from furiosa_runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from furiosa_runtime.sampler import Sampler, log_softmax, min_tokens_banned_ids, top_logprobs
 from furiosa_runtime.sampling_params import RequestOutputKind, SamplingParams
 from furiosa_runtime.scheduler import Batch, Scheduler
-from furiosa_runtime.sequence import Sequence
+from furiosa_runtime.sequence import Sequence, SequenceGroup
 from furiosa_runtime.simulator import NPUSimulator
 from furiosa_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -25,84 +27,128 @@ from furiosa_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 class EngineCore:
     """Continuous batching over the buckets of one artifact on the simulated NPU."""
 
-    def __init__(self, artifact_path: str | Path, seed: int | None = None, scheduler_config: SchedulerConfig | None = None) -> None:
+    def __init__(
+        self,
+        artifact_path: str | Path,
+        seed: int | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        tokenizer: str | Path | None = None,
+    ) -> None:
         self.path = Path(artifact_path)
         self.artifact = load_artifact(self.path)
-        self.tokenizer = Tokenizer.from_dir(self.path)
+        self.tokenizer = Tokenizer.from_dir(tokenizer if tokenizer is not None else self.path)
         self.simulator = NPUSimulator(self.path, self.artifact)
         paged = self.artifact.generator_config.paged_attention_config
         self.blocks = BlockManager(paged.num_blocks, paged.block_size)
         self.runner = ModelRunner(self.simulator, self.artifact, self.blocks)
-        self.scheduler = Scheduler(
-            self.runner.prefill_buckets, self.runner.decode_buckets, self.blocks, scheduler_config or self.artifact.scheduler_config
-        )
+        self.scheduler_config = scheduler_config or self.artifact.scheduler_config
+        self.scheduler = Scheduler(self.runner.prefill_buckets, self.runner.decode_buckets, self.blocks, self.scheduler_config)
         self.sampler = Sampler(seed)
         self.eos_token_ids = set(self.artifact.model_metadata.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._emitted: dict[str, tuple[int, int]] = {}  # tokens and characters already streamed
+        self.groups: dict[str, SequenceGroup] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}  # per sequence key
+        self._emitted: dict[str, tuple[int, int, int]] = {}  # tokens, characters, logprobs already streamed
 
     @property
     def max_model_len(self) -> int:
-        return self.runner.max_model_len
+        """Longest context a request may reach: the largest bucket, bounded by the KV cache."""
+        decode = [b.attention_size for b in self.runner.decode_buckets] or [self.runner.max_model_len]
+        return min(max(decode), self.blocks.capacity_tokens)
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Validate lengths against the buckets and queue the request."""
-        if len(prompt_token_ids) > self.runner.max_prefill_len:
-            validate_context_length(self.runner.max_prefill_len, len(prompt_token_ids), None)
-        validate_context_length(self.max_model_len, len(prompt_token_ids), params.max_tokens)
+    @property
+    def max_prompt_len(self) -> int:
+        """Longest prompt: the largest prefill bucket, or the whole context with chunked prefill."""
+        if self.scheduler_config.prefill_chunk_size is not None:
+            return self.max_model_len
+        return min(self.runner.max_prefill_len, self.max_model_len)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate the request (see `validate_request`), then queue it."""
+        if request_id in self.groups:
+            raise ValueError(f"Request ID {request_id} already exist in the engine.")
+        self.validate_request(prompt_token_ids, params)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
+        metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time())
+        seqs = [
+            Sequence(self._seq_key(request_id, i, params.num_samples), prompt, list(prompt_token_ids), params,
+                     self.sampler.make_generator(params, i), max_tokens, group_id=request_id, index=i, metrics=metrics)
+            for i in range(params.num_samples)
+        ]  # fmt: skip
+        self.groups[request_id] = SequenceGroup(request_id, prompt, list(prompt_token_ids), params, seqs, metrics)
+        for seq in seqs:
+            self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            self._emitted[seq.request_id] = (0, 0, 0)
+            self.scheduler.add(seq)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise unless the request fits: a non-empty prompt no longer than a prefill bucket
+        (any length up to the context with chunked prefill), prompt plus ``max_tokens``
+        within the largest bucket and the KV cache (the context-length errors)."""
         if not prompt_token_ids:
             raise ValueError("prompt: must contain at least one token")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
-        seq = Sequence(request_id, prompt, list(prompt_token_ids), params, self.sampler.make_generator(params), max_tokens)
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-        self._emitted[request_id] = (0, 0)
-        self.scheduler.add(seq)
+        vocab = int(self.artifact.hf_config.get("vocab_size", 0)) or None
+        if vocab is not None and not all(0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt_token_ids: every id must be in [0, {vocab})")
+        if len(prompt_token_ids) > self.max_prompt_len:
+            validate_context_length(self.max_prompt_len, len(prompt_token_ids), None)
+        validate_context_length(self.max_model_len, len(prompt_token_ids), params.max_tokens)
+
+    @staticmethod
+    def _seq_key(request_id: str, index: int, num_samples: int) -> str:
+        return request_id if num_samples == 1 else f"{request_id}#{index}"
 
     def abort_request(self, request_id: str) -> bool:
-        seq = self.scheduler.abort(request_id)
-        self._forget(request_id)
-        return seq is not None
+        """Drop a request and free its blocks; False if it is unknown or already finished."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return False
+        for seq in group.seqs:
+            self.scheduler.abort(seq)
+            self._forget(seq)
+        return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.groups)
 
     def step(self) -> list[RequestOutput]:
         """Run one prefill or decode step; return the outputs of the requests it advanced."""
         batch = self.scheduler.schedule()
         if batch is None:
-            return self._fail_unschedulable()
+            assert not self.scheduler.has_unfinished(), "admission control guarantees every request can be scheduled"
+            return []
         now = time.time()
         for seq in batch.seqs:
             seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or now
         logits = self._run(batch)
-        outputs = []
-        for seq, row in zip(batch.seqs, logits):
-            self._append(seq, row)
-            output = self._output(seq)
-            if output is not None:
-                outputs.append(output)
-        return outputs
+        advanced: dict[str, SequenceGroup] = {}
+        for seq, (_, end), row in zip(batch.seqs, batch.spans, logits):
+            seq.num_computed_tokens = end
+            if end == seq.num_tokens:  # caught up: this row's logits give the next token
+                self._append(seq, row)
+                advanced[seq.group_id] = self.groups[seq.group_id]
+        return [out for group in advanced.values() if (out := self._output(group)) is not None]
 
-    def _run(self, batch: Batch):
+    def _run(self, batch: Batch) -> np.ndarray:
         if batch.phase == "prefill":
-            return self.runner.prefill(batch.seqs, batch.bucket)
-        return self.runner.decode(batch.seqs, batch.bucket)
+            return self.runner.prefill(batch.seqs, batch.bucket, batch.spans)
+        return self.runner.decode(batch.seqs, batch.bucket, [start for start, _ in batch.spans])
 
-    def _fail_unschedulable(self) -> list[RequestOutput]:
-        """A waiting request that can never run (KV cache too small) fails instead of stalling."""
-        if not self.scheduler.waiting or self.scheduler.running:
-            return []
-        seq = self.scheduler.waiting.popleft()
-        seq.finish("abort")
-        output = self._output(seq)
-        return [output] if output is not None else []
+    # -- one new token ----------------------------------------------------------------
 
-    def _append(self, seq: Sequence, logits) -> None:
+    def _append(self, seq: Sequence, logits: np.ndarray) -> None:
         params = seq.params
         banned = min_tokens_banned_ids(params, len(seq.output_token_ids), () if params.ignore_eos else self.eos_token_ids)
-        token = self.sampler.sample(logits.astype("float64"), params, seq.rng, banned)
+        token = self.sampler.sample(logits, params, seq.rng, banned, seq.prompt_token_ids, seq.output_token_ids)
+        self._record_logprobs(seq, logits, token)
         seq.output_token_ids.append(token)
         now = time.time()
         seq.metrics.first_token_time = seq.metrics.first_token_time or now
@@ -110,7 +156,20 @@ class EngineCore:
         seq.text += self._detok[seq.request_id].add_tokens([token])
         self._check_stop(seq, token)
         if seq.is_finished:
+            if not isinstance(seq.stop_reason, str):  # a stop string cut the text: drop what follows
+                seq.text += self._detok[seq.request_id].flush()
             self.scheduler.finish(seq)
+
+    def _record_logprobs(self, seq: Sequence, logits: np.ndarray, token: int) -> None:
+        """Cumulative log-probability (and the top ``logprobs``) when the request needs them."""
+        params = seq.params
+        if params.logprobs is None and params.num_samples == params.n:
+            return
+        logprobs = log_softmax(logits)
+        seq.cumulative_logprob += float(logprobs[token])
+        if params.logprobs is not None:
+            top = top_logprobs(logprobs, token, params.logprobs)
+            seq.logprobs.append({i: Logprob(lp, rank, self.tokenizer.decode([i], skip_special_tokens=False)) for i, (lp, rank) in top.items()})
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -128,19 +187,35 @@ class EngineCore:
         if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return seq.finish("length")
 
-    def _output(self, seq: Sequence) -> RequestOutput | None:
-        kind = seq.params.output_kind
-        if kind is RequestOutputKind.FINAL_ONLY and not seq.is_finished:
-            return None
-        tokens_sent, chars_sent = self._emitted[seq.request_id] if kind is RequestOutputKind.DELTA else (0, 0)
-        tokens, text = seq.output_token_ids[tokens_sent:], seq.text[chars_sent:]
-        self._emitted[seq.request_id] = (len(seq.output_token_ids), len(seq.text))
-        completion = CompletionOutput(0, text, list(tokens), finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
-        output = RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished, seq.metrics)
-        if seq.is_finished:
-            self._forget(seq.request_id)
-        return output
+    # -- outputs ------------------------------------------------------------------------
 
-    def _forget(self, request_id: str) -> None:
-        self._detok.pop(request_id, None)
-        self._emitted.pop(request_id, None)
+    def _output(self, group: SequenceGroup) -> RequestOutput | None:
+        """The group's RequestOutput as its ``output_kind`` asks, or None (FINAL_ONLY, running)."""
+        finished = group.is_finished
+        if group.params.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        seqs = group.seqs
+        if group.params.num_samples > group.params.n:  # best_of: the n most likely samples
+            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: group.params.n]
+        completions = [self._completion(seq) for seq in seqs]
+        if finished:
+            self.groups.pop(group.request_id, None)
+            for seq in group.seqs:
+                self._forget(seq)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished, group.metrics)
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        delta = seq.params.output_kind is RequestOutputKind.DELTA
+        tokens_sent, chars_sent, logprobs_sent = self._emitted[seq.request_id] if delta else (0, 0, 0)
+        self._emitted[seq.request_id] = (len(seq.output_token_ids), len(seq.text), len(seq.logprobs))
+        wants_logprobs = seq.params.logprobs is not None
+        return CompletionOutput(
+            seq.index, seq.text[chars_sent:], seq.output_token_ids[tokens_sent:],
+            cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
+            logprobs=seq.logprobs[logprobs_sent:] if wants_logprobs else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+        )  # fmt: skip
+
+    def _forget(self, seq: Sequence) -> None:
+        self._detok.pop(seq.request_id, None)
+        self._emitted.pop(seq.request_id, None)

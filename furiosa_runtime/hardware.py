@@ -57,6 +57,61 @@ class DeviceRef:
         return f"npu:{self.device}:{self.pes[index]}"
 
 
+@dataclass(frozen=True)
+class Mesh:
+    """The PEs of a run arranged as ``dp`` replicas x ``pp`` pipeline stages x ``tp`` shards.
+
+    PEs are taken in the order the devices string lists them, shards innermost, so a
+    tensor-parallel group is a run of neighbouring PEs and, with one device per stage,
+    pipeline stages land on different devices.
+    """
+
+    pes: tuple[str, ...]
+    tp: int
+    pp: int
+    dp: int
+
+    def pe(self, replica: int, stage: int, rank: int) -> str:
+        return self.pes[(replica * self.pp + stage) * self.tp + rank]
+
+    def group(self, replica: int, stage: int) -> list[str]:
+        """The tensor-parallel group of one stage of one replica."""
+        return [self.pe(replica, stage, rank) for rank in range(self.tp)]
+
+
+def device_of(pe: str) -> str:
+    """``npu:D:P`` -> ``npu:D``."""
+    return pe.rsplit(":", 1)[0]
+
+
+def plan_mesh(devices: str, tp: int, pp: int, dp: int | None, hw: HardwareSpec = RNGD) -> Mesh:
+    """Lay ``tp * pp * dp`` PEs out over ``devices``; ``dp=None`` uses every remaining PE.
+
+    Raises ValueError as one line ``<field>: <problem>`` naming devices,
+    tensor_parallel_size, pipeline_parallel_size or data_parallel_size.
+    """
+    pes = [ref.pe(i) for ref in parse_devices(devices, hw) for i in range(len(ref.pes))]
+    repeated = sorted({pe for pe in pes if pes.count(pe) > 1})
+    if repeated:
+        raise ValueError(f"devices: {', '.join(repeated)} listed more than once in {devices!r}")
+    available = len(pes)
+    if tp > available:
+        raise ValueError(f"tensor_parallel_size: {tp} is larger than the {available} PEs of devices {devices!r}")
+    if tp * pp > available:
+        raise ValueError(f"pipeline_parallel_size: {pp} stages of {tp} PEs need {tp * pp} PEs, "
+                         f"but devices {devices!r} have {available}")  # fmt: skip
+    if dp is None:
+        if available % (tp * pp):
+            raise ValueError(f"data_parallel_size: cannot fill the {available} PEs of {devices!r} with replicas of "
+                             f"tensor_parallel_size * pipeline_parallel_size = {tp * pp} PEs; give devices with a "
+                             "multiple of that many PEs")  # fmt: skip
+        dp = available // (tp * pp)
+    if tp * pp * dp != available:
+        raise ValueError(f"data_parallel_size: tensor_parallel_size * pipeline_parallel_size * data_parallel_size = "
+                         f"{tp}*{pp}*{dp} = {tp * pp * dp} does not match the {available} PEs of devices {devices!r}")  # fmt: skip
+    return Mesh(tuple(pes), tp, pp, dp)
+
+
 def parse_devices(devices: str, hw: HardwareSpec = RNGD) -> list[DeviceRef]:
     """Parse a comma-separated device string; raise ValueError naming the bad part."""
     refs = []

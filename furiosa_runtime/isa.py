@@ -6,6 +6,10 @@ specification (the simulator executes it, the compiler folds constants with it).
 Values are computed in float32 (integers in int64); parameters are stored in bf16 and
 widened when read, which is the accumulate-in-fp32 contract of the hardware.
 
+Collectives (``COLLECTIVES``) are executed by every PE of a tensor-parallel group at the
+same point of its program; their reference function takes the operand of every PE in
+rank order and returns what each PE receives.
+
 Opcodes (ins -> outs, attrs):
   linear          x[..., K], w[N, K] (, b[N]) -> y[..., N]      w_layout "nk" | "kn"
   matmul          a[..., M, K], b[..., K, N] -> c                  batched, broadcasting
@@ -15,7 +19,8 @@ Opcodes (ins -> outs, attrs):
   gated_act       gate, up -> act(gate) * up                       act
   paged_attention q, k, v, positions, slot_mapping, block_tables -> o[B,S,H,D]
                   scale, causal, sliding_window, softcap; writes k/v into the bound KV cache
-  all_reduce      x -> sum of x over the PE group                  group (collective)
+  all_reduce      x -> sum of x over the tensor-parallel group      group (collective)
+  all_gather      x -> concatenation of x over the group along dim  group, dim (collective)
   unary / binary  elementwise math                                 fn (, scalar)
   reduce          x -> reduction over dims                         fn, dims, keepdim
   softmax         x -> softmax along dim                           dim
@@ -104,6 +109,31 @@ class MemoryPlan(_Strict):
     offsets: dict[str, int]
 
 
+class ParamShard(_Strict):
+    """How a tensor-parallel program's parameter is cut from the full tensor.
+
+    ``dim`` is split into ``parts`` equal chunks (``parts`` < group size means chunks are
+    replicated, e.g. KV heads of GQA); with ``segments`` > 1 the dim is first cut into that
+    many equal segments (fused QKV) and each segment is split the same way.
+    """
+
+    dim: int
+    parts: int
+    segments: int = 1
+
+    def chunk(self, rank: int, size: int) -> int:
+        """The chunk held by ``rank`` of a group of ``size``."""
+        return rank * self.parts // size
+
+
+class TensorParallel(_Strict):
+    """The tensor-parallel position of a program and the layout of its sharded parameters."""
+
+    size: int
+    rank: int
+    params: dict[str, ParamShard] = Field(default_factory=dict)  # program param (without "p:") -> layout
+
+
 class Program(_Strict):
     """One compiled unit: what a PE executes for one supertask of one bucket."""
 
@@ -117,6 +147,7 @@ class Program(_Strict):
     instructions: tuple[Instruction, ...]
     memory_plan: MemoryPlan
     uses_kv_cache: bool = False
+    tensor_parallel: TensorParallel | None = None  # None: a single-PE program
 
     def op_histogram(self) -> dict[str, int]:
         hist: dict[str, int] = {}
@@ -142,17 +173,11 @@ class KVCacheLayer:
 
 
 class ExecContext:
-    """What a kernel may touch besides its operands: the bound KV cache and collectives."""
+    """What a kernel may touch besides its operands: the bound KV cache."""
 
-    def __init__(
-        self,
-        kv: KVCacheLayer | None = None,
-        block_size: int = 1,
-        all_reduce: Callable[[np.ndarray, str], np.ndarray] | None = None,
-    ) -> None:
+    def __init__(self, kv: KVCacheLayer | None = None, block_size: int = 1) -> None:
         self.kv = kv
         self.block_size = block_size
-        self.all_reduce = all_reduce
 
 
 Kernel = Callable[[list[np.ndarray], dict[str, Any], ExecContext], tuple[np.ndarray, ...]]
@@ -174,7 +199,8 @@ def _f32(x: np.ndarray) -> np.ndarray:
 @kernel("linear")
 def _linear(ins, attrs, ctx):
     x, w = ins[0], _f32(ins[1])
-    y = x @ (w.T if attrs.get("w_layout", "nk") == "nk" else w)
+    # One 2-D GEMM over all rows: a stacked (B, S, K) @ (K, N) would run B small GEMMs.
+    y = (x.reshape(-1, x.shape[-1]) @ (w.T if attrs.get("w_layout", "nk") == "nk" else w)).reshape(*x.shape[:-1], -1)
     if len(ins) > 2:
         y = y + _f32(ins[2])
     return (y,)
@@ -385,10 +411,30 @@ def _full(ins, attrs, ctx):
     return (np.full(attrs["shape"], attrs["value"], dtype=DTYPES[COMPUTE_DTYPE[attrs["dtype"]]]),)
 
 
-@kernel("all_reduce")
-def _all_reduce(ins, attrs, ctx):
-    assert ctx.all_reduce is not None, "all_reduce executed outside a PE group"
-    return (ctx.all_reduce(ins[0], attrs["group"]),)
+Collective = Callable[[list[np.ndarray], dict[str, Any]], np.ndarray]
+COLLECTIVES: dict[str, Collective] = {}
+
+
+def collective(name: str) -> Callable[[Collective], Collective]:
+    def register(fn: Collective) -> Collective:
+        COLLECTIVES[name] = fn
+        return fn
+
+    return register
+
+
+@collective("all_reduce")
+def _all_reduce(parts: list[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
+    """Sum in rank order, in float32, so every PE receives bit-identical values."""
+    total = _f32(parts[0]).copy()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+@collective("all_gather")
+def _all_gather(parts: list[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
+    return np.concatenate(parts, axis=attrs["dim"])
 
 
 @kernel("paged_attention")
@@ -425,7 +471,9 @@ def _paged_attention(ins, attrs, ctx):
 
     group = heads // kv_heads
     qg = q.reshape(batch, kv_heads, group, seq, q.shape[-1])  # (B, Hkv, G, S, D)
-    scores = np.einsum("bhgsd,blhd->bhgsl", qg, keys) * np.float32(attrs["scale"])
+    # (B, Hkv, 1, D, L): batched GEMMs, not einsum loops; contiguous, or NumPy's matmul leaves BLAS (~1000x slower)
+    keys_t = np.ascontiguousarray(keys.transpose(0, 2, 3, 1)[:, :, None])
+    scores = (qg @ keys_t) * np.float32(attrs["scale"])  # (B, Hkv, G, S, L)
     if attrs.get("softcap"):
         cap = np.float32(attrs["softcap"])
         scores = np.tanh(scores / cap) * cap
@@ -435,12 +483,15 @@ def _paged_attention(ins, attrs, ctx):
     probs = np.where(m, np.exp(scores - peak), 0)
     denom = probs.sum(axis=-1, keepdims=True)
     probs = probs / np.where(denom > 0, denom, 1)
-    out = np.einsum("bhgsl,blhd->bshgd", probs.astype(np.float32), values)  # (B, S, Hkv, G, Dv)
+    out = (probs.astype(np.float32) @ values.transpose(0, 2, 1, 3)[:, :, None])  # (B, Hkv, G, S, Dv)
+    out = out.transpose(0, 3, 1, 2, 4)  # (B, S, Hkv, G, Dv)
     return (out.reshape(batch, seq, heads, values.shape[-1]),)
 
 
 def execute(inst: Instruction, operands: list[np.ndarray], ctx: ExecContext) -> tuple[np.ndarray, ...]:
-    """Run one instruction with its reference semantics."""
+    """Run one instruction with its reference semantics (a collective as a group of one PE)."""
+    if inst.op in COLLECTIVES:
+        return (COLLECTIVES[inst.op]([operands[0]], inst.attrs),)
     try:
         fn = KERNELS[inst.op]
     except KeyError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -11,36 +12,73 @@ from tqdm.auto import tqdm
 from furiosa_runtime.artifact import SchedulerConfig
 from furiosa_runtime.engine import EngineCore
 from furiosa_runtime.hardware import parse_devices
+from furiosa_runtime.inputs import PromptType, is_single_prompt, parse_prompt
 from furiosa_runtime.outputs import RequestOutput
+from furiosa_runtime.pooling import Embedder, EmbeddingRequestOutput, PoolingPrompt, PoolingRequestOutput, require_task
 from furiosa_runtime.sampling_params import SamplingParams
 
-PromptInput = str | dict[str, Any] | list[int]
+TOKENIZER_MODES = ("auto", "slow")
 
 
 class LLM:
     """An artifact running on the simulated NPU.
 
     ``LLM("artifacts/smollm2-135m-instruct").generate("Hello", SamplingParams(max_tokens=8))``
+
+    The keyword arguments are furiosa-llm's.  ``devices`` is checked against the device
+    syntax; ``scheduler_config`` replaces the artifact's scheduler config; ``tokenizer``
+    names a tokenizer folder to use instead of the artifact's.  Settings the simulator
+    cannot honour (a Hub revision, other parallel sizes, JIT compilation) are refused
+    with a ValueError rather than ignored.
     """
 
     def __init__(
         self,
         model_id_or_path: str | Path,
         *,
-        devices: str | None = None,
+        revision: str | None = None,
+        pipeline_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
+        tokenizer: str | Path | None = None,
+        tokenizer_mode: str = "auto",
         seed: int | None = None,
+        devices: str | None = None,
+        cache_dir: str | Path | None = None,
         scheduler_config: SchedulerConfig | None = None,
+        enable_jit_compilation: bool = False,
+        jit_threshold: int | None = None,
+        jit_max_workers: int | None = None,
+        jit_unit_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(kwargs)
         if unknown:
             raise ValueError(f"LLM: unsupported argument(s) {', '.join(unknown)}")
+        _refuse(revision is not None, "revision", "artifacts are local folders; leave revision unset", revision)
+        _refuse(tokenizer_mode not in TOKENIZER_MODES, "tokenizer_mode", "one of auto, slow", tokenizer_mode)
+        _refuse(data_parallel_size not in (None, 1), "data_parallel_size", "None or 1", data_parallel_size)
+        _refuse(bool(enable_jit_compilation), "enable_jit_compilation", "False (artifacts are compiled ahead of time)", enable_jit_compilation)
         if devices is not None:
             parse_devices(devices)
-        self.engine = EngineCore(model_id_or_path, seed=seed, scheduler_config=scheduler_config)
+        self.engine = EngineCore(model_id_or_path, seed=seed, scheduler_config=scheduler_config, tokenizer=tokenizer)
+        built_pp = self.engine.artifact.parallel_config.pipeline_parallel_size
+        _refuse(pipeline_parallel_size not in (None, built_pp), "pipeline_parallel_size", f"None or {built_pp} (the artifact's)", pipeline_parallel_size)
         self.tokenizer = self.engine.tokenizer
         self.model_id_or_path = str(model_id_or_path)
+        self.model_metadata = self.engine.artifact.model_metadata
+        self.cache_dir = cache_dir
         self._counter = 0
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Abort whatever is still queued; the LLM stays usable for new requests."""
+        for request_id in list(self.engine.groups):
+            self.engine.abort_request(request_id)
 
     @property
     def max_model_len(self) -> int:
@@ -48,16 +86,24 @@ class LLM:
 
     def generate(
         self,
-        prompts: PromptInput | Seq[PromptInput] | None = None,
+        prompts: PromptType | Seq[PromptType] | None = None,
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         prompt_token_ids: list[list[int]] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate completions for every prompt; outputs come back in prompt order."""
-        requests = self._normalise(prompts, prompt_token_ids)
-        params = sampling_params if isinstance(sampling_params, Seq) else [sampling_params or SamplingParams()] * len(requests)
+        """Generate completions for every prompt; outputs come back in prompt order.
+
+        ``prompts`` is one prompt or a list (strings, token-id lists, ``{"prompt": ...}`` or
+        ``{"prompt_token_ids": ...}`` dicts); ``sampling_params`` one for all or one each.
+        Every request is validated before any runs, so a bad one fails the call cleanly.
+        """
+        require_task(self.engine.artifact, "generate", "LLM.generate")
+        requests = self._parse(prompts, prompt_token_ids)
+        params = list(sampling_params) if isinstance(sampling_params, Seq) else [sampling_params or SamplingParams()] * len(requests)
         if len(params) != len(requests):
             raise ValueError(f"sampling_params: got {len(params)} for {len(requests)} prompts")
+        for (_, tokens), p in zip(requests, params):
+            self.engine.validate_request(tokens, p)
         ids = []
         for (text, tokens), p in zip(requests, params):
             request_id = str(self._counter)
@@ -74,33 +120,40 @@ class LLM:
         prompts = [{"prompt": t, "prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)} for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _normalise(self, prompts, prompt_token_ids) -> list[tuple[str | None, list[int]]]:
+    def embed(self, prompts: PoolingPrompt | Seq[PoolingPrompt], use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """vLLM's ``LLM.embed``: one embedding (``.outputs.embedding``, a list of floats) per prompt,
+        pooled as the artifact's pooling config says; needs an artifact built with model.task=embed."""
+        return [EmbeddingRequestOutput.from_base(o) for o in self.encode(prompts, use_tqdm=use_tqdm)]
+
+    def encode(self, prompts: PoolingPrompt | Seq[PoolingPrompt], use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """vLLM's ``LLM.encode``: the pooled vector of every prompt as an array (``.outputs.data``)."""
+        return self._embedder.encode(prompts, use_tqdm=use_tqdm)
+
+    @cached_property
+    def _embedder(self) -> Embedder:
+        """Runs pooling models on this LLM's simulator, KV blocks and tokenizer (built on first use)."""
+        require_task(self.engine.artifact, "embed", "LLM.embed/encode")
+        return Embedder.of(self.engine)
+
+    def _parse(self, prompts: PromptType | Seq[PromptType] | None, prompt_token_ids: list[list[int]] | None) -> list[tuple[str | None, list[int]]]:
         if prompts is None:
             if prompt_token_ids is None:
                 raise ValueError("generate: give prompts or prompt_token_ids")
-            return [(None, list(t)) for t in prompt_token_ids]
-        if isinstance(prompts, str) or isinstance(prompts, dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        out = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                out.append((prompt, self.tokenizer.encode(prompt)))
-            elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-                out.append((prompt.get("prompt"), list(prompt["prompt_token_ids"])))
-            elif isinstance(prompt, dict) and "prompt" in prompt:
-                out.append((prompt["prompt"], self.tokenizer.encode(prompt["prompt"])))
-            elif isinstance(prompt, list):
-                out.append((None, list(prompt)))
-            else:
-                raise ValueError(f"prompts: unsupported prompt {prompt!r}; use str, token ids or a dict")
-        return out
+            prompts = [list(t) for t in prompt_token_ids]
+        batch = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item]
+        return [parse_prompt(p, self.tokenizer) for p in batch]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished_requests():
+            while len(finished) < len(ids):
                 for output in self.engine.step():
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[i] for i in ids]
+
+
+def _refuse(bad: bool, name: str, allowed: str, value: object) -> None:
+    if bad:
+        raise ValueError(f"{name}: not supported yet (allowed: {allowed}), got {value!r}")

@@ -4,9 +4,16 @@ Prompts are left-padded inside a prefill bucket so every row's last real token s
 the last column (the head may compute only that column).  Padding tokens get slot -1:
 the paged-attention instruction neither stores nor attends to them, so padding can never
 change a result.
+
+With data parallelism the rows of one batch are served by different replicas: a new
+sequence goes to the replica serving the fewest sequences and stays there (its KV cache
+lives on that replica's PEs); each replica runs its rows in the smallest bucket of the
+same shape that holds them.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 
@@ -28,6 +35,7 @@ class ModelRunner:
         self.blocks = blocks
         self.prefill_buckets = list(artifact.generator_config.prefill_buckets)
         self.decode_buckets = list(artifact.generator_config.decode_buckets)
+        self._replica: dict[str, int] = {}  # request id -> data-parallel replica holding its KV
 
     @property
     def max_prefill_len(self) -> int:
@@ -37,29 +45,35 @@ class ModelRunner:
     def max_model_len(self) -> int:
         return max(b.attention_size for b in [*self.decode_buckets, *self.prefill_buckets])
 
-    def prefill(self, seqs: list[Sequence], bucket: Bucket) -> np.ndarray:
-        """Write the KV of every token of ``seqs``; logits of each last token, (n, vocab)."""
+    def prefill(self, seqs: list[Sequence], bucket: Bucket, spans: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Write the KV of every token of ``seqs``; logits of each last token, (n, vocab).
+
+        ``spans`` (chunked prefill) limits row i to positions ``[start, end)`` of its
+        sequence; earlier positions must already be in the KV cache.
+        """
         feeds = self._empty_feeds(bucket)
         width = bucket.input_len
         for row, seq in enumerate(seqs):
-            tokens = seq.token_ids
+            first, last = spans[row] if spans is not None else (0, seq.num_tokens)
+            tokens = seq.token_ids[first:last]
             start = width - len(tokens)
             feeds["input_ids"][row, start:] = tokens
-            feeds["positions"][row, start:] = np.arange(len(tokens))
-            feeds["slot_mapping"][row, start:] = [self.blocks.slot(seq.request_id, p) for p in range(len(tokens))]
+            feeds["positions"][row, start:] = np.arange(first, last)
+            feeds["slot_mapping"][row, start:] = [self.blocks.slot(seq.request_id, p) for p in range(first, last)]
             self._fill_table(feeds, row, seq)
-        return self._last_logits(bucket, feeds, len(seqs))
+        return self._last_logits(bucket, feeds, seqs)
 
-    def decode(self, seqs: list[Sequence], bucket: Bucket) -> np.ndarray:
-        """Feed each sequence's newest token; logits of the next one, (n, vocab)."""
+    def decode(self, seqs: list[Sequence], bucket: Bucket, positions: list[int] | None = None) -> np.ndarray:
+        """Feed each sequence's newest token (or the token at ``positions[i]``, to catch up
+        a context longer than the prefill buckets); logits of the next one, (n, vocab)."""
         feeds = self._empty_feeds(bucket)
         for row, seq in enumerate(seqs):
-            position = seq.num_tokens - 1
-            feeds["input_ids"][row, 0] = seq.token_ids[-1]
+            position = positions[row] if positions is not None else seq.num_tokens - 1
+            feeds["input_ids"][row, 0] = seq.token_ids[position]
             feeds["positions"][row, 0] = position
             feeds["slot_mapping"][row, 0] = self.blocks.slot(seq.request_id, position)
             self._fill_table(feeds, row, seq)
-        return self._last_logits(bucket, feeds, len(seqs))
+        return self._last_logits(bucket, feeds, seqs)
 
     def _empty_feeds(self, bucket: Bucket) -> dict[str, np.ndarray]:
         shape = (bucket.batch_size, bucket.input_len)
@@ -74,7 +88,40 @@ class ModelRunner:
         table = self.blocks.tables[seq.request_id]
         feeds["block_tables"][row, : len(table)] = table
 
-    def _last_logits(self, bucket: Bucket, feeds: dict[str, np.ndarray], rows: int) -> np.ndarray:
+    def _assign(self, seqs: list[Sequence]) -> None:
+        """Give each new sequence the data-parallel replica serving the fewest live sequences."""
+        live = {rid: r for rid, r in self._replica.items() if rid in self.blocks.tables}
+        load = Counter(live.values())
+        for seq in seqs:
+            replica = min(range(self.simulator.mesh.dp), key=lambda r: (load[r], r))
+            live[seq.request_id] = replica
+            load[replica] += 1
+        self._replica = live
+
+    def _last_logits(self, bucket: Bucket, feeds: dict[str, np.ndarray], seqs: list[Sequence]) -> np.ndarray:
+        """Logits of each row's last column, each row run on its sequence's replica."""
+        self._assign([seq for seq in seqs if seq.request_id not in self._replica])
+        replicas = [self._replica[seq.request_id] for seq in seqs]
+        if len(set(replicas)) == 1:
+            return self._run(bucket, feeds, replicas[0])[: len(seqs)]
+        logits: list[np.ndarray] = [np.empty(0)] * len(seqs)
+        for replica in sorted(set(replicas)):
+            rows = [i for i, r in enumerate(replicas) if r == replica]
+            part = self._same_shape_bucket(bucket, len(rows))
+            part_feeds = self._empty_feeds(part)
+            for name, array in part_feeds.items():
+                array[: len(rows)] = feeds[name][rows]
+            for row, values in zip(rows, self._run(part, part_feeds, replica)):
+                logits[row] = values
+        return np.stack(logits)
+
+    def _run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int) -> np.ndarray:
         feeds["position_ids"] = feeds["positions"]
-        logits = self.simulator.run(bucket, feeds)  # (B, 1 or S, vocab)
-        return logits[:rows, -1, :]
+        logits = self.simulator.run(bucket, feeds, replica)  # (B, 1 or S, vocab)
+        return logits[:, -1, :]
+
+    def _same_shape_bucket(self, bucket: Bucket, rows: int) -> Bucket:
+        """The smallest bucket with ``bucket``'s context shape holding ``rows`` rows."""
+        buckets = self.prefill_buckets if bucket.is_prefill else self.decode_buckets
+        same = [b for b in buckets if (b.attention_size, b.kv_cache_size) == (bucket.attention_size, bucket.kv_cache_size)]
+        return min((b for b in same if b.batch_size >= rows), key=lambda b: b.batch_size)

@@ -1,9 +1,9 @@
 """Turn one row of logits into the next token id, the way vLLM's sampler does.
 
-Pipeline for a random request: ban ids -> temperature -> top-k -> softmax -> top-p
-(nucleus) -> draw from the request's own `numpy.random.Generator`. Greedy requests
-(temperature ~ 0) take the first maximum. Everything is plain NumPy on one row; the
-small helpers are written so that a batched version can reuse them later.
+Pipeline (vLLM's order): ban ids -> repetition / frequency / presence penalties ->
+greedy: first maximum; random: temperature -> top-k -> softmax -> top-p (nucleus) ->
+min-p -> draw from the request's own `numpy.random.Generator`. Log-probabilities are
+those of the raw model logits (vLLM's default), whatever the sampling settings.
 
 Each request owns its generator: seeded from `SamplingParams.seed` when given (so the
 same seed gives the same tokens whatever else is in the batch), otherwise spawned from
@@ -12,7 +12,7 @@ the engine-level seed (so a whole run is reproducible from one number).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -20,11 +20,15 @@ from furiosa_runtime.sampling_params import SamplingParams, SamplingType
 
 __all__ = [
     "Sampler",
+    "apply_min_p",
+    "apply_penalties",
     "apply_top_k",
     "apply_top_p",
     "mask_banned",
+    "log_softmax",
     "min_tokens_banned_ids",
     "softmax",
+    "top_logprobs",
 ]
 
 
@@ -71,6 +75,46 @@ def apply_top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
     return kept
 
 
+def apply_min_p(probs: np.ndarray, min_p: float) -> np.ndarray:
+    """Zero the tokens less likely than ``min_p`` times the most likely one (in place)."""
+    if min_p > 0.0:
+        probs[probs < min_p * probs.max()] = 0.0
+    return probs
+
+
+def apply_penalties(
+    logits: np.ndarray, params: SamplingParams, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]
+) -> np.ndarray:
+    """vLLM's penalties, in place on float64 logits.
+
+    Repetition divides positive (multiplies negative) logits of every token seen in the
+    prompt or the output; frequency subtracts ``frequency_penalty`` per occurrence in the
+    output; presence subtracts ``presence_penalty`` once for any token in the output.
+    """
+    vocab = logits.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = np.unique(np.fromiter((*prompt_token_ids, *output_token_ids), dtype=np.int64))
+        seen = seen[(seen >= 0) & (seen < vocab)]
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / params.repetition_penalty, logits[seen] * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and output_token_ids:
+        counts = np.bincount(np.asarray(output_token_ids, dtype=np.int64), minlength=vocab)[:vocab]
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of a logits row, in float64."""
+    shifted = np.asarray(logits, dtype=np.float64) - np.max(logits)
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def top_logprobs(logprobs: np.ndarray, token: int, k: int) -> dict[int, tuple[float, int]]:
+    """The ``k`` most likely ids plus ``token``: id -> (logprob, 1-based rank)."""
+    ids = np.argpartition(-logprobs, k - 1)[:k] if k > 0 else np.empty(0, dtype=np.int64)
+    ids = sorted({*map(int, ids), token}, key=lambda i: (-logprobs[i], i))
+    return {i: (float(logprobs[i]), int(np.count_nonzero(logprobs > logprobs[i])) + 1) for i in ids}
+
+
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one index from unnormalised `probs` by inverting the CDF with one uniform."""
     cdf = np.cumsum(probs)
@@ -98,14 +142,16 @@ class Sampler:
     def __init__(self, seed: int | None = None) -> None:
         self._seeds = np.random.SeedSequence(seed)
 
-    def make_generator(self, params: SamplingParams) -> np.random.Generator:
-        """A fresh generator for one request (keep it with the request's state).
+    def make_generator(self, params: SamplingParams, index: int = 0) -> np.random.Generator:
+        """A fresh generator for sample ``index`` of one request (kept with its state).
 
-        Seeded requests depend on their seed only; unseeded ones take the next child of
-        the engine seed, so the run is reproducible given request arrival order.
+        Seeded requests depend on their seed (and sample index) only; unseeded ones take
+        the next child of the engine seed, so the run is reproducible given request
+        arrival order.
         """
         if params.seed is not None:
-            return np.random.default_rng(params.seed % 2**64)
+            seed = params.seed % 2**64
+            return np.random.default_rng(seed if index == 0 else [seed, index])
         return np.random.default_rng(self._seeds.spawn(1)[0])
 
     def sample(
@@ -114,9 +160,14 @@ class Sampler:
         params: SamplingParams,
         rng: np.random.Generator | None,
         banned_ids: Iterable[int] | None = None,
+        prompt_token_ids: Sequence[int] = (),
+        output_token_ids: Sequence[int] = (),
     ) -> int:
-        """Return the next token id for a (vocab,) logits row."""
-        masked = mask_banned(logits, banned_ids)
+        """Return the next token id for a (vocab,) logits row.
+
+        The token ids so far feed the repetition, frequency and presence penalties.
+        """
+        masked = apply_penalties(mask_banned(logits, banned_ids), params, prompt_token_ids, output_token_ids)
         if params.sampling_type == SamplingType.GREEDY:
             return int(np.argmax(masked))
         if rng is None:
@@ -130,7 +181,7 @@ class Sampler:
         """
         logits /= params.temperature
         apply_top_k(logits, params.top_k)
-        return apply_top_p(softmax(logits), params.top_p)
+        return apply_min_p(apply_top_p(softmax(logits), params.top_p), params.min_p)
 
     def sample_batch(
         self,

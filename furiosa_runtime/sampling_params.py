@@ -2,9 +2,10 @@
 
 Names, defaults and normalisation follow vLLM so that existing client code works. Every
 field is validated on construction with a one-line `ValueError` naming the field and its
-allowed values. Features the engine does not implement yet are rejected with
-"<field>: not supported yet" instead of being silently ignored, so nobody gets a
-different distribution from the one they asked for.
+allowed values. Features the engine does not implement (beam search, prompt logprobs) are
+rejected with "<field>: not supported yet" instead of being silently ignored, so nobody gets
+a different distribution from the one they asked for; so are contradictory combinations
+(several samples with greedy decoding, streamed deltas of a best-of choice).
 """
 
 from __future__ import annotations
@@ -138,25 +139,24 @@ class SamplingParams:
                "a list of integers >= 0", self.stop_token_ids)
 
     def _verify_supported(self) -> None:
-        """Reject valid requests the engine cannot honour yet."""
-        _unsupported(self.n > 1, "n", "only n=1 is implemented", self.n)
-        _unsupported(self.best_of not in (None, 1), "best_of",
-                     "only None or 1 is implemented", self.best_of)
+        """Reject valid requests the engine cannot honour, and contradictory combinations."""
         _unsupported(self.use_beam_search, "use_beam_search",
                      "beam search is not implemented", self.use_beam_search)
-        _unsupported(self.logprobs is not None, "logprobs",
-                     "only None is implemented", self.logprobs)
         _unsupported(self.prompt_logprobs is not None, "prompt_logprobs",
                      "only None is implemented", self.prompt_logprobs)
-        _unsupported(self.min_p != 0.0, "min_p", "only 0.0 is implemented", self.min_p)
-        _unsupported(self.repetition_penalty != 1.0, "repetition_penalty",
-                     "only 1.0 is implemented", self.repetition_penalty)
-        _unsupported(self.presence_penalty != 0.0, "presence_penalty",
-                     "only 0.0 is implemented", self.presence_penalty)
-        _unsupported(self.frequency_penalty != 0.0, "frequency_penalty",
-                     "only 0.0 is implemented", self.frequency_penalty)
+        greedy = self.temperature < _SAMPLING_EPS
+        _check(not (greedy and self.num_samples > 1), "best_of" if self.best_of else "n",
+               "1 when using greedy sampling (temperature 0)", self.best_of or self.n)
+        _check(not (self.num_samples > self.n and self.output_kind is RequestOutputKind.DELTA),
+               "output_kind", "CUMULATIVE or FINAL_ONLY when best_of > n (the best n are only "
+               "known at the end)", self.output_kind)
 
     # -- derived values -----------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        """How many sequences the request draws: ``best_of`` (default ``n``)."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def sampling_type(self) -> SamplingType:

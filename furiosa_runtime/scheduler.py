@@ -1,17 +1,38 @@
-"""Continuous-batching scheduler: each step is a prefill of waiting requests or a decode
-of running ones, in the smallest bucket that fits.
+"""Continuous-batching scheduler: each step is a prefill or a decode in the smallest bucket
+that fits.
 
-Prefill goes first whenever a waiting request fits in a prefill bucket and in the free
-KV blocks beyond the spare share (``spare_blocks_ratio``) kept for running requests to
-grow into.  Otherwise every running request decodes one token, in batches of at most the
-largest decode bucket.  When a running request cannot grow, the most recently admitted
-one is preempted: its blocks are freed and it re-enters the waiting queue to be
-recomputed later (greedy results are unchanged by this).
+Every admitted sequence holds KV blocks for all its tokens and a count of those already in
+the cache (``num_computed_tokens``).  A step computes, per row, a span of positions:
+
+* **prefill**: the next chunk of a sequence's uncomputed tokens, at most
+  ``prefill_chunk_size`` long, in a prefill bucket whose attention size covers the chunk's
+  end (the paged-attention instruction reads earlier positions through the block table);
+* **decode**: one position per row: the newest token of a sequence that is caught up, or
+  the next uncomputed token of one whose context is past every prefill bucket (a prompt
+  longer than the prefill buckets, or a long sequence recomputed after preemption).
+
+The scheduler config (furiosa-llm ``SchedulerConfig``) is honoured as follows:
+
+* ``max_processing_samples``: at most this many sequences hold KV blocks at once, and no
+  bucket batch is larger;
+* ``spare_blocks_ratio``: while others run, a new sequence is admitted only if this share of
+  all blocks stays free afterwards, so running sequences can grow without preemption;
+* ``is_offline``: throughput mode, admits new sequences only while the running set fits in
+  the largest decode batch; online mode admits whatever fits (lowest time to first token)
+  and decodes the running set in rotating batches;
+* ``prefill_chunk_size``: prompts are prefilled in chunks and a decode step runs between two
+  chunks, so a long prompt does not stall the requests already generating;
+* ``npu_queue_limit``: the simulated NPU executes one step at a time, so at most one step is
+  ever in flight, within any limit >= 1.
+
+When a sequence cannot grow, the most recently admitted one is preempted: its blocks are
+freed and it waits to be recomputed (greedy results are unchanged by this).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from furiosa_runtime.artifact import Bucket, SchedulerConfig
@@ -19,22 +40,45 @@ from furiosa_runtime.block_manager import BlockManager
 from furiosa_runtime.model_runner import smallest_bucket
 from furiosa_runtime.sequence import Sequence, Status
 
+Span = tuple[int, int]  # positions [start, end) a step computes for one row
+
 
 @dataclass
 class Batch:
     phase: str  # "prefill" | "decode"
     bucket: Bucket
     seqs: list[Sequence]
+    spans: list[Span]
+
+
+def validate_scheduler_config(config: SchedulerConfig) -> None:
+    """Raise a one-line ValueError for a scheduler value outside its domain."""
+    checks = [
+        (config.npu_queue_limit >= 1, "npu_queue_limit", "an integer >= 1", config.npu_queue_limit),
+        (config.max_processing_samples >= 1, "max_processing_samples", "an integer >= 1", config.max_processing_samples),
+        (0.0 <= config.spare_blocks_ratio < 1.0, "spare_blocks_ratio", "in [0, 1)", config.spare_blocks_ratio),
+        (config.prefill_chunk_size is None or config.prefill_chunk_size >= 1, "prefill_chunk_size",
+         "None or an integer >= 1", config.prefill_chunk_size),
+    ]  # fmt: skip
+    for ok, name, allowed, value in checks:
+        if not ok:
+            raise ValueError(f"scheduler_config.{name} must be {allowed}, got {value!r}")
 
 
 class Scheduler:
     def __init__(self, prefill: list[Bucket], decode: list[Bucket], blocks: BlockManager, config: SchedulerConfig) -> None:
+        validate_scheduler_config(config)
         self.prefill_buckets = prefill
         self.decode_buckets = decode
         self.blocks = blocks
         self.config = config
+        self.max_prefill_len = max(b.attention_size for b in prefill)
+        # An embedding artifact (task=embed) has no decode buckets.
+        self.max_decode_batch = min(max((b.batch_size for b in decode), default=0), config.max_processing_samples)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_steps = 0
+        self._last_phase = "decode"
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -42,73 +86,122 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, request_id: str) -> Sequence | None:
-        for queue in (self.waiting, self.running):
-            for seq in list(queue):
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self.blocks.free(request_id)
-                    return seq
-        return None
+    def abort(self, seq: Sequence) -> None:
+        """Drop ``seq`` wherever it is and return its blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.free(seq.request_id)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
 
     def schedule(self) -> Batch | None:
-        return self._schedule_prefill() or self._schedule_decode()
+        """Admit what fits, then pick this step's phase, rows, spans and bucket."""
+        self.num_steps += 1
+        self._admit()
+        order: list[Callable[[], Batch | None]] = [self._schedule_prefill, self._schedule_decode]
+        if self.config.prefill_chunk_size is not None and self._last_phase == "prefill":
+            order.reverse()  # interleave: a decode step between two prefill chunks
+        for make in order:
+            batch = make()
+            if batch is not None:
+                self._last_phase = batch.phase
+                return batch
+        return None
 
-    def _spare_blocks(self) -> int:
-        return int(self.blocks.num_blocks * self.config.spare_blocks_ratio) if self.running else 0
+    # -- admission ------------------------------------------------------------------
+
+    def _admission_limit(self) -> int:
+        limit = self.config.max_processing_samples
+        return min(limit, self.max_decode_batch) if self.config.is_offline else limit
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self._admission_limit():
+            seq = self.waiting[0]
+            spare = int(self.blocks.num_blocks * self.config.spare_blocks_ratio) if self.running else 0
+            if not self.blocks.can_allocate(seq.num_tokens, reserve=spare):
+                return
+            self.waiting.popleft()
+            self.blocks.allocate(seq.request_id, seq.num_tokens)
+            seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, 0, self.num_steps
+            self.running.append(seq)
+
+    # -- prefill --------------------------------------------------------------------
+
+    def _prefill_span(self, seq: Sequence) -> Span | None:
+        """The next chunk of ``seq`` a prefill bucket can compute, if any."""
+        start = seq.num_computed_tokens
+        if seq.num_uncomputed < 2 or start >= self.max_prefill_len:
+            return None
+        end = min(seq.num_tokens, self.max_prefill_len)
+        if self.config.prefill_chunk_size is not None:
+            end = min(end, start + self.config.prefill_chunk_size)
+        return start, end
 
     def _schedule_prefill(self) -> Batch | None:
-        chosen: list[Sequence] = []
-        max_batch = min(max(b.batch_size for b in self.prefill_buckets), self.config.max_processing_samples)
-        needed = 0
-        for seq in self.waiting:
-            if len(chosen) == max_batch:
-                break
-            longest = max([seq.num_tokens, *(s.num_tokens for s in chosen)])
-            if smallest_bucket(self.prefill_buckets, len(chosen) + 1, longest) is None:
-                break
-            blocks = self.blocks.blocks_needed(seq.num_tokens)
-            if needed + blocks + self._spare_blocks() > self.blocks.num_free:
-                break
-            needed += blocks
-            chosen.append(seq)
-        if not chosen:
+        seqs: list[Sequence] = []
+        spans: list[Span] = []
+        for seq in self.running:
+            span = self._prefill_span(seq)
+            if span is None or len(seqs) == self.config.max_processing_samples:
+                continue
+            longest = max([span[1], *(s[1] for s in spans)])
+            if smallest_bucket(self.prefill_buckets, len(seqs) + 1, longest) is None:
+                continue
+            seqs.append(seq)
+            spans.append(span)
+        if not seqs:
             return None
-        bucket = smallest_bucket(self.prefill_buckets, len(chosen), max(s.num_tokens for s in chosen))
+        bucket = smallest_bucket(self.prefill_buckets, len(seqs), max(end for _, end in spans))
         assert bucket is not None
-        for seq in chosen:
-            self.waiting.remove(seq)
-            self.blocks.allocate(seq.request_id, seq.num_tokens)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-        return Batch("prefill", bucket, chosen)
+        return Batch("prefill", bucket, seqs, spans)
+
+    # -- decode ---------------------------------------------------------------------
 
     def _schedule_decode(self) -> Batch | None:
-        max_batch = min(max(b.batch_size for b in self.decode_buckets), self.config.max_processing_samples)
-        batch: list[Sequence] = []
-        for seq in list(self.running):
-            if len(batch) == max_batch:
+        candidates = [s for s in self.running if self._prefill_span(s) is None]
+        candidates.sort(key=lambda s: (s.last_step, s.admitted_at))  # least recently decoded first
+        seqs: list[Sequence] = []
+        for seq in candidates:
+            if len(seqs) == self.max_decode_batch:
                 break
-            while not self.blocks.can_append(seq.request_id, seq.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is Status.RUNNING:
-                self.blocks.allocate(seq.request_id, seq.num_tokens)
-                batch.append(seq)
-        if not batch:
+            if seq.status is not Status.RUNNING:  # preempted to make room for an earlier row
+                continue
+            position = seq.num_computed_tokens
+            longest = max([position + 1, *(s.num_computed_tokens + 1 for s in seqs)])
+            if smallest_bucket(self.decode_buckets, len(seqs) + 1, longest) is None:
+                continue
+            if self._make_room(seq, position + 1, seqs):
+                seqs.append(seq)
+        if not seqs:
             return None
-        bucket = smallest_bucket(self.decode_buckets, len(batch), max(s.num_tokens for s in batch))
-        assert bucket is not None, "admission control guarantees a decode bucket"
-        return Batch("decode", bucket, batch)
+        for seq in seqs:
+            seq.last_step = self.num_steps
+        spans = [(s.num_computed_tokens, s.num_computed_tokens + 1) for s in seqs]
+        bucket = smallest_bucket(self.decode_buckets, len(seqs), max(end for _, end in spans))
+        assert bucket is not None
+        return Batch("decode", bucket, seqs, spans)
+
+    def _make_room(self, seq: Sequence, num_tokens: int, keep: list[Sequence]) -> bool:
+        """Grow ``seq`` to ``num_tokens``, preempting the latest admitted others if needed.
+
+        Returns False when ``seq`` itself had to be preempted.
+        """
+        while not self.blocks.can_append(seq.request_id, num_tokens):
+            victims = [s for s in self.running if s not in keep]
+            victim = max(victims, key=lambda s: s.admitted_at)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.append(seq.request_id, num_tokens)
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks; it is recomputed from scratch when readmitted."""
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
-        seq.status = Status.WAITING
+        seq.status, seq.num_computed_tokens = Status.WAITING, 0
         self.waiting.appendleft(seq)

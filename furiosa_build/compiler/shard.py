@@ -1,0 +1,355 @@
+"""Tensor-parallel sharding: a pass that turns a lowered program into the program of one
+PE of a tensor-parallel group (Megatron-style, in the spirit of gpt-fast's ``apply_tp``).
+
+The pass walks the fused instruction list once and tracks which values are *split*
+(each PE holds one chunk of a dim) and which are replicated:
+
+* column-parallel linear: the layers named in ``COLUMN_PARALLEL`` (q/k/v, gate/up,
+  GPT-2's fused ``c_attn`` and ``c_fc``) and, in the head, the projection onto the
+  vocabulary keep only their chunk of output features; the output is split on its last dim.
+* row-parallel linear: any linear whose input is split on its features keeps the matching
+  weight columns; the partial sums are combined by an explicit ``all_reduce`` and a bias
+  is added after it (once, not once per PE).
+* vocab-parallel embedding: a gather from a parameter table keeps its chunk of rows; ids
+  outside the chunk read row 0 and are zeroed, and the partial embeddings are all-reduced.
+* split values flow through reshapes, permutes, elementwise ops, norms over another dim,
+  rotary embedding and paged attention (heads are split; with fewer KV heads than PEs the
+  KV heads are replicated, ``ShardSpec.kv_parts`` distinct chunks over the group).
+* a split program output (the head's logits) is ``all_gather``-ed, so every value that
+  crosses a program boundary is replicated.
+
+Parameters get a ``ParamShard`` layout recorded in the program; the builder cuts the
+weight file's tensors accordingly, so each PE stores only its chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from furiosa_build.compiler.lower import LoweringError, Lowered
+from furiosa_runtime.isa import Instruction, ParamShard, TensorParallel, TensorSpec
+
+#: Linear layers split by output features, by module name -> (KV-head projection?, fused segments).
+COLUMN_PARALLEL: dict[str, tuple[bool, int]] = {
+    "q_proj": (False, 1),
+    "k_proj": (True, 1),
+    "v_proj": (True, 1),
+    "gate_proj": (False, 1),
+    "up_proj": (False, 1),
+    "c_attn": (False, 3),  # GPT-2: one projection producing [q | k | v]
+    "c_fc": (False, 1),
+}
+ELEMENTWISE = frozenset({"unary", "binary", "where", "cast", "copy", "rotary", "gated_act"})
+
+
+class ShardingError(LoweringError):
+    """The graph has a form the tensor-parallel pass cannot split."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which PE of which group to compile for (part of the compile-unit key)."""
+
+    size: int  # tensor_parallel_size
+    rank: int
+    kv_parts: int  # distinct KV-head chunks: min(size, num_key_value_heads)
+    vocab_size: int
+
+
+def shard(lowered: Lowered, spec: ShardSpec, kind: str) -> TensorParallel:
+    """Rewrite ``lowered`` in place into rank ``spec.rank``'s program; return its layout."""
+    return _Sharder(lowered, spec, kind).run()
+
+
+def cut(array: np.ndarray, layout: ParamShard, chunk: int) -> np.ndarray:
+    """Chunk ``chunk`` of a full tensor under ``layout`` (each fused segment cut alike)."""
+    segments = np.split(array, layout.segments, axis=layout.dim)
+    return np.concatenate([np.split(s, layout.parts, axis=layout.dim)[chunk] for s in segments], axis=layout.dim)
+
+
+class _Sharder:
+    def __init__(self, lowered: Lowered, spec: ShardSpec, kind: str) -> None:
+        self.low = lowered
+        self.spec = spec
+        self.kind = kind
+        self.split: dict[str, ParamShard] = {}
+        self.layouts: dict[str, ParamShard] = {}  # "p:<param>" -> layout
+        self.full: dict[str, tuple[int, ...]] = {}  # full shapes of localised values
+        self.out: list[Instruction] = []
+
+    def run(self) -> TensorParallel:
+        for inst in self.low.instructions:
+            self.visit(inst)
+        self.low.outputs = [self.replicate_output(name) for name in self.low.outputs]
+        self.low.instructions = self.out
+        self.low.params = [self.low.values[p.name] for p in self.low.params]
+        params = {name[2:]: layout for name, layout in sorted(self.layouts.items())}
+        return TensorParallel(size=self.spec.size, rank=self.spec.rank, params=params)
+
+    # -- values ---------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.low.values[name].shape
+
+    def localise(self, name: str, split: ParamShard) -> None:
+        """Record that ``name`` is split and give it its per-PE shape."""
+        spec = self.low.values[name]
+        full = self.full.setdefault(name, spec.shape)
+        if full[split.dim] % (split.parts * split.segments):
+            raise ShardingError(f"{name}: dim {split.dim} of size {full[split.dim]} does not split {split.parts} ways")
+        local = list(full)
+        local[split.dim] //= split.parts
+        self.low.values[name] = spec.model_copy(update={"shape": tuple(local)})
+        self.split[name] = split
+
+    def new_value(self, base: str, suffix: str, shape: tuple[int, ...], dtype: str) -> str:
+        name = f"{base}.{suffix}"
+        self.low.values[name] = TensorSpec(name=name, shape=shape, dtype=dtype)
+        return name
+
+    def emit(self, op: str, ins: tuple[str, ...], out: str, attrs: dict | None = None) -> None:
+        self.out.append(Instruction(op=op, ins=ins, outs=(out,), attrs=attrs or {}))
+
+    def shard_param(self, name: str, layout: ParamShard) -> None:
+        if self.layouts.get(name, layout) != layout:
+            raise ShardingError(f"parameter {name[2:]} is needed with two different tensor-parallel layouts")
+        if name not in self.layouts:
+            self.layouts[name] = layout
+            self.localise(name, layout)
+
+    def chunk_of(self, name: str, dim: int, split: ParamShard) -> str:
+        """A replicated operand cut to this PE's chunk of ``dim``, as ``split`` cuts its partner."""
+        layout = ParamShard(dim=dim, parts=split.parts, segments=split.segments)
+        if name.startswith("p:"):
+            self.shard_param(name, layout)
+            return name
+        chunk = layout.chunk(self.spec.rank, self.spec.size)
+        if name in self.low.constants:
+            array = cut(self.low.constants[name], layout, chunk)
+            local = self.new_value(name, f"tp{chunk}", array.shape, self.low.values[name].dtype)
+            self.low.constants[local] = array
+            return local
+        if split.segments != 1:
+            raise ShardingError(f"{name}: cannot cut a computed value into fused segments")
+        size = self.shape(name)[dim] // split.parts
+        shape = tuple(size if d == dim else n for d, n in enumerate(self.shape(name)))
+        local = self.new_value(name, f"tp{chunk}", shape, self.low.values[name].dtype)
+        self.emit("slice", (name,), local, {"dim": dim, "start": chunk * size, "end": (chunk + 1) * size, "step": 1})
+        return local
+
+    # -- dispatch --------------------------------------------------------------------------
+    def visit(self, inst: Instruction) -> None:
+        if inst.op == "linear":
+            return self.linear(inst)
+        if inst.op == "gather" and self.vocab_parallel(inst.ins[0]):
+            return self.gather(inst)
+        splits = [self.split[i] for i in inst.ins if i in self.split]
+        if not splits:
+            return self.out.append(inst)
+        handler = self.elementwise if inst.op in ELEMENTWISE else getattr(self, f"op_{inst.op}", None)
+        if handler is None:
+            raise ShardingError(f"tensor parallelism: cannot split a {inst.op} instruction ({inst.outs[0]})")
+        handler(inst)
+
+    def keep(self, inst: Instruction, split: ParamShard, attrs: dict | None = None) -> None:
+        """Emit ``inst`` (with new attrs) and mark its output split as ``split``."""
+        self.out.append(inst if attrs is None else inst.model_copy(update={"attrs": {**inst.attrs, **attrs}}))
+        self.localise(inst.outs[0], split)
+
+    def only_split(self, inst: Instruction) -> ParamShard:
+        (split,) = {self.split[i] for i in inst.ins if i in self.split}
+        return split
+
+    # -- linear layers and embeddings -------------------------------------------------------
+    def linear(self, inst: Instruction) -> None:
+        x, w, *bias = inst.ins
+        n_dim, k_dim = (0, 1) if inst.attrs.get("w_layout", "nk") == "nk" else (1, 0)
+        x_split = self.split.get(x)
+        if x_split is not None and x_split.dim == len(self.shape(x)) - 1:
+            return self.row_parallel(inst, x_split, k_dim)
+        if x_split is not None:
+            raise ShardingError(f"linear {inst.outs[0]}: input split on a batch dim")
+        column = self.column_layout(w, n_dim)
+        if column is None:
+            return self.out.append(inst)
+        self.shard_param(w, column)
+        for b in bias:
+            self.shard_param(b, ParamShard(dim=0, parts=column.parts, segments=column.segments))
+        self.keep(inst, ParamShard(dim=len(self.shape(inst.outs[0])) - 1, parts=column.parts, segments=column.segments))
+
+    def column_layout(self, weight: str, n_dim: int) -> ParamShard | None:
+        """The split of a column-parallel weight, or None for a replicated linear."""
+        if self.kind == "head":
+            vocab = self.shape(weight)[n_dim] == self.spec.vocab_size
+            return ParamShard(dim=n_dim, parts=self.spec.size) if vocab else None
+        module = weight.split(".")[-2] if weight.count(".") else ""
+        if self.kind != "block" or module not in COLUMN_PARALLEL:
+            return None
+        kv, segments = COLUMN_PARALLEL[module]
+        return ParamShard(dim=n_dim, parts=self.spec.kv_parts if kv else self.spec.size, segments=segments)
+
+    def row_parallel(self, inst: Instruction, x_split: ParamShard, k_dim: int) -> None:
+        """x[..., K/tp] @ w[K/tp] gives partial sums: all-reduce them, then add the bias."""
+        if x_split.parts != self.spec.size or x_split.segments != 1:
+            raise ShardingError(f"linear {inst.outs[0]}: a row-parallel input must be split over every PE")
+        x, w, *bias = inst.ins
+        self.shard_param(w, ParamShard(dim=k_dim, parts=self.spec.size))
+        out = inst.outs[0]
+        spec = self.low.values[out]
+        partial = self.new_value(out, "partial", spec.shape, spec.dtype)
+        self.emit("linear", (x, w), partial, dict(inst.attrs))
+        summed = self.new_value(out, "sum", spec.shape, spec.dtype) if bias else out
+        self.emit("all_reduce", (partial,), summed, {"group": "tp"})
+        if bias:
+            self.emit("binary", (summed, bias[0]), out, {"fn": "add"})
+
+    def vocab_parallel(self, table: str) -> bool:
+        return table.startswith("p:") and self.shape(table)[0] % self.spec.size == 0
+
+    def gather(self, inst: Instruction) -> None:
+        """Vocab-parallel lookup: this PE's rows, zeros for ids it does not hold, all-reduce."""
+        table, ids = inst.ins
+        out = inst.outs[0]
+        rows = self.shape(table)[0] // self.spec.size
+        self.shard_param(table, ParamShard(dim=0, parts=self.spec.size))
+        id_shape = self.shape(ids)
+        local = self.new_value(out, "ids", id_shape, "i64")
+        self.emit("binary", (ids,), local, {"fn": "sub", "scalar": self.spec.rank * rows})
+        low, high, valid = (self.new_value(out, s, id_shape, "bool") for s in ("ge", "lt", "valid"))
+        self.emit("binary", (local,), low, {"fn": "ge", "scalar": 0})
+        self.emit("binary", (local,), high, {"fn": "lt", "scalar": rows})
+        self.emit("binary", (low, high), valid, {"fn": "logical_and"})
+        safe = self.new_value(out, "safe", id_shape, "i64")
+        self.emit("binary", (local, valid), safe, {"fn": "mul"})  # ids of other PEs read row 0
+        spec = self.low.values[out]
+        looked_up = self.new_value(out, "rows", spec.shape, spec.dtype)
+        self.emit("gather", (table, safe), looked_up)
+        mask = self.new_value(out, "mask", (*id_shape, 1), "bool")  # (..., 1) broadcasts over features
+        self.emit("reshape", (valid,), mask, {"shape": [*id_shape, 1]})
+        partial = self.new_value(out, "partial", spec.shape, spec.dtype)
+        self.emit("binary", (looked_up, mask), partial, {"fn": "mul"})
+        self.emit("all_reduce", (partial,), out, {"group": "tp"})
+
+    def replicate_output(self, name: str) -> str:
+        """Program outputs cross to other tasks replicated: all-gather a split one."""
+        split = self.split.get(name)
+        if split is None:
+            return name
+        if split.parts != self.spec.size or split.segments != 1:
+            raise ShardingError(f"output {name}: cannot all-gather a replicated or fused split")
+        spec = self.low.values[name]
+        gathered = self.new_value(name, "gathered", self.full[name], spec.dtype)
+        self.emit("all_gather", (name,), gathered, {"group": "tp", "dim": split.dim})
+        return gathered
+
+    # -- ops a split flows through ---------------------------------------------------------
+    def elementwise(self, inst: Instruction) -> None:
+        """Broadcasting ops: operands full-sized on the split dim are cut to this PE's chunk."""
+        ndim = len(self.shape(inst.outs[0]))
+        at = {(s.dim + ndim - len(self.shape(i)), s.parts, s.segments) for i in inst.ins if (s := self.split.get(i))}
+        if len(at) != 1:
+            raise ShardingError(f"{inst.op} {inst.outs[0]}: operands split differently")
+        ((dim, parts, segments),) = at
+        split = ParamShard(dim=dim, parts=parts, segments=segments)
+        ins = []
+        for name in inst.ins:
+            own = dim - (ndim - len(self.shape(name)))
+            full_sized = own >= 0 and self.shape(name)[own] != 1
+            ins.append(self.chunk_of(name, own, split) if name not in self.split and full_sized else name)
+        self.keep(inst.model_copy(update={"ins": tuple(ins)}), split)
+
+    def op_rms_norm(self, inst: Instruction) -> None:
+        split = self.split[inst.ins[0]]
+        if split.dim == len(self.shape(inst.ins[0])) - 1:
+            raise ShardingError(f"{inst.op} {inst.outs[0]}: normalising over a split dim needs an all-gather")
+        self.keep(inst, split)
+
+    op_layer_norm = op_rms_norm
+
+    def op_softmax(self, inst: Instruction) -> None:
+        split = self.split[inst.ins[0]]
+        if inst.attrs["dim"] == split.dim:
+            raise ShardingError(f"softmax {inst.outs[0]}: over a split dim")
+        self.keep(inst, split)
+
+    def op_reduce(self, inst: Instruction) -> None:
+        split = self.split[inst.ins[0]]
+        dims = inst.attrs["dims"]
+        if dims is None or split.dim in dims:
+            raise ShardingError(f"reduce {inst.outs[0]}: over a split dim needs an all-reduce")
+        dim = split.dim if inst.attrs["keepdim"] else split.dim - sum(d < split.dim for d in dims)
+        self.keep(inst, split.model_copy(update={"dim": dim}))
+
+    def op_reshape(self, inst: Instruction) -> None:
+        """The split dim keeps its place when the dims before it have the same product."""
+        split = self.split[inst.ins[0]]
+        before = int(np.prod(self.full[inst.ins[0]][: split.dim]))
+        shape = list(inst.attrs["shape"])
+        for dim, size in enumerate(shape):
+            if int(np.prod(shape[:dim])) == before and size != 1:
+                break
+        else:
+            raise ShardingError(f"reshape {inst.outs[0]}: moves the split dim")
+        local = list(shape)
+        local[dim] //= split.parts
+        self.keep(inst, split.model_copy(update={"dim": dim}), {"shape": local})
+
+    def op_permute(self, inst: Instruction) -> None:
+        split = self.split[inst.ins[0]]
+        self.keep(inst, split.model_copy(update={"dim": list(inst.attrs["dims"]).index(split.dim)}))
+
+    def op_expand(self, inst: Instruction) -> None:
+        split = self.split[inst.ins[0]]
+        dim = split.dim + len(inst.attrs["shape"]) - len(self.shape(inst.ins[0]))
+        local = list(inst.attrs["shape"])
+        local[dim] //= split.parts
+        self.keep(inst, split.model_copy(update={"dim": dim}), {"shape": local})
+
+    def op_slice(self, inst: Instruction) -> None:
+        """A slice of another dim keeps the split; one fused segment of the split dim is its chunk."""
+        split = self.split[inst.ins[0]]
+        attrs = inst.attrs
+        if attrs["dim"] != split.dim:
+            return self.keep(inst, split)
+        width = self.full[inst.ins[0]][split.dim] // split.segments
+        segment, offset = divmod(attrs["start"], width)
+        if split.segments == 1 or offset or attrs["end"] - attrs["start"] != width or attrs["step"] != 1:
+            raise ShardingError(f"slice {inst.outs[0]}: of a split dim")
+        local = width // split.parts
+        bounds = {"start": segment * local, "end": (segment + 1) * local}
+        self.keep(inst, ParamShard(dim=split.dim, parts=split.parts), bounds)
+
+    def op_select(self, inst: Instruction) -> None:
+        split = self.split[inst.ins[0]]
+        if inst.attrs["dim"] == split.dim:
+            raise ShardingError(f"select {inst.outs[0]}: of a split dim")
+        self.keep(inst, split.model_copy(update={"dim": split.dim - (inst.attrs["dim"] < split.dim)}))
+
+    def op_cat(self, inst: Instruction) -> None:
+        split = self.only_split(inst)
+        if inst.attrs["dim"] == split.dim or any(i not in self.split for i in inst.ins):
+            raise ShardingError(f"cat {inst.outs[0]}: of split and replicated values")
+        self.keep(inst, split)
+
+    def op_index_select(self, inst: Instruction) -> None:
+        split = self.split.get(inst.ins[0])
+        if split is None or inst.ins[1] in self.split or inst.attrs["dim"] == split.dim:
+            raise ShardingError(f"index_select {inst.outs[0]}: along a split dim")
+        self.keep(inst, split)
+
+    def op_matmul(self, inst: Instruction) -> None:
+        """Batched matmul with both operands split on the same batch dim (e.g. per head)."""
+        a, b = inst.ins
+        split = self.only_split(inst)
+        if a not in self.split or b not in self.split or split.dim >= len(self.shape(inst.outs[0])) - 2:
+            raise ShardingError(f"matmul {inst.outs[0]}: operands not split on one batch dim")
+        self.keep(inst, split)
+
+    def op_paged_attention(self, inst: Instruction) -> None:
+        """Heads split: q on its heads, k/v on the KV heads (replicated chunks under GQA)."""
+        q, k, v = inst.ins[:3]
+        splits = [self.split.get(n) for n in (q, k, v)]
+        if any(s is None or s.dim != 1 for s in splits) or any(n in self.split for n in inst.ins[3:]):
+            raise ShardingError(f"paged_attention {inst.outs[0]}: q, k and v must all be split on heads")
+        self.keep(inst, ParamShard(dim=2, parts=splits[0].parts))  # out (B, S, H, D)
