@@ -70,7 +70,7 @@ class WeightReport:
 
     per_pe: dict[str, int]
     total: int  # every weight and constant the pipelines bind, unsharded
-    replicated: int  # the part of ``total`` that every tensor-parallel rank holds whole
+    replicated: int  # what a rank holds beyond 1/tp of the tensors it reads: whole tensors, shared KV-head chunks
     tensor_parallel_size: int
 
     @classmethod
@@ -78,20 +78,23 @@ class WeightReport:
         held: dict[str, set[str]] = {}
         for task in (t for p in pipelines for t in p.tasks):
             held.setdefault(task.device, set()).update(task.params.values())
-        sources = {s.source: tensors[s.name].nbytes * (s.layout.parts if s.layout else 1) for s in slices}
-        replicated = sum(tensors[s.name].nbytes for s in {s.source: s for s in slices if s.layout is None}.values())
+        chunk = {s.source: tensors[s.name].nbytes for s in slices}
+        full = {s.source: chunk[s.source] * (s.layout.parts if s.layout else 1) for s in slices}
+        replicated = sum(chunk[source] - full[source] / tp for source in full)
         per_pe = {pe: sum(tensors[name].nbytes for name in names) for pe, names in sorted(held.items())}
-        return cls(per_pe, sum(sources.values()), replicated, tp)
+        return cls(per_pe, sum(full.values()), int(replicated), tp)
 
     def render(self) -> str:
-        mib = 2**20
-        share = self.replicated + (self.total - self.replicated) / self.tensor_parallel_size
+        tp = self.tensor_parallel_size
         return (
-            f"weights per PE: max {max(self.per_pe.values()) / mib:.2f} MiB over {len(self.per_pe)} PEs "
-            f"(model {self.total / mib:.2f} MiB; tp={self.tensor_parallel_size}: 1/{self.tensor_parallel_size} of the "
-            f"sharded {(self.total - self.replicated) / mib:.2f} MiB + {self.replicated / mib:.2f} MiB replicated = "
-            f"{share / mib:.2f} MiB for a PE holding every layer)"
+            f"weights per PE: max {_size(max(self.per_pe.values()))} over {len(self.per_pe)} PEs of a replica "
+            f"(model {_size(self.total)}; tp={tp}: 1/{tp} = {_size(self.total / tp)} + {_size(self.replicated)} "
+            "replicated per PE holding every layer)"
         )  # fmt: skip
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
 @dataclass

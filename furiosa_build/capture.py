@@ -120,11 +120,10 @@ def _pool_outputs(model: torch.nn.Module, pooling: PoolingConfig) -> None:
     takes_token_types = "token_type_ids" in inspect.signature(encode).parameters
 
     def forward(input_ids, position_ids, positions, slot_mapping, block_tables, use_cache=False):
-        extra = {"token_type_ids": torch.zeros_like(input_ids)} if takes_token_types else {}
-        hidden = encode(
-            input_ids=input_ids, position_ids=position_ids, positions=positions, slot_mapping=slot_mapping,
-            block_tables=block_tables, use_cache=use_cache, **extra,
-        ).last_hidden_state  # (B, S, H)  fmt: skip
+        kwargs = {"positions": positions, "slot_mapping": slot_mapping, "block_tables": block_tables, "use_cache": use_cache}
+        if takes_token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        hidden = encode(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state  # (B, S, H)
         real = slot_mapping >= 0
         if pooling.mode == "cls":
             real = real & (positions == 0)

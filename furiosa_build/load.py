@@ -3,9 +3,9 @@
 Sources are a Hugging Face folder, a GGUF file, or a config with random weights from
 ``seed_for_random_weight``.  ``task`` picks the model class: a causal LM for
 ``generate``, the bare encoder (``AutoModel``) for ``embed``, whose pooling comes from the
-model's sentence-transformers files (``load_pooling``).  The result is written once as a bf16 safetensors file plus
-tokenizer files in a folder keyed by the content hash of the source and the options, so
-a second build (or a dry run) never converts the model again.
+model's sentence-transformers files (``load_pooling``).  The result is written once as a
+bf16 safetensors file plus tokenizer files in a folder keyed by the content hash of the
+source and the options, so a second build (or a dry run) never converts the model again.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def load(request: LoadRequest, cache_dir: Path | None) -> LoadedModel:
     return LoadedModel(folder, config)
 
 
-def auto_model_class(task: str):
+def auto_model_class(task: str) -> type:
     """The transformers auto class of a task: a causal LM, or the bare encoder for embeddings."""
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -135,11 +135,9 @@ def load_pooling(request: LoadRequest) -> PoolingConfig | None:
     if request.pooling is not None:
         return request.pooling
     folder = _folder(request.source) if request.source.path is not None else None
-    modules = _read_json(folder / "modules.json", []) if folder is not None else []
-    if not modules:
+    if folder is None or not (folder / "modules.json").is_file():
         return PoolingConfig()
-    assert folder is not None
-    kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+    kinds = {m["type"].rsplit(".", 1)[-1]: m for m in json.loads((folder / "modules.json").read_text())}
     if "Pooling" not in kinds:
         raise LoadError(f"model.pooling: {folder / 'modules.json'} has no Pooling module; set model.pooling explicitly")
     settings = _read_json(folder / kinds["Pooling"]["path"] / "config.json", {})

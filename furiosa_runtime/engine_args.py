@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from furiosa_runtime.llm import LLM
 
 CACHE_DIR = Path.home() / ".cache" / "furiosa" / "llm"
 DEFAULT_JIT_THRESHOLD = 8
@@ -102,11 +105,17 @@ class EngineArgs:
         }
         return {name: value for name, value in values.items() if value is not None}
 
-    def llm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``LLM(...)`` for these settings."""
+    def create_llm(self) -> LLM:
+        """Load the artifact with these settings; scheduler values given here override the
+        artifact's scheduler config."""
+        from furiosa_runtime.artifact import load_artifact
+        from furiosa_runtime.llm import LLM
+
+        overrides = self.scheduler_overrides()
+        scheduler_config = load_artifact(self.model, verify=False).scheduler_config.model_copy(update=overrides) if overrides else None
         names = ["revision", "pipeline_parallel_size", "data_parallel_size", "tokenizer", "tokenizer_mode", "seed",
                  "devices", "cache_dir", "enable_jit_compilation", "jit_threshold", "jit_max_workers", "jit_unit_size"]  # fmt: skip
-        return {"model_id_or_path": self.model, **{name: getattr(self, name) for name in names}}
+        return LLM(self.model, scheduler_config=scheduler_config, **{name: getattr(self, name) for name in names})
 
 
 @dataclass

@@ -14,7 +14,7 @@ from furiosa_runtime.engine import EngineCore
 from furiosa_runtime.hardware import parse_devices
 from furiosa_runtime.inputs import PromptType, is_single_prompt, parse_prompt
 from furiosa_runtime.outputs import RequestOutput
-from furiosa_runtime.pooling import Embedder, EmbeddingRequestOutput, PoolingPrompt, PoolingRequestOutput, require_task
+from furiosa_runtime.pooling import Embedder, EmbeddingRequestOutput, PoolingRequestOutput, require_task
 from furiosa_runtime.sampling_params import SamplingParams
 
 TOKENIZER_MODES = ("auto", "slow")
@@ -120,12 +120,12 @@ class LLM:
         prompts = [{"prompt": t, "prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)} for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def embed(self, prompts: PoolingPrompt | Seq[PoolingPrompt], use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+    def embed(self, prompts: PromptType | Seq[PromptType], use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
         """vLLM's ``LLM.embed``: one embedding (``.outputs.embedding``, a list of floats) per prompt,
         pooled as the artifact's pooling config says; needs an artifact built with model.task=embed."""
         return [EmbeddingRequestOutput.from_base(o) for o in self.encode(prompts, use_tqdm=use_tqdm)]
 
-    def encode(self, prompts: PoolingPrompt | Seq[PoolingPrompt], use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+    def encode(self, prompts: PromptType | Seq[PromptType], use_tqdm: bool = True) -> list[PoolingRequestOutput]:
         """vLLM's ``LLM.encode``: the pooled vector of every prompt as an array (``.outputs.data``)."""
         return self._embedder.encode(prompts, use_tqdm=use_tqdm)
 

@@ -58,11 +58,7 @@ class LLMEngineBase:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> Any:
         """Load the artifact ``args.model`` with the scheduler and device settings of ``args``."""
-        from furiosa_runtime.artifact import load_artifact
-
-        overrides = args.scheduler_overrides()
-        scheduler_config = load_artifact(args.model, verify=False).scheduler_config.model_copy(update=overrides) if overrides else None
-        return cls.from_llm(LLM(**args.llm_kwargs(), scheduler_config=scheduler_config))
+        return cls.from_llm(args.create_llm())
 
     def try_add_request_id(self, request_id: str) -> None:
         """Register a new id; a non-string or duplicate id is a ValueError."""

@@ -85,7 +85,7 @@ class ModelRunner:
         }
 
     def _fill_table(self, feeds: dict[str, np.ndarray], row: int, seq: Sequence) -> None:
-        table = self.blocks.tables[seq.request_id]
+        table = self.blocks.tables[seq.request_id][: feeds["block_tables"].shape[1]]  # a chunk's bucket may not span them all
         feeds["block_tables"][row, : len(table)] = table
 
     def _assign(self, seqs: list[Sequence]) -> None:

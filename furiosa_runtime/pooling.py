@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from furiosa_runtime.artifact import Artifact, Bucket
 from furiosa_runtime.block_manager import BlockManager
 from furiosa_runtime.errors import ContextLengthExceededError
+from furiosa_runtime.inputs import PromptType, is_single_prompt, parse_prompt
 from furiosa_runtime.model_runner import smallest_bucket
 from furiosa_runtime.simulator import NPUSimulator
 from furiosa_runtime.tokenizer import Tokenizer
@@ -49,8 +50,6 @@ __all__ = [
     "encode_stream",
     "require_task",
 ]
-
-PoolingPrompt = str | list[int] | dict[str, Any]
 
 _WRONG_TASK = {
     "embed": "is an embedding model (task=embed); use LLM.embed or LLM.encode",
@@ -118,7 +117,7 @@ class Embedder:
     """Texts in, pooled vectors out, on the simulator that holds an embed artifact."""
 
     def __init__(self, artifact: Artifact, simulator: NPUSimulator, blocks: BlockManager, tokenizer: Tokenizer) -> None:
-        require_task(artifact, "embed", "embed")
+        require_task(artifact, "embed", "Embedder")
         pooling = artifact.model_metadata.pooling
         self.simulator = simulator
         self.blocks = blocks
@@ -138,7 +137,7 @@ class Embedder:
         return embedder
 
     def encode(
-        self, prompts: PoolingPrompt | Sequence[PoolingPrompt], request_ids: list[str] | None = None, use_tqdm: bool = False
+        self, prompts: PromptType | Sequence[PromptType], request_ids: list[str] | None = None, use_tqdm: bool = False
     ) -> list[PoolingRequestOutput]:
         """The pooled vector of every prompt, in prompt order."""
         token_lists = self.tokenize(prompts)
@@ -146,22 +145,10 @@ class Embedder:
         vectors = self.run(token_lists, use_tqdm)
         return [PoolingRequestOutput(i, PoolingOutput(v), t) for i, v, t in zip(ids, vectors, token_lists)]
 
-    def tokenize(self, prompts: PoolingPrompt | Sequence[PoolingPrompt]) -> list[list[int]]:
+    def tokenize(self, prompts: PromptType | Sequence[PromptType]) -> list[list[int]]:
         """Token ids of each prompt: a text, token ids, or a dict with ``prompt`` / ``prompt_token_ids``."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        return [self._tokens(p) for p in prompts]
-
-    def _tokens(self, prompt: PoolingPrompt) -> list[int]:
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            prompt = list(prompt["prompt_token_ids"])
-        elif isinstance(prompt, dict) and "prompt" in prompt:
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt.strip())
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        raise ValueError(f"prompts: unsupported prompt {prompt!r}; use str, token ids or a dict")
+        batch = [prompts] if is_single_prompt(prompts) else list(prompts)
+        return [parse_prompt(_stripped(p), self.tokenizer)[1] for p in batch]
 
     def run(self, token_lists: list[list[int]], use_tqdm: bool = False) -> list[np.ndarray]:
         """One vector per token list; longest first, each run of texts in the smallest bucket that holds it."""
@@ -225,6 +212,15 @@ class Embedder:
         return feeds
 
 
+def _stripped(prompt: PromptType) -> PromptType:
+    """sentence-transformers strips the whitespace around every text before tokenizing it."""
+    if isinstance(prompt, str):
+        return prompt.strip()
+    if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+        return {**prompt, "prompt": prompt["prompt"].strip()}
+    return prompt
+
+
 _EMBEDDERS: weakref.WeakKeyDictionary[Any, Embedder] = weakref.WeakKeyDictionary()
 
 
@@ -240,7 +236,7 @@ def _truncating(tokenizer: Tokenizer, max_length: int | None) -> Tokenizer:
     return clone
 
 
-async def encode_stream(embedder: Embedder, prompt: PoolingPrompt, request_id: str) -> AsyncIterator[PoolingRequestOutput]:
+async def encode_stream(embedder: Embedder, prompt: PromptType, request_id: str) -> AsyncIterator[PoolingRequestOutput]:
     """``AsyncLLMEngine.encode``: one final ``PoolingRequestOutput``, computed in a worker
     thread so that the event loop keeps serving other requests meanwhile."""
     (output,) = await asyncio.to_thread(embedder.encode, [prompt], [request_id])

@@ -78,6 +78,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
+        self.num_preemptions = 0
         self._last_phase = "decode"
 
     def add(self, seq: Sequence) -> None:
@@ -191,8 +192,7 @@ class Scheduler:
         Returns False when ``seq`` itself had to be preempted.
         """
         while not self.blocks.can_append(seq.request_id, num_tokens):
-            victims = [s for s in self.running if s not in keep]
-            victim = max(victims, key=lambda s: s.admitted_at)
+            victim = next(s for s in reversed(self.running) if s not in keep)  # running is in admission order
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -203,5 +203,6 @@ class Scheduler:
         """Free ``seq``'s blocks; it is recomputed from scratch when readmitted."""
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
+        self.num_preemptions += 1
         seq.status, seq.num_computed_tokens = Status.WAITING, 0
         self.waiting.appendleft(seq)

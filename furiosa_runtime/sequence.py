@@ -47,7 +47,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Any]] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
-    admitted_at: int = -1  # scheduler step of admission: the latest admitted is preempted first
+    admitted_at: int = -1  # scheduler step of admission (ties of the decode rotation)
     last_step: int = -1  # scheduler step of the last decode: decode batches rotate fairly
 
     @property

@@ -155,6 +155,7 @@ class NPUSimulator:
         self.mesh: Mesh = plan_mesh(devices or artifact.devices, par.tensor_parallel_size, len(self.layers_per_stage), data_parallel_size, hw)
         self.schedules = {p.name: self._schedule(p) for p in artifact.pipelines}
         self.programs = {key: self._load_program(root, key) for key in self._program_keys()}
+        self._collectives = {key: sum(i.op in COLLECTIVES for i in p.instructions) for key, p in self.programs.items()}
         self.pes: dict[str, PE] = {}
         self.stats: Counter[str] = Counter()  # collectives run, transfers and bytes moved
         self._widened: dict[str, np.ndarray] = {}  # f32 views of weights, shared by replicas
@@ -289,7 +290,7 @@ class NPUSimulator:
             kv = [pe.kv[layer] for layer in task.kv_layers]
             runs.append(program_run(program, [values[v] for v in task.inputs], params, kv, self.block_size))
         outputs = run_group(runs)
-        self.stats["collectives"] += sum(1 for i in self.programs[tasks[0].program].instructions if i.op in COLLECTIVES)
+        self.stats["collectives"] += self._collectives[tasks[0].program]
         return dict(zip(tasks[0].outputs, outputs[0]))
 
     def _transfer(self, transfer: Transfer, values: list[dict[str, np.ndarray]], replica: int) -> None:

@@ -31,7 +31,8 @@ import numpy as np
 from furiosa_build.compiler.lower import LoweringError, Lowered
 from furiosa_runtime.isa import Instruction, ParamShard, TensorParallel, TensorSpec
 
-#: Linear layers split by output features, by module name -> (KV-head projection?, fused segments).
+#: Linear layers split by output features, by the end of their module path ->
+#: (a key/value projection, whose split follows the KV heads?; fused segments).
 COLUMN_PARALLEL: dict[str, tuple[bool, int]] = {
     "q_proj": (False, 1),
     "k_proj": (True, 1),
@@ -40,6 +41,10 @@ COLUMN_PARALLEL: dict[str, tuple[bool, int]] = {
     "up_proj": (False, 1),
     "c_attn": (False, 3),  # GPT-2: one projection producing [q | k | v]
     "c_fc": (False, 1),
+    "attention.self.query": (False, 1),  # BERT
+    "attention.self.key": (True, 1),
+    "attention.self.value": (True, 1),
+    "intermediate.dense": (False, 1),
 }
 ELEMENTWISE = frozenset({"unary", "binary", "where", "cast", "copy", "rotary", "gated_act"})
 
@@ -158,8 +163,10 @@ class _Sharder:
         self.localise(inst.outs[0], split)
 
     def only_split(self, inst: Instruction) -> ParamShard:
-        (split,) = {self.split[i] for i in inst.ins if i in self.split}
-        return split
+        splits = {self.split[i] for i in inst.ins if i in self.split}
+        if len(splits) != 1:
+            raise ShardingError(f"{inst.op} {inst.outs[0]}: operands split differently")
+        return splits.pop()
 
     # -- linear layers and embeddings -------------------------------------------------------
     def linear(self, inst: Instruction) -> None:
@@ -183,10 +190,11 @@ class _Sharder:
         if self.kind == "head":
             vocab = self.shape(weight)[n_dim] == self.spec.vocab_size
             return ParamShard(dim=n_dim, parts=self.spec.size) if vocab else None
-        module = weight.split(".")[-2] if weight.count(".") else ""
-        if self.kind != "block" or module not in COLUMN_PARALLEL:
+        module = f".{weight.rsplit('.', 1)[0]}"
+        names = [name for name in COLUMN_PARALLEL if module.endswith(f".{name}")]
+        if self.kind != "block" or not names:
             return None
-        kv, segments = COLUMN_PARALLEL[module]
+        kv, segments = COLUMN_PARALLEL[names[0]]
         return ParamShard(dim=n_dim, parts=self.spec.kv_parts if kv else self.spec.size, segments=segments)
 
     def row_parallel(self, inst: Instruction, x_split: ParamShard, k_dim: int) -> None:

@@ -84,9 +84,9 @@ def test_other_options(model_dir: Path) -> None:
 
 @pytest.mark.parametrize(("option", "expected"), [
     (["-tp", "3"], "parallel.tensor_parallel_size: must be a power of two"),
-    (["-tp", "4"], "parallel.tensor_parallel_size: not supported yet (only 1)"),
-    (["-pp", "2"], "parallel.pipeline_parallel_size: not supported yet (only 1)"),
-    (["--devices", "npu:0,npu:1"], "parallel.devices: not supported yet (only a single device"),
+    (["-tp", "16"], "parallel.tensor_parallel_size: 16 is larger than the 8 PEs of devices 'npu:0'"),
+    (["-pp", "3"], "parallel.data_parallel_size: cannot fill the 8 PEs of 'npu:0'"),
+    (["--devices", "npu:0,npu:x"], "parallel.devices: 'npu:x' is not a device"),
     (["-pb", "1,4096"], "buckets.prefill[0]: attention_size 4096 exceeds buckets.max_seq_len_to_capture=2048"),
     (["-db", "4,64"], "buckets.prefill: empty while buckets.decode is not"),
     (["-pb", "0,64"], "buckets.prefill[0]: batch_size and attention_size must be positive"),

@@ -62,12 +62,13 @@ def test_default_config_builds_smollm2_with_default_buckets() -> None:
     assert spec.buckets.decode_buckets() == [Bucket.decode(1, 256), Bucket.decode(4, 256)]
     assert spec.build.save_dir == "artifacts/smollm2-135m-instruct"
     assert spec.build.backend == "loky"
-    assert spec.parallel.devices == "npu:0"
+    assert spec.parallel.devices == "npu:0:0"  # conf/parallel/single.yaml: one PE
 
 
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
 def test_every_model_config_validates(model: str) -> None:
-    spec = compose_spec(f"model={model}", "buckets=tiny")
+    encoder = model == "all-minilm-l6-v2"  # an encoder takes prefill-shaped buckets only
+    spec = compose_spec(f"model={model}", "buckets=embed" if encoder else "buckets=tiny")
     assert spec.model.name == model
     if spec.model.hf_config is not None:  # random weights need a seed and a real model type
         assert spec.model.seed_for_random_weight is not None
@@ -103,7 +104,7 @@ def test_explicit_num_blocks_is_kept() -> None:
 
 def test_supported_values_of_partly_built_features_are_accepted() -> None:
     spec = compose_spec("model=tiny-llama", "+build.compiler_config_overrides={fuse: false}",
-                        "parallel.devices=npu:1:0-3", "scheduler.is_offline=true", "parallel.data_parallel_size=1")
+                        "parallel.devices=npu:1:0-3", "scheduler.is_offline=true", "parallel.data_parallel_size=4")
     assert spec.build.compiler_options() == {"fuse": False}
     assert spec.parallel.devices == "npu:1:0-3"
 
@@ -115,20 +116,21 @@ BAD_OVERRIDES = [
     ("model.foo=1", "model.foo: unknown key; allowed: name, model_id_or_path"),
     ("+model.foo=1", "model.foo: unknown key; allowed: name, model_id_or_path"),
     ("+foo=1", "foo: unknown key; allowed: model, buckets, parallel, scheduler, build"),
-    ("model=nope", "model: unknown option 'nope'; available: smollm2-135m-instruct"),
+    ("model=nope", "model: unknown option 'nope'; available: all-minilm-l6-v2, smollm2-135m-instruct"),
     ("model.name", "bad override 'model.name'"),
     ("build.num_compile_workers=abc", "build.num_compile_workers: expected an integer, got 'abc'"),
     ("build.num_compile_workers=0", "build.num_compile_workers: must be greater than or equal to 1"),
     ("build.num_pipeline_builder_workers=-1", "build.num_pipeline_builder_workers: must be greater than or equal to 1"),
     ("build.progress=maybe", "build.progress: expected a boolean"),
     ("parallel.tensor_parallel_size=3", "parallel.tensor_parallel_size: must be a power of two (1, 2, 4, 8, ...), got 3"),
-    ("parallel.tensor_parallel_size=4", "parallel.tensor_parallel_size: not supported yet (only 1)"),
-    ("parallel.pipeline_parallel_size=2", "parallel.pipeline_parallel_size: not supported yet (only 1)"),
-    ("parallel.data_parallel_size=2", "parallel.data_parallel_size: not supported yet"),
-    ("parallel.num_blocks_per_pp_stage=[1,1]", "parallel.num_blocks_per_pp_stage: not supported yet (only null)"),
+    ("parallel.tensor_parallel_size=4", "parallel.tensor_parallel_size: 4 is larger than the 1 PEs of devices 'npu:0:0'"),
+    ("parallel.pipeline_parallel_size=2", "parallel.pipeline_parallel_size: 2 stages of 1 PEs need 2 PEs"),
+    ("parallel.data_parallel_size=2", "parallel.data_parallel_size: tensor_parallel_size * pipeline_parallel_size * "
+                                      "data_parallel_size = 1*1*2 = 2 does not match the 1 PEs"),
+    ("parallel.num_blocks_per_pp_stage=[1,1]", "parallel.num_blocks_per_pp_stage: expected 1 positive layer counts"),
     ("parallel.devices=gpu:0", "parallel.devices: 'gpu:0' is not a device"),
     ("parallel.devices=npu:0:9", "parallel.devices: 'npu:0:9' names PEs outside 0-7"),
-    ("parallel.devices='npu:0,npu:1'", "parallel.devices: not supported yet (only a single device"),
+    ("parallel.devices='npu:0,npu:0'", "parallel.devices: npu:0:0, npu:0:1, npu:0:2"),
     ("buckets.decode=[[1,4096]]", "buckets.decode[0]: attention_size 4096 exceeds buckets.max_seq_len_to_capture=256"),
     ("buckets.decode=[[1,256],[0,256]]", "buckets.decode[1]: batch_size and attention_size must be positive"),
     ("buckets.prefill=[[1,-5]]", "buckets.prefill[0]: batch_size and attention_size must be positive"),

@@ -23,7 +23,8 @@ from furiosa_runtime.artifact import Artifact, load_artifact
 from furiosa_runtime.isa import ParamShard, Program
 from tests.helpers import build, compose_spec
 
-LLAMA = ["model=tiny-llama", "buckets=tiny"]  # 8 query heads, 2 KV heads, 4 layers
+LLAMA = ["model=tiny-llama", "buckets=tiny"]  # 4 query heads, 2 KV heads, 2 layers
+MISTRAL = ["model=tiny-mistral", "buckets=tiny"]  # 8 query heads, 2 KV heads, 4 layers
 TP4 = ["parallel.devices=npu:0:0-3", "parallel.tensor_parallel_size=4"]
 
 
@@ -36,9 +37,9 @@ def tp4(tmp_path_factory, cache_dir) -> tuple[Path, object]:
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory, cache_dir) -> Path:
-    """tiny-llama on three uneven pipeline stages, one PE each."""
-    out = tmp_path_factory.mktemp("parallel") / "llama-pp3"
-    build([*LLAMA, "parallel.devices=npu:0:0-2", "parallel.pipeline_parallel_size=3",
+    """tiny-mistral on three uneven pipeline stages, one PE each."""
+    out = tmp_path_factory.mktemp("parallel") / "mistral-pp3"
+    build([*MISTRAL, "parallel.devices=npu:0:0-2", "parallel.pipeline_parallel_size=3",
            "parallel.num_blocks_per_pp_stage=[1,2,1]"], out, cache_dir)  # fmt: skip
     return out
 
@@ -63,7 +64,7 @@ def test_each_rank_runs_its_own_program_with_explicit_all_reduces(tp4) -> None:
         assert program.op_histogram()["all_reduce"] == 2  # after o_proj and after down_proj
         attention = next(i for i in program.instructions if i.op == "paged_attention")
         q, k = (program.values[name].shape for name in attention.ins[:2])
-        assert (q[1], k[1]) == (2, 1)  # 8 heads / 4 ranks; 2 KV heads shared by pairs of ranks
+        assert (q[1], k[1]) == (1, 1)  # 4 heads / 4 ranks; 2 KV heads, each shared by a pair of ranks
     head = _program(root, _tasks(artifact, "head")[0].program)
     assert "all_gather" in head.op_histogram()  # vocab-parallel logits gathered
     embed = _program(root, _tasks(artifact, "embed")[0].program)
@@ -76,7 +77,7 @@ def test_blockwise_reuse_holds_per_rank(tp4) -> None:
     for pipeline in artifact.pipelines:
         for rank in range(4):
             blocks = {t.program for t in pipeline.tasks if t.kind == "block" and t.shard == rank}
-            assert len(blocks) == 1  # one program reused by all 4 layers
+            assert len(blocks) == 1  # one program reused by every layer
     block_programs = {t.program for p in artifact.pipelines for t in p.tasks if t.kind == "block"}
     assert len(block_programs) == len(artifact.pipelines) * 4  # one per (bucket, rank)
 
@@ -94,8 +95,9 @@ def test_every_pe_stores_only_its_shards(tp4) -> None:
     weights = report.weights
     assert set(weights.per_pe) == {f"npu:0:{r}" for r in range(4)}
     for used in weights.per_pe.values():
-        assert used == pytest.approx(weights.replicated + (weights.total - weights.replicated) / 4, rel=0.05)
-    assert weights.replicated < 0.05 * weights.total  # only the norms are whole on every PE
+        assert used == weights.total / 4 + weights.replicated
+    # Replicated: the norms, and half of k/v_proj (2 KV heads over 4 ranks).
+    assert weights.replicated < 0.1 * weights.total
     assert "weights per PE" in report.render() and "tp=4" in report.render()
 
 
@@ -123,7 +125,7 @@ def test_data_parallel_size_is_inferred_from_the_devices(tmp_path, cache_dir) ->
            "parallel.pipeline_parallel_size=2"], tmp_path / "a", cache_dir)  # fmt: skip
     config = load_artifact(tmp_path / "a").parallel_config
     assert (config.tensor_parallel_size, config.pipeline_parallel_size, config.data_parallel_size) == (4, 2, 2)
-    assert config.num_blocks_per_pp_stage == [2, 2]
+    assert config.num_blocks_per_pp_stage == [1, 1]
 
 
 # -- invalid combinations: one line naming the field, before any work -------------------------
@@ -158,11 +160,11 @@ def test_invalid_combination_is_one_line_naming_the_field(overrides, expected) -
 MODEL_ERRORS = [
     (["model=tiny-gpt2", "parallel.devices=npu:0", "parallel.tensor_parallel_size=8"],
      "parallel.tensor_parallel_size: 8 does not divide the model's 4 attention heads; allowed here: 1, 2, 4"),
-    ([*LLAMA[:1], "parallel.devices=npu:0:0-1", "parallel.pipeline_parallel_size=2", "parallel.num_blocks_per_pp_stage=[1,2]"],
+    ([*MISTRAL[:1], "parallel.devices=npu:0:0-1", "parallel.pipeline_parallel_size=2", "parallel.num_blocks_per_pp_stage=[1,2]"],
      "parallel.num_blocks_per_pp_stage: [1, 2] sums to 3, but the model has 4 decoder layers"),
-    ([*LLAMA[:1], "parallel.devices=npu:0:0-5", "parallel.pipeline_parallel_size=6"],
+    ([*MISTRAL[:1], "parallel.devices=npu:0:0-5", "parallel.pipeline_parallel_size=6"],
      "parallel.pipeline_parallel_size: 6 stages for a model of 4 decoder layers"),
-    ([*LLAMA[:1], "parallel.devices=npu:0:0-1", "parallel.pipeline_parallel_size=2", "build.num_blocks_per_supertask=3"],
+    ([*MISTRAL[:1], "parallel.devices=npu:0:0-1", "parallel.pipeline_parallel_size=2", "build.num_blocks_per_supertask=3"],
      "parallel.num_blocks_per_pp_stage: stages [2, 2] would split a supertask"),
 ]  # fmt: skip
 

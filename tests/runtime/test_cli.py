@@ -100,3 +100,60 @@ def test_usage_errors_exit_2(capsys) -> None:
         main(["some-artifact", "Hello", "--max-tokens", "many"])
     assert exc.value.code == 2
     assert "--max-tokens" in capsys.readouterr().err
+
+
+# -- sub-commands: generate, chat, embed with the EngineArgs flags -----------------------------
+
+
+def test_generate_subcommand_prints_one_completion_per_prompt(tiny_llama_artifact: Path, capsys) -> None:
+    from furiosa_runtime import LLM, SamplingParams
+
+    argv = ["generate", "--model", str(tiny_llama_artifact), "--prompt", "Hello", "--prompt", "The cat",
+            "--max-tokens", "4", "--max-processing-samples", "1", "--devices", "npu:0:0"]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = LLM(tiny_llama_artifact).generate(["Hello", "The cat"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(lines) >= 2 and "".join(lines) == "".join(o.outputs[0].text.replace("\n", "") for o in expected)
+
+
+def test_chat_subcommand_streams_each_reply(smollm2_artifact: Path, capsys, monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/exit\nnever read\n"))
+    assert main(["chat", "--model", str(smollm2_artifact), "--max-tokens", "8"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["generate", "--prompt", "x", "--jit-unit-size", "1"], "jit_unit_size must be >= 2"),
+        (["generate", "--prompt", "x", "--spare-blocks-ratio", "1.5"], "spare_blocks_ratio"),
+        (["generate", "--prompt", "x", "--devices", "gpu:0"], "devices"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "top_p"),
+        (["generate", "--prompt", "x" * 300], "maximum context length"),
+        (["chat"], "chat_template"),  # tiny-llama has no chat template
+        (["embed", "--prompt", "x"], "generation model"),  # embeddings need an embed artifact
+    ],
+)
+def test_subcommand_user_errors_are_one_line(tiny_llama_artifact: Path, capsys, monkeypatch, argv: list[str], needle: str) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main([argv[0], "--model", str(tiny_llama_artifact), *argv[1:]]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and needle in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_subcommand_usage_errors_exit_2() -> None:
+    for argv in (["generate", "--prompt", "x"], ["embed", "--model", "a"], ["chat", "--model", "a", "--max-tokens", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+
+
+def test_subcommand_in_a_subprocess(tiny_llama_artifact: Path) -> None:
+    result = run_cli("generate", "--model", tiny_llama_artifact, "--prompt", "Hello", "--max-tokens", "3")
+    assert result.returncode == 0 and result.stdout.strip() and not result.stderr.strip()
+    assert_user_error(run_cli("generate", "--model", tiny_llama_artifact, "--prompt", "Hello", "--max-tokens", "100"), "maximum context length")

@@ -29,16 +29,16 @@ PP = "parallel.pipeline_parallel_size"
 DEVICES = "parallel.devices"
 
 # (model, parallel overrides): tp in {2, 4, 8} where the heads allow, pp in {2, 3 uneven},
-# on one device, part of one, and two devices.  tiny-llama has 8 query / 2 KV heads and
-# 4 layers; the other tiny models have 4 query heads and 2 layers.
+# on one device, part of one, and two devices.  tiny-mistral has 8 query / 2 KV heads and
+# 4 layers; the other tiny models have 4 query / 2 KV heads (gpt2: 4 / 4) and 2 layers.
 SETTINGS = [
     ("tiny-llama", [f"{DEVICES}=npu:0:0-1", f"{TP}=2"]),
-    ("tiny-llama", [f"{DEVICES}=npu:0", f"{TP}=8"]),
-    ("tiny-llama", [f"{DEVICES}=npu:0:0-2", f"{PP}=3", "parallel.num_blocks_per_pp_stage=[1,2,1]"]),
-    ("tiny-llama", [f"{DEVICES}='npu:0,npu:1'", f"{TP}=8", f"{PP}=2"]),
     ("tiny-llama", [f"{DEVICES}='npu:0,npu:1'", f"{TP}=4", f"{PP}=2"]),  # and 2 data-parallel replicas
-    ("tiny-qwen3", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
+    ("tiny-mistral", [f"{DEVICES}=npu:0", f"{TP}=8"]),
+    ("tiny-mistral", [f"{DEVICES}=npu:0:0-2", f"{PP}=3", "parallel.num_blocks_per_pp_stage=[1,2,1]"]),
+    ("tiny-mistral", [f"{DEVICES}='npu:0,npu:1'", f"{TP}=8", f"{PP}=2"]),
     ("tiny-mistral", [f"{DEVICES}=npu:0:0-3", f"{TP}=2", f"{PP}=2"]),
+    ("tiny-qwen3", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
     ("tiny-gemma", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
     ("tiny-gpt2", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
     ("tiny-gpt2", [f"{DEVICES}=npu:0:0-1", f"{PP}=2"]),
@@ -172,8 +172,8 @@ def test_load_time_settings_are_checked(single_pe, tmp_path, cache_dir):
     root, _ = single_pe("tiny-llama")
     with pytest.raises(ValueError, match=r"^data_parallel_size: .* = 1\*2\*1 = 2 does not match the 4 PEs"):
         Loaded(root, devices="npu:0:0-3", pipeline_parallel_size=2, data_parallel_size=1)
-    with pytest.raises(ValueError, match=r"^pipeline_parallel_size: must be between 1 and the 4 decoder layers"):
-        Loaded(root, devices="npu:0", pipeline_parallel_size=8)
+    with pytest.raises(ValueError, match=r"^pipeline_parallel_size: must be between 1 and the 2 decoder layers"):
+        Loaded(root, devices="npu:0", pipeline_parallel_size=4)
     build(["model=tiny-llama", "buckets=tiny", "build.use_blockwise_compile=false"], tmp_path / "layerwise", cache_dir)
     with pytest.raises(ValueError, match=r"^pipeline_parallel_size: only blockwise artifacts can be re-staged"):
         Loaded(tmp_path / "layerwise", devices="npu:0:0-1", pipeline_parallel_size=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from furiosa_runtime.sampler import Sampler, min_tokens_banned_ids, softmax
+from furiosa_runtime.sampler import Sampler, apply_penalties, log_softmax, min_tokens_banned_ids, softmax, top_logprobs
 from furiosa_runtime.sampling_params import SamplingParams
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=np.float32)
@@ -121,3 +121,99 @@ def test_sample_batch() -> None:
     logits = np.stack([LOGITS, LOGITS[::-1]])
     rngs = [None, sampler.make_generator(params[1])]
     assert sampler.sample_batch(logits, params, rngs) == [0, LOGITS.size - 1]
+
+
+# -- goodness of fit: chi-square against the distribution each setting must produce ------------
+
+
+def chi_square_critical(df: int, z: float = 3.719) -> float:
+    """Upper 1e-4 quantile of chi-square(df), Wilson-Hilferty approximation (no scipy)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def assert_fits(params: SamplingParams, expected: np.ndarray, seed: int = 0) -> None:
+    """The sampler's draws follow ``expected`` (zeros must never be drawn); fixed seed, so
+    the verdict is deterministic, and a 1e-4 level keeps a correct sampler far from failing."""
+    counts = empirical(params, seed=seed) * DRAWS
+    support = expected > 0
+    assert counts[~support].sum() == 0, f"drew tokens outside the support: {counts}"
+    if support.sum() == 1:  # a single token: every draw must be it
+        assert counts[support].sum() == DRAWS
+        return
+    want = expected[support] / expected[support].sum() * DRAWS
+    statistic = float(((counts[support] - want) ** 2 / want).sum())
+    assert statistic < chi_square_critical(int(support.sum()) - 1), (statistic, counts, want)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+def test_temperature_distribution_chi_square(temperature: float) -> None:
+    assert_fits(SamplingParams(temperature=temperature), softmax(LOGITS.astype(np.float64) / temperature))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_top_k_distribution_chi_square(top_k: int) -> None:
+    expected = softmax(LOGITS.astype(np.float64))
+    expected[top_k:] = 0  # LOGITS is sorted, so the k best are the first k
+    assert_fits(SamplingParams(top_k=top_k), expected)
+
+
+@pytest.mark.parametrize("top_p", [0.6, 0.8, 0.95])
+def test_top_p_distribution_chi_square(top_p: float) -> None:
+    probs = softmax(LOGITS.astype(np.float64))
+    keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1  # smallest prefix reaching top_p
+    expected = np.where(np.arange(probs.size) < keep, probs, 0.0)
+    assert_fits(SamplingParams(top_p=top_p), expected)
+
+
+def test_min_p_distribution_chi_square() -> None:
+    probs = softmax(LOGITS.astype(np.float64))
+    expected = np.where(probs >= 0.2 * probs.max(), probs, 0.0)
+    assert_fits(SamplingParams(min_p=0.2), expected)
+
+
+def test_temperature_top_k_top_p_together_chi_square() -> None:
+    probs = softmax(LOGITS[:4].astype(np.float64) / 0.8)  # top_k=4 first, then temperature
+    keep = int(np.searchsorted(np.cumsum(probs), 0.9)) + 1
+    expected = np.zeros(LOGITS.size)
+    expected[:keep] = probs[:keep]
+    assert_fits(SamplingParams(temperature=0.8, top_k=4, top_p=0.9), expected)
+
+
+# -- penalties and log-probabilities ---------------------------------------------------------------
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() -> None:
+    logits = np.array([2.0, -1.0, 0.5, 3.0])
+    out = apply_penalties(logits.copy(), SamplingParams(repetition_penalty=2.0), prompt_token_ids=[0], output_token_ids=[1])
+    np.testing.assert_allclose(out, [1.0, -2.0, 0.5, 3.0])
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens_only() -> None:
+    logits = np.zeros(4)
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)
+    out = apply_penalties(logits, params, prompt_token_ids=[3, 3], output_token_ids=[1, 1, 2])
+    np.testing.assert_allclose(out, [0.0, -2.0, -1.5, 0.0])
+
+
+def test_penalties_steer_greedy_decoding() -> None:
+    sampler, greedy = Sampler(), SamplingParams(temperature=0.0, presence_penalty=2.0)
+    assert sampler.sample(LOGITS, greedy, None, output_token_ids=[0]) == 1  # 2.0 - 2 < 1.0
+
+
+def test_top_logprobs_ranks_and_includes_the_sampled_token() -> None:
+    logprobs = log_softmax(LOGITS)
+    np.testing.assert_allclose(np.exp(logprobs).sum(), 1.0)
+    top = top_logprobs(logprobs, token=4, k=2)
+    assert list(top) == [0, 1, 4]
+    assert [rank for _, rank in top.values()] == [1, 2, 5]
+    assert top[0][0] == pytest.approx(float(logprobs[0]))
+    assert list(top_logprobs(logprobs, token=0, k=0)) == [0]
+
+
+def test_every_sample_index_of_a_seeded_request_has_its_own_stream() -> None:
+    params = SamplingParams(temperature=1.0, seed=5)
+    sampler = Sampler()
+    first, second = sampler.make_generator(params, 0), sampler.make_generator(params, 1)
+    draws = lambda rng: [sampler.sample(LOGITS, params, rng) for _ in range(30)]  # noqa: E731
+    assert draws(first) != draws(second)
+    assert draws(Sampler().make_generator(params, 1)) == draws(Sampler().make_generator(params, 1))

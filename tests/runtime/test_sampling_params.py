@@ -65,25 +65,32 @@ def test_out_of_range_values_name_the_field(kwargs: dict, field: str) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [
-        ({"n": 2}, "n"),
-        ({"best_of": 2}, "best_of"),
-        ({"use_beam_search": True}, "use_beam_search"),
-        ({"logprobs": 0}, "logprobs"),
-        ({"prompt_logprobs": 1}, "prompt_logprobs"),
-        ({"min_p": 0.05}, "min_p"),
-        ({"repetition_penalty": 1.1}, "repetition_penalty"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ],
+    [({"use_beam_search": True}, "use_beam_search"), ({"prompt_logprobs": 1}, "prompt_logprobs")],
 )
 def test_unimplemented_features_are_refused(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"^{field}: not supported yet"):
         SamplingParams(**kwargs)
 
 
-def test_neutral_values_of_unimplemented_features_are_fine() -> None:
-    SamplingParams(best_of=1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0)
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"n": 2, "temperature": 0.0}, "n"),  # several greedy samples would all be the same
+        ({"best_of": 3, "temperature": 0.0}, "best_of"),
+        ({"n": 1, "best_of": 2, "output_kind": RequestOutputKind.DELTA}, "output_kind"),
+    ],
+)
+def test_contradictory_combinations_are_refused(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field} must be ") as info:
+        SamplingParams(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_sampling_features_are_accepted() -> None:
+    params = SamplingParams(n=2, best_of=4, logprobs=3, min_p=0.05, repetition_penalty=1.1,
+                            presence_penalty=0.5, frequency_penalty=-0.5, seed=3)  # fmt: skip
+    assert params.num_samples == 4
+    assert SamplingParams(n=3).num_samples == 3
 
 
 def test_max_tokens_none_means_until_context_is_full() -> None:

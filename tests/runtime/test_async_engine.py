@@ -1,0 +1,110 @@
+"""AsyncLLMEngine: streaming generation, concurrency and aborts, as an asyncio server uses it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from furiosa_runtime import LLM, AsyncEngineArgs, AsyncLLMEngine, RequestOutputKind, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_artifact: Path) -> LLM:
+    return LLM(tiny_llama_artifact)
+
+
+async def collect(engine: AsyncLLMEngine, prompt, params: SamplingParams, request_id: str) -> list:
+    return [output async for output in engine.generate(prompt, params, request_id)]
+
+
+def test_streams_and_concurrent_requests_match_llm(llm: LLM) -> None:
+    engine = AsyncLLMEngine.from_llm(llm)
+
+    async def main() -> list[list]:
+        return await asyncio.gather(*(collect(engine, {"prompt_token_ids": [5 + i, 6, 7]}, GREEDY, f"r{i}") for i in range(5)))
+
+    streams = asyncio.run(main())
+    for i, outputs in enumerate(streams):
+        assert [o.finished for o in outputs] == [False] * 5 + [True]
+        assert outputs[-1].outputs[0].token_ids == llm.generate({"prompt_token_ids": [5 + i, 6, 7]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert not engine.request_ids
+
+
+def test_delta_stream_concatenates_to_the_whole(llm: LLM) -> None:
+    engine = AsyncLLMEngine.from_llm(llm)
+    delta = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def main():
+        return await asyncio.gather(collect(engine, "Hello", delta, "d"), collect(engine, "Hello", GREEDY, "c"))
+
+    deltas, cumulative = asyncio.run(main())
+    assert [t for o in deltas for t in o.outputs[0].token_ids] == cumulative[-1].outputs[0].token_ids
+
+
+def test_abort_ends_the_stream_and_frees_blocks(llm: LLM) -> None:
+    engine = AsyncLLMEngine.from_llm(llm)
+
+    async def main() -> tuple[list, list]:
+        long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        received: list = []
+
+        async def consume() -> None:
+            async for output in engine.generate("Hello", long, "doomed"):
+                received.append(output)
+                if len(received) == 3:
+                    await engine.abort("doomed")
+
+        others = asyncio.create_task(collect(engine, "Hi", GREEDY, "survivor"))
+        await consume()
+        await engine.abort("no-such-request")  # a no-op
+        return received, await others
+
+    received, survivor = asyncio.run(main())
+    assert len(received) == 3 and not received[-1].finished
+    assert survivor[-1].finished
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_usable and not llm.engine.has_unfinished_requests()
+
+
+def test_closing_the_stream_early_aborts_the_request(llm: LLM) -> None:
+    engine = AsyncLLMEngine.from_llm(llm)
+
+    async def main() -> None:
+        stream = engine.generate("Hello", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), "client")
+        await stream.__anext__()
+        await stream.aclose()  # the client went away
+        await collect(engine, "Hi", GREEDY, "next")  # the driver applies the abort meanwhile
+
+    asyncio.run(main())
+    assert not llm.engine.has_unfinished_requests() and not engine.request_ids
+
+
+def test_bad_requests_raise_before_streaming(llm: LLM) -> None:
+    engine = AsyncLLMEngine.from_llm(llm)
+
+    async def main() -> None:
+        first = engine.generate("Hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), "dup")
+        await first.__anext__()
+        with pytest.raises(ValueError, match="already exist"):
+            await collect(engine, "Hello", GREEDY, "dup")
+        with pytest.raises(ValueError, match="must be a string"):
+            await collect(engine, "Hello", GREEDY, 3)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="maximum context length"):
+            await collect(engine, "Hello", SamplingParams(max_tokens=100), "long")
+        await first.aclose()
+
+    asyncio.run(main())
+
+
+def test_from_engine_args(tiny_llama_artifact: Path) -> None:
+    parser = AsyncEngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", str(tiny_llama_artifact), "--npu-queue-limit", "4"]))
+    assert isinstance(args, AsyncEngineArgs)
+    with AsyncLLMEngine.from_engine_args(args) as engine:
+        assert engine.native_engine.scheduler.config.npu_queue_limit == 4
+        [*_, last] = asyncio.run(collect(engine, "Hello", GREEDY, "x"))
+        assert last.finished and last.request_id == "x"

@@ -1,0 +1,104 @@
+"""LLMEngine and EngineArgs as a vLLM user drives them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from furiosa_runtime import LLM, EngineArgs, LLMEngine, RequestOutputKind, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+
+
+@pytest.fixture()
+def engine(tiny_llama_artifact: Path) -> LLMEngine:
+    with LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama_artifact))) as engine:
+        yield engine
+
+
+def drain(engine: LLMEngine) -> dict[str, list]:
+    """Every output each request produced, in order."""
+    seen: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen.setdefault(output.request_id, []).append(output)
+    return seen
+
+
+def test_add_step_until_done_matches_llm_generate(engine: LLMEngine, tiny_llama_artifact: Path) -> None:
+    engine.add_request("a", "Hello", GREEDY)
+    engine.add_request("b", {"prompt_token_ids": [5, 6, 7]}, GREEDY)
+    seen = drain(engine)
+    assert set(seen) == {"a", "b"} and all(outs[-1].finished for outs in seen.values())
+    assert [o.finished for o in seen["a"]] == [False] * 4 + [True]  # one output per token
+    llm = LLM(tiny_llama_artifact)
+    ids = llm.tokenizer.encode("Hello", add_special_tokens=False)  # engines add no special tokens
+    assert seen["a"][-1].outputs[0].token_ids == llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert engine.step() == []  # nothing left: returns at once
+
+
+def test_output_kinds(engine: LLMEngine) -> None:
+    for kind in RequestOutputKind:
+        engine.add_request(kind.name, "Hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, output_kind=kind))
+    seen = drain(engine)
+    cumulative, delta, final = (seen[k.name] for k in RequestOutputKind)
+    full = cumulative[-1].outputs[0]
+    assert [len(o.outputs[0].token_ids) for o in cumulative] == [1, 2, 3, 4]
+    assert [t for o in delta for t in o.outputs[0].token_ids] == full.token_ids
+    assert "".join(o.outputs[0].text for o in delta) == full.text
+    assert len(final) == 1 and final[0].outputs[0].token_ids == full.token_ids
+
+
+def test_abort_one_or_many_frees_blocks(engine: LLMEngine) -> None:
+    for rid in ("a", "b", "c", "d"):
+        engine.add_request(rid, "Hello", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.abort_request("a")
+    engine.abort_request(["b", "c"])
+    engine.abort_request("never-added")
+    assert engine.request_ids == {"d"}
+    assert set(drain(engine)) == {"d"}
+    blocks = engine.native_engine.blocks
+    assert blocks.num_free == blocks.num_usable
+    blocks.check_invariants()
+
+
+def test_request_id_rules(engine: LLMEngine) -> None:
+    engine.add_request("same", "Hello", GREEDY)
+    with pytest.raises(ValueError, match="already exist"):
+        engine.add_request("same", "Hello", GREEDY)
+    with pytest.raises(ValueError, match="must be a string"):
+        engine.add_request(7, "Hello", GREEDY)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.add_request("long", "Hello", SamplingParams(max_tokens=500))
+    assert engine.request_ids == {"same"}  # the refused ones left no trace
+    drain(engine)
+    engine.add_request("same", "Hello", GREEDY)  # finished ids may be reused
+
+
+def test_shutdown_aborts_what_is_left(tiny_llama_artifact: Path) -> None:
+    llm = LLM(tiny_llama_artifact)
+    with LLMEngine.from_llm(llm) as engine:
+        engine.add_request("x", "Hello", GREEDY)
+        assert engine.model_path == str(tiny_llama_artifact) and engine.task_type == "generate"
+    assert not engine.has_unfinished_requests() and not llm.engine.has_unfinished_requests()
+
+
+def test_engine_args_from_the_command_line(tiny_llama_artifact: Path) -> None:
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--model", str(tiny_llama_artifact), "--devices", "npu:0:1", "--max-processing-samples", "1",
+                              "--spare-blocks-ratio", "0.5", "--seed", "3", "--enable-jit-compilation", "false"])  # fmt: skip
+    engine_args = EngineArgs.from_cli_args(args)
+    assert (engine_args.devices, engine_args.max_processing_samples, engine_args.seed) == ("npu:0:1", 1, 3)
+    assert engine_args.enable_jit_compilation is False and engine_args.npu_queue_limit is None
+    engine = LLMEngine.from_engine_args(engine_args)
+    config = engine.native_engine.scheduler.config
+    assert (config.max_processing_samples, config.spare_blocks_ratio, config.npu_queue_limit) == (1, 0.5, 2)  # 2: the artifact's
+
+
+@pytest.mark.parametrize(("field", "value"), [("jit_unit_size", 1), ("jit_threshold", 0), ("jit_max_workers", 0)])
+def test_engine_args_validate_jit_settings(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=rf"^{field} must be >= "):
+        EngineArgs(model="unused", **{field: value})

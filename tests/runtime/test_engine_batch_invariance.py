@@ -1,0 +1,106 @@
+"""Batch invariance: whatever else is in flight, a greedy request gets the tokens it gets alone.
+
+A tiny random-weight Llama with small buckets and a deliberately small KV cache (48 usable
+blocks of 4 tokens, while up to 48-token requests run many at a time), so the scheduler
+must batch, rotate, chunk and preempt.  Requests arrive at random steps and some are
+aborted; every finished one is compared with the same request run alone, and every KV
+block must be free at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from furiosa_runtime import LLM, LLMEngine, SamplingParams, SchedulerConfig
+from tests.helpers import build
+
+INVARIANCE_BUCKETS = [
+    "model=tiny-llama",
+    "buckets.prefill=[[1,16],[2,32]]",
+    "buckets.decode=[[1,48],[4,48]]",
+    "buckets.max_seq_len_to_capture=48",
+    "buckets.paged_attention_block_size=4",
+    "buckets.paged_attention_num_blocks=49",
+]
+
+
+@pytest.fixture(scope="module")
+def small_cache_artifact(tmp_path_factory, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-llama-small-cache"
+    build(INVARIANCE_BUCKETS, out, cache_dir)
+    return out
+
+
+def random_request(rng: np.random.Generator, max_prompt: int) -> tuple[list[int], SamplingParams]:
+    prompt = rng.integers(3, 500, size=int(rng.integers(1, max_prompt + 1))).tolist()
+    max_tokens = int(rng.integers(1, min(24, 48 - len(prompt)) + 1))
+    return prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=bool(rng.random() < 0.5))
+
+
+def serve_randomly(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], seed: int) -> dict[str, list[int]]:
+    """Submit at random steps, abort at random; check the block invariants after every step."""
+    rng = np.random.default_rng(seed)
+    blocks = engine.native_engine.blocks
+    pending = list(enumerate(requests))
+    finished: dict[str, list[int]] = {}
+    while pending or engine.has_unfinished_requests():
+        for _ in range(int(rng.integers(0, 5)) if pending else 0):
+            if pending:
+                index, (prompt, params) = pending.pop(0)
+                engine.add_request(f"req-{index}", {"prompt_token_ids": prompt}, params)
+        live = sorted(engine.request_ids)
+        if live and rng.random() < 0.08:
+            doomed = list(rng.choice(live, size=min(len(live), int(rng.integers(1, 3))), replace=False))
+            engine.abort_request(doomed[0] if len(doomed) == 1 else doomed)
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output.outputs[0].token_ids
+        blocks.check_invariants()
+    assert blocks.num_free == blocks.num_usable and not blocks.tables
+    return finished
+
+
+def alone(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
+    return llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_two_hundred_random_requests_match_each_alone(small_cache_artifact: Path) -> None:
+    llm = LLM(small_cache_artifact, scheduler_config=SchedulerConfig(spare_blocks_ratio=0.0))  # admit greedily: preempt later
+    rng = np.random.default_rng(0)
+    requests = [random_request(rng, max_prompt=32) for _ in range(200)]
+    finished = serve_randomly(LLMEngine.from_llm(llm), requests, seed=1)
+    assert 100 <= len(finished) < 200  # most finish, some were aborted
+    assert llm.engine.scheduler.num_preemptions > 0  # the small cache forced recomputation
+    for request_id, tokens in finished.items():
+        prompt, params = requests[int(request_id.split("-")[1])]
+        assert tokens == alone(llm, prompt, params), request_id
+
+
+@pytest.mark.parametrize("config", [SchedulerConfig(prefill_chunk_size=8), SchedulerConfig(prefill_chunk_size=8, is_offline=True, max_processing_samples=6)])
+def test_chunked_prefill_and_long_prompts_match_each_alone(small_cache_artifact: Path, config: SchedulerConfig) -> None:
+    llm = LLM(small_cache_artifact, scheduler_config=config)
+    rng = np.random.default_rng(2)
+    requests = [random_request(rng, max_prompt=44) for _ in range(40)]  # up to 44 > the 32-token prefill buckets
+    finished = serve_randomly(LLMEngine.from_llm(llm), requests, seed=3)
+    for request_id, tokens in finished.items():
+        prompt, params = requests[int(request_id.split("-")[1])]
+        assert tokens == alone(llm, prompt, params), request_id
+
+
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(small_cache_artifact: Path) -> None:
+    whole, chunked = LLM(small_cache_artifact), LLM(small_cache_artifact, scheduler_config=SchedulerConfig(prefill_chunk_size=5))
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        prompt, params = random_request(rng, max_prompt=32)
+        assert alone(chunked, prompt, params) == alone(whole, prompt, params)
+
+
+def test_prompts_past_the_prefill_buckets_need_chunked_prefill(small_cache_artifact: Path) -> None:
+    prompt = list(range(3, 43))  # 40 tokens, prefill buckets hold 32
+    with pytest.raises(ValueError, match="maximum context length is 32 tokens"):
+        LLM(small_cache_artifact).generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2), use_tqdm=False)
+    chunked = LLM(small_cache_artifact, scheduler_config=SchedulerConfig(prefill_chunk_size=16))
+    assert len(alone(chunked, prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))) == 8
