@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-serve clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/build.py
+
+bench-serve: setup
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf artifacts/* $(VENV)

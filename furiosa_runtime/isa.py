@@ -457,11 +457,13 @@ def _paged_attention(ins, attrs, ctx):
     kv.v[slots] = v.transpose(0, 2, 1, 3)[valid]
 
     bs = ctx.block_size
-    key_pos = np.arange(block_tables.shape[1] * bs)  # (L,)
-    key_slots = block_tables[:, key_pos // bs] * bs + key_pos % bs  # (B, L)
-    keys = _f32(kv.k[key_slots])  # (B, L, Hkv, D)
-    values = _f32(kv.v[key_slots])
     context_len = np.where(valid, positions + 1, 0).max(axis=1)  # (B,)
+    # Only the blocks some row's context reaches: keys beyond every context are masked anyway.
+    used = max(-(-int(context_len.max(initial=0)) // bs), 1)
+    key_pos = np.arange(used * bs)  # (L,)
+    tables = block_tables[:, :used]  # (B, used): whole blocks gathered at once
+    keys = _f32(kv.k.reshape(-1, bs, *kv.k.shape[1:])[tables]).reshape(batch, used * bs, *kv.k.shape[1:])  # (B, L, Hkv, D)
+    values = _f32(kv.v.reshape(-1, bs, *kv.v.shape[1:])[tables]).reshape(batch, used * bs, *kv.v.shape[1:])
 
     mask = key_pos[None, None, :] < context_len[:, None, None]  # (B, S, L)
     if attrs["causal"]:

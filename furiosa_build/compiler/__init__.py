@@ -1,7 +1,8 @@
 """The NPU compiler: canonical ATen graph -> ``furiosa_runtime.isa.Program``.
 
-``compile_graph`` runs lowering, fusion and memory planning.  It imports neither torch
-nor the model, so compile workers are cheap processes fed plain JSON.
+``compile_graph`` runs lowering, fusion, tensor-parallel sharding (when compiling for one
+rank of a group) and memory planning.  It imports neither torch nor the model, so compile
+workers are cheap processes fed plain JSON.
 """
 
 from __future__ import annotations

@@ -75,6 +75,18 @@ def test_every_model_config_validates(model: str) -> None:
         assert spec.model.hf_config["vocab_size"] == 512
 
 
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_selects_a_valid_combination(experiment: str) -> None:
+    spec = compose_spec(f"experiment={experiment}")
+    assert spec.build.save_dir == f"artifacts/{spec.model.name}"
+
+
+def test_the_embedding_experiment_is_the_encoder_with_its_buckets() -> None:
+    spec = compose_spec("experiment=minilm-embed")
+    assert (spec.model.name, spec.model.task) == ("all-minilm-l6-v2", "embed")
+    assert spec.buckets.decode_buckets() == []
+
+
 @pytest.mark.parametrize("model", [m for m in MODEL_CONFIGS if m.startswith("tiny-")])
 def test_random_weight_configs_are_real_transformers_configs(model: str) -> None:
     transformers = pytest.importorskip("transformers")

@@ -40,6 +40,7 @@ SETTINGS = [
     ("tiny-mistral", [f"{DEVICES}=npu:0:0-3", f"{TP}=2", f"{PP}=2"]),
     ("tiny-qwen3", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
     ("tiny-gemma", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
+    ("tiny-gemma", [f"{DEVICES}=npu:0:0-1", f"{TP}=2", "+build.compiler_config_overrides={fuse: false}"]),  # unfused
     ("tiny-gpt2", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
     ("tiny-gpt2", [f"{DEVICES}=npu:0:0-1", f"{PP}=2"]),
 ]
