@@ -459,7 +459,7 @@ def _paged_attention(ins, attrs, ctx):
     bs = ctx.block_size
     context_len = np.where(valid, positions + 1, 0).max(axis=1)  # (B,)
     # Only the blocks some row's context reaches: keys beyond every context are masked anyway.
-    used = max(-(-int(context_len.max(initial=0)) // bs), 1)
+    used = min(max(-(-int(context_len.max(initial=0)) // bs), 1), block_tables.shape[1])
     key_pos = np.arange(used * bs)  # (L,)
     tables = block_tables[:, :used]  # (B, used): whole blocks gathered at once
     keys = _f32(kv.k.reshape(-1, bs, *kv.k.shape[1:])[tables]).reshape(batch, used * bs, *kv.k.shape[1:])  # (B, L, Hkv, D)
