@@ -473,8 +473,9 @@ def _paged_attention(ins, attrs, ctx):
 
     group = heads // kv_heads
     qg = q.reshape(batch, kv_heads, group, seq, q.shape[-1])  # (B, Hkv, G, S, D)
-    # (B, Hkv, 1, D, L): batched GEMMs, not einsum loops; contiguous, or NumPy's matmul leaves BLAS (~1000x slower)
-    keys_t = np.ascontiguousarray(keys.transpose(0, 2, 3, 1)[:, :, None])
+    # (B, Hkv, 1, D, L): batched GEMMs, not einsum loops; a strided view whose (L, D) rows stay unit-stride
+    # is still BLAS-able (a transposed operand), so no copy of the keys is needed
+    keys_t = keys.transpose(0, 2, 1, 3)[:, :, None].swapaxes(-1, -2)
     scores = (qg @ keys_t) * np.float32(attrs["scale"])  # (B, Hkv, G, S, L)
     if attrs.get("softcap"):
         cap = np.float32(attrs["softcap"])
