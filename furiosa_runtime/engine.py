@@ -33,11 +33,17 @@ class EngineCore:
         seed: int | None = None,
         scheduler_config: SchedulerConfig | None = None,
         tokenizer: str | Path | None = None,
+        *,
+        devices: str | None = None,
+        pipeline_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
     ) -> None:
         self.path = Path(artifact_path)
         self.artifact = load_artifact(self.path)
         self.tokenizer = Tokenizer.from_dir(tokenizer if tokenizer is not None else self.path)
-        self.simulator = NPUSimulator(self.path, self.artifact)
+        self.simulator = NPUSimulator(
+            self.path, self.artifact, devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size
+        )
         paged = self.artifact.generator_config.paged_attention_config
         self.blocks = BlockManager(paged.num_blocks, paged.block_size)
         self.runner = ModelRunner(self.simulator, self.artifact, self.blocks)

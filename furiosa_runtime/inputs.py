@@ -4,6 +4,7 @@ or a list of token ids, turned into ``(text or None, token ids)``."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 from furiosa_runtime.tokenizer import Tokenizer
@@ -26,10 +27,11 @@ def parse_prompt(prompt: PromptType, tokenizer: Tokenizer, add_special_tokens: b
 
 def is_single_prompt(prompts: PromptType | Sequence[PromptType]) -> bool:
     """True for one prompt (a string, a dict, or a flat list of token ids)."""
-    return isinstance(prompts, str | dict) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
+    return isinstance(prompts, str | dict) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], Integral))
 
 
 def _token_ids(ids: Sequence[Any]) -> list[int]:
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    """Plain ints; NumPy integers are accepted too (token ids often come from arrays)."""
+    if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in ids):
         raise ValueError("prompt_token_ids: must be a list of integers")
-    return list(ids)
+    return [int(t) for t in ids]

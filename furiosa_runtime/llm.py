@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 
 from furiosa_runtime.artifact import SchedulerConfig
 from furiosa_runtime.engine import EngineCore
-from furiosa_runtime.hardware import parse_devices
 from furiosa_runtime.inputs import PromptType, is_single_prompt, parse_prompt
 from furiosa_runtime.outputs import RequestOutput
 from furiosa_runtime.pooling import Embedder, EmbeddingRequestOutput, PoolingRequestOutput, require_task
@@ -25,11 +24,13 @@ class LLM:
 
     ``LLM("artifacts/smollm2-135m-instruct").generate("Hello", SamplingParams(max_tokens=8))``
 
-    The keyword arguments are furiosa-llm's.  ``devices`` is checked against the device
-    syntax; ``scheduler_config`` replaces the artifact's scheduler config; ``tokenizer``
-    names a tokenizer folder to use instead of the artifact's.  Settings the simulator
-    cannot honour (a Hub revision, other parallel sizes, JIT compilation) are refused
-    with a ValueError rather than ignored.
+    The keyword arguments are furiosa-llm's.  ``devices``, ``pipeline_parallel_size`` and
+    ``data_parallel_size`` lay the artifact out on the simulated PEs at load (tensor
+    parallelism is fixed by the build; a blockwise artifact may be re-staged; replicas fill
+    the remaining PEs when ``data_parallel_size`` is None); ``scheduler_config`` replaces
+    the artifact's scheduler config; ``tokenizer`` names a tokenizer folder to use instead
+    of the artifact's.  Settings the simulator cannot honour (a Hub revision, JIT
+    compilation) are refused with a ValueError rather than ignored.
     """
 
     def __init__(
@@ -56,13 +57,11 @@ class LLM:
             raise ValueError(f"LLM: unsupported argument(s) {', '.join(unknown)}")
         _refuse(revision is not None, "revision", "artifacts are local folders; leave revision unset", revision)
         _refuse(tokenizer_mode not in TOKENIZER_MODES, "tokenizer_mode", "one of auto, slow", tokenizer_mode)
-        _refuse(data_parallel_size not in (None, 1), "data_parallel_size", "None or 1", data_parallel_size)
         _refuse(bool(enable_jit_compilation), "enable_jit_compilation", "False (artifacts are compiled ahead of time)", enable_jit_compilation)
-        if devices is not None:
-            parse_devices(devices)
-        self.engine = EngineCore(model_id_or_path, seed=seed, scheduler_config=scheduler_config, tokenizer=tokenizer)
-        built_pp = self.engine.artifact.parallel_config.pipeline_parallel_size
-        _refuse(pipeline_parallel_size not in (None, built_pp), "pipeline_parallel_size", f"None or {built_pp} (the artifact's)", pipeline_parallel_size)
+        self.engine = EngineCore(
+            model_id_or_path, seed=seed, scheduler_config=scheduler_config, tokenizer=tokenizer,
+            devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
+        )  # fmt: skip
         self.tokenizer = self.engine.tokenizer
         self.model_id_or_path = str(model_id_or_path)
         self.model_metadata = self.engine.artifact.model_metadata

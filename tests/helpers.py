@@ -9,6 +9,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
+#: Parallel layouts that every engine test runs on: one PE, and 2-way tensor parallelism
+#: x 2 pipeline stages (tiny-llama has 4 query / 2 KV heads and 2 layers).
+ENGINE_LAYOUTS: dict[str, list[str]] = {
+    "single-pe": [],
+    "tp2-pp2": ["parallel.devices=npu:0:0-3", "parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2"],
+}
+
 
 def compose_spec(overrides: list[str]):
     """Compose ``conf/`` with Hydra overrides into a validated BuildSpec (no Hydra app)."""

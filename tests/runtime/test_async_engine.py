@@ -14,8 +14,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama_artifact: Path) -> LLM:
-    return LLM(tiny_llama_artifact)
+def llm(engine_artifact: Path) -> LLM:
+    return LLM(engine_artifact)
 
 
 async def collect(engine: AsyncLLMEngine, prompt, params: SamplingParams, request_id: str) -> list:
@@ -100,9 +100,9 @@ def test_bad_requests_raise_before_streaming(llm: LLM) -> None:
     asyncio.run(main())
 
 
-def test_from_engine_args(tiny_llama_artifact: Path) -> None:
+def test_from_engine_args(engine_artifact: Path) -> None:
     parser = AsyncEngineArgs.add_cli_args(argparse.ArgumentParser())
-    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", str(tiny_llama_artifact), "--npu-queue-limit", "4"]))
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", str(engine_artifact), "--npu-queue-limit", "4"]))
     assert isinstance(args, AsyncEngineArgs)
     with AsyncLLMEngine.from_engine_args(args) as engine:
         assert engine.native_engine.scheduler.config.npu_queue_limit == 4

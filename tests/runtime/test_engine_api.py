@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from furiosa_runtime import LLM, EngineArgs, LLMEngine, RequestOutputKind, SamplingParams
+from furiosa_runtime.artifact import load_artifact
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 
 
 @pytest.fixture()
-def engine(tiny_llama_artifact: Path) -> LLMEngine:
-    with LLMEngine.from_engine_args(EngineArgs(model=str(tiny_llama_artifact))) as engine:
+def engine(engine_artifact: Path) -> LLMEngine:
+    with LLMEngine.from_engine_args(EngineArgs(model=str(engine_artifact))) as engine:
         yield engine
 
 
@@ -27,13 +28,13 @@ def drain(engine: LLMEngine) -> dict[str, list]:
     return seen
 
 
-def test_add_step_until_done_matches_llm_generate(engine: LLMEngine, tiny_llama_artifact: Path) -> None:
+def test_add_step_until_done_matches_llm_generate(engine: LLMEngine, engine_artifact: Path) -> None:
     engine.add_request("a", "Hello", GREEDY)
     engine.add_request("b", {"prompt_token_ids": [5, 6, 7]}, GREEDY)
     seen = drain(engine)
     assert set(seen) == {"a", "b"} and all(outs[-1].finished for outs in seen.values())
     assert [o.finished for o in seen["a"]] == [False] * 4 + [True]  # one output per token
-    llm = LLM(tiny_llama_artifact)
+    llm = LLM(engine_artifact)
     ids = llm.tokenizer.encode("Hello", add_special_tokens=False)  # engines add no special tokens
     assert seen["a"][-1].outputs[0].token_ids == llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert engine.step() == []  # nothing left: returns at once
@@ -78,20 +79,21 @@ def test_request_id_rules(engine: LLMEngine) -> None:
     engine.add_request("same", "Hello", GREEDY)  # finished ids may be reused
 
 
-def test_shutdown_aborts_what_is_left(tiny_llama_artifact: Path) -> None:
-    llm = LLM(tiny_llama_artifact)
+def test_shutdown_aborts_what_is_left(engine_artifact: Path) -> None:
+    llm = LLM(engine_artifact)
     with LLMEngine.from_llm(llm) as engine:
         engine.add_request("x", "Hello", GREEDY)
-        assert engine.model_path == str(tiny_llama_artifact) and engine.task_type == "generate"
+        assert engine.model_path == str(engine_artifact) and engine.task_type == "generate"
     assert not engine.has_unfinished_requests() and not llm.engine.has_unfinished_requests()
 
 
-def test_engine_args_from_the_command_line(tiny_llama_artifact: Path) -> None:
+def test_engine_args_from_the_command_line(engine_artifact: Path) -> None:
+    devices = load_artifact(engine_artifact).devices.replace("npu:0", "npu:1")  # the same PEs of another device
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--model", str(tiny_llama_artifact), "--devices", "npu:0:1", "--max-processing-samples", "1",
+    args = parser.parse_args(["--model", str(engine_artifact), "--devices", devices, "--max-processing-samples", "1",
                               "--spare-blocks-ratio", "0.5", "--seed", "3", "--enable-jit-compilation", "false"])  # fmt: skip
     engine_args = EngineArgs.from_cli_args(args)
-    assert (engine_args.devices, engine_args.max_processing_samples, engine_args.seed) == ("npu:0:1", 1, 3)
+    assert (engine_args.devices, engine_args.max_processing_samples, engine_args.seed) == (devices, 1, 3)
     assert engine_args.enable_jit_compilation is False and engine_args.npu_queue_limit is None
     engine = LLMEngine.from_engine_args(engine_args)
     config = engine.native_engine.scheduler.config

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from furiosa_runtime import LLM, LLMEngine, SamplingParams, SchedulerConfig
-from tests.helpers import build
+from tests.helpers import ENGINE_LAYOUTS, build
 
 INVARIANCE_BUCKETS = [
     "model=tiny-llama",
@@ -27,10 +27,10 @@ INVARIANCE_BUCKETS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def small_cache_artifact(tmp_path_factory, cache_dir) -> Path:
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-llama-small-cache"
-    build(INVARIANCE_BUCKETS, out, cache_dir)
+@pytest.fixture(scope="module", params=list(ENGINE_LAYOUTS))
+def small_cache_artifact(request, tmp_path_factory, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / f"tiny-llama-small-cache-{request.param}"
+    build([*INVARIANCE_BUCKETS, *ENGINE_LAYOUTS[request.param]], out, cache_dir)
     return out
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from furiosa_runtime import LLM, ContextLengthExceededError, Logprob, RequestOutput, SamplingParams, SchedulerConfig
+from furiosa_runtime.artifact import load_artifact
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama_artifact: Path) -> LLM:
-    return LLM(tiny_llama_artifact, seed=0)
+def llm(engine_artifact: Path) -> LLM:
+    return LLM(engine_artifact, seed=0)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -121,8 +122,9 @@ def test_max_tokens_none_runs_to_the_context_limit(llm: LLM) -> None:
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
 
 
-def test_constructor_arguments(tiny_llama_artifact: Path) -> None:
-    with LLM(tiny_llama_artifact, devices="npu:0:0", scheduler_config=SchedulerConfig(max_processing_samples=1), tokenizer=str(tiny_llama_artifact)) as llm:
+def test_constructor_arguments(engine_artifact: Path) -> None:
+    devices = load_artifact(engine_artifact).devices
+    with LLM(engine_artifact, devices=devices, scheduler_config=SchedulerConfig(max_processing_samples=1), tokenizer=str(engine_artifact)) as llm:
         assert llm.model_metadata.task == "generate" and llm.max_model_len == 64
         assert len(llm.generate(["a", "b"], GREEDY, use_tqdm=False)) == 2
     for kwargs, needle in [({"devices": "gpu:0"}, "devices"), ({"revision": "main"}, "revision"),
@@ -130,7 +132,7 @@ def test_constructor_arguments(tiny_llama_artifact: Path) -> None:
                            ({"data_parallel_size": 3}, "data_parallel_size"), ({"bogus": 1}, "bogus"),
                            ({"scheduler_config": SchedulerConfig(spare_blocks_ratio=2.0)}, "spare_blocks_ratio")]:  # fmt: skip
         with pytest.raises(ValueError, match=needle):
-            LLM(tiny_llama_artifact, **kwargs)
+            LLM(engine_artifact, **kwargs)
 
 
 def test_chat_uses_the_template(smollm2_artifact: Path) -> None:

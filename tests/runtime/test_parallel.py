@@ -15,9 +15,8 @@ import pytest
 
 from furiosa_runtime import LLM, SamplingParams
 from furiosa_runtime.artifact import load_artifact
-from furiosa_runtime.block_manager import BlockManager
 from furiosa_runtime.hardware import HardwareSpec
-from furiosa_runtime.model_runner import ModelRunner, smallest_bucket
+from furiosa_runtime.model_runner import smallest_bucket
 from furiosa_runtime.sequence import Sequence
 from furiosa_runtime.simulator import DeviceMemoryError, NPUSimulator
 from tests.helpers import build
@@ -44,19 +43,6 @@ SETTINGS = [
     ("tiny-gpt2", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
     ("tiny-gpt2", [f"{DEVICES}=npu:0:0-1", f"{PP}=2"]),
 ]
-
-
-class Loaded:
-    """An artifact on the simulator with load-time parallel settings, shaped like ``LLM``
-    where the tests need it (``.engine.runner``, ``.engine.blocks``)."""
-
-    def __init__(self, root: Path, **settings) -> None:
-        artifact = load_artifact(root)
-        self.simulator = NPUSimulator(root, artifact, **settings)
-        paged = artifact.generator_config.paged_attention_config
-        self.blocks = BlockManager(paged.num_blocks, paged.block_size)
-        self.runner = ModelRunner(self.simulator, artifact, self.blocks)
-        self.engine = self
 
 
 Greedy = list[tuple[list[int], list[np.ndarray]]]
@@ -102,7 +88,7 @@ def single_pe(tmp_path_factory, cache_dir):
         if model not in built:
             root = tmp_path_factory.mktemp("single") / model
             build([f"model={model}", "buckets=tiny"], root, cache_dir)
-            built[model] = (root, greedy_together(Loaded(root), PROMPTS, NEW_TOKENS))
+            built[model] = (root, greedy_together(LLM(root), PROMPTS, NEW_TOKENS))
         return built[model]
 
     return get
@@ -116,13 +102,13 @@ def build_parallel(tmp_path_factory, cache_dir, model: str, overrides: list[str]
 
 @pytest.mark.parametrize(("model", "overrides"), SETTINGS, ids=[f"{m}-{'-'.join(o).replace(DEVICES, 'dev')}" for m, o in SETTINGS])
 def test_parallel_artifact_generates_like_the_single_pe_one(model, overrides, single_pe, tmp_path_factory, cache_dir):
-    parallel = Loaded(build_parallel(tmp_path_factory, cache_dir, model, overrides))
+    parallel = LLM(build_parallel(tmp_path_factory, cache_dir, model, overrides))
     assert_same_generation(single_pe(model)[1], parallel)
-    mesh = parallel.simulator.mesh
+    mesh = parallel.engine.simulator.mesh
     if mesh.tp > 1:
-        assert parallel.simulator.stats["collectives"] > 0  # all-reduce / all-gather really ran
+        assert parallel.engine.simulator.stats["collectives"] > 0  # all-reduce / all-gather really ran
     if mesh.pp > 1:
-        assert parallel.simulator.stats["transfers"] > 0  # activations crossed stages
+        assert parallel.engine.simulator.stats["transfers"] > 0  # activations crossed stages
 
 
 @pytest.fixture(scope="module")
@@ -163,21 +149,21 @@ def test_loading_fails_clearly_above_a_pes_capacity(llama_tp4):
 def test_pipeline_stages_can_be_recut_at_load(single_pe):
     """A blockwise single-PE artifact run on 2 stages x 2 replicas of 1 PE (npu:0:0-3)."""
     root, want = single_pe("tiny-llama")
-    staged = Loaded(root, devices="npu:0:0-3", pipeline_parallel_size=2)
-    assert (staged.simulator.mesh.pp, staged.simulator.mesh.dp) == (2, 2)
+    staged = LLM(root, devices="npu:0:0-3", pipeline_parallel_size=2)
+    assert (staged.engine.simulator.mesh.pp, staged.engine.simulator.mesh.dp) == (2, 2)
     assert_same_generation(want, staged)
-    assert staged.simulator.stats["transfers"] > 0
+    assert staged.engine.simulator.stats["transfers"] > 0
 
 
 def test_load_time_settings_are_checked(single_pe, tmp_path, cache_dir):
     root, _ = single_pe("tiny-llama")
     with pytest.raises(ValueError, match=r"^data_parallel_size: .* = 1\*2\*1 = 2 does not match the 4 PEs"):
-        Loaded(root, devices="npu:0:0-3", pipeline_parallel_size=2, data_parallel_size=1)
+        LLM(root, devices="npu:0:0-3", pipeline_parallel_size=2, data_parallel_size=1)
     with pytest.raises(ValueError, match=r"^pipeline_parallel_size: must be between 1 and the 2 decoder layers"):
-        Loaded(root, devices="npu:0", pipeline_parallel_size=4)
+        LLM(root, devices="npu:0", pipeline_parallel_size=4)
     build(["model=tiny-llama", "buckets=tiny", "build.use_blockwise_compile=false"], tmp_path / "layerwise", cache_dir)
     with pytest.raises(ValueError, match=r"^pipeline_parallel_size: only blockwise artifacts can be re-staged"):
-        Loaded(tmp_path / "layerwise", devices="npu:0:0-1", pipeline_parallel_size=2)
+        LLM(tmp_path / "layerwise", devices="npu:0:0-1", pipeline_parallel_size=2)
 
 
 # -- the real SmolLM2-135M-Instruct: 9 query heads, so tp stays 1; stages and replicas -------
@@ -191,7 +177,7 @@ def test_smollm2_on_uneven_stages_and_replicas_matches_the_single_pe_artifact(sm
     prompts = [single.tokenizer.encode(text, add_special_tokens=False), [1, 504, 3458, 314, 260, 1345]]
     want = greedy_together(single, prompts, 3)
     build([f"{DEVICES}=npu:0:0-2", f"{PP}=3", "parallel.num_blocks_per_pp_stage=[8,12,10]"], tmp_path / "pp3", cache_dir)
-    assert_same_generation(want, Loaded(tmp_path / "pp3"), prompts, 3)
-    replicas = Loaded(smollm2_artifact, devices="npu:0:0-3", pipeline_parallel_size=2)  # 2 stages x 2 replicas
-    assert replicas.simulator.mesh.dp == 2
+    assert_same_generation(want, LLM(tmp_path / "pp3"), prompts, 3)
+    replicas = LLM(smollm2_artifact, devices="npu:0:0-3", pipeline_parallel_size=2)  # 2 stages x 2 replicas
+    assert replicas.engine.simulator.mesh.dp == 2
     assert_same_generation(want, replicas, prompts, 3)
