@@ -366,14 +366,12 @@ class SchedulerSpec(_Section):
     max_processing_samples: int = Field(default=65536, ge=1)
     spare_blocks_ratio: float = 0.2
     is_offline: bool = False
-    prefill_chunk_size: int | None = None
+    prefill_chunk_size: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerSpec:
         if not 0.0 <= self.spare_blocks_ratio < 1.0:
             raise _Invalid(("spare_blocks_ratio",), f"must be in [0, 1), got {self.spare_blocks_ratio}")
-        if self.prefill_chunk_size is not None:
-            raise _Invalid(("prefill_chunk_size",), "not supported yet (only null); chunked prefill is issue 4")
         return self
 
 

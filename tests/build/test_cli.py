@@ -90,7 +90,7 @@ def test_other_options(model_dir: Path) -> None:
     (["-pb", "1,4096"], "buckets.prefill[0]: attention_size 4096 exceeds buckets.max_seq_len_to_capture=2048"),
     (["-db", "4,64"], "buckets.prefill: empty while buckets.decode is not"),
     (["-pb", "0,64"], "buckets.prefill[0]: batch_size and attention_size must be positive"),
-    (["--prefill-chunk-size", "64"], "scheduler.prefill_chunk_size: not supported yet (only null)"),
+    (["--prefill-chunk-size", "0"], "scheduler.prefill_chunk_size: must be greater than or equal to 1"),
     (["--quantization-artifact-path", "/q"], "build.quantize_artifact_path: not supported yet (only null)"),
     (["--kv-cache-sharing-across-beams-config", "4,128"], "buckets.kv_cache_sharing_across_beams_config: not supported"),
     (["--num-compile-workers", "0"], "build.num_compile_workers: must be greater than or equal to 1"),

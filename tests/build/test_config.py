@@ -156,7 +156,7 @@ BAD_OVERRIDES = [
                                                                       "not supported yet (only null)"),
     ("scheduler.spare_blocks_ratio=1.0", "scheduler.spare_blocks_ratio: must be in [0, 1), got 1.0"),
     ("scheduler.spare_blocks_ratio=-0.1", "scheduler.spare_blocks_ratio: must be in [0, 1)"),
-    ("scheduler.prefill_chunk_size=128", "scheduler.prefill_chunk_size: not supported yet (only null)"),
+    ("scheduler.prefill_chunk_size=0", "scheduler.prefill_chunk_size: must be greater than or equal to 1"),
     ("build.backend=spark", "build.backend: unknown 'spark'; allowed: loky, threading, multiprocessing, sequential"),
     ("build.param_saved_format=pt", "build.param_saved_format: not supported yet (only safetensors)"),
     ("build.param_saved_format=npz", "build.param_saved_format: expected one of safetensors, pt"),
@@ -376,17 +376,14 @@ def test_builder_defaults_name_and_scheduler() -> None:
     assert spec.model.name == "smollm2-135m-instruct.q4_1"
     assert spec.build.save_dir == "artifacts/smollm2-135m-instruct.q4_1"
     assert spec.scheduler == SchedulerSpec()
-    assert spec.parallel.tensor_parallel_size == 1  # the reference defaults to 4; only 1 is built so far
+    assert spec.parallel.tensor_parallel_size == 1  # the reference defaults to 4; ours to one PE
 
 
 def test_scheduler_config_may_be_a_dict_and_chunk_size_applies_on_top() -> None:
-    with pytest.raises(ConfigError, match=r"^scheduler.prefill_chunk_size: not supported yet"):
-        spec_from_builder_args(None, None, "t", {"hf_config": RANDOM_LLAMA, "seed_for_random_weight": 0,
-                                                 "default_scheduler_config": {"npu_queue_limit": 3},
-                                                 "prefill_chunk_size": 32}, {})
     spec = spec_from_builder_args(None, None, "t", {"hf_config": RANDOM_LLAMA, "seed_for_random_weight": 0,
-                                                    "default_scheduler_config": {"npu_queue_limit": 3}}, {})
-    assert spec.scheduler.npu_queue_limit == 3
+                                                    "default_scheduler_config": {"npu_queue_limit": 3},
+                                                    "prefill_chunk_size": 32}, {})
+    assert (spec.scheduler.npu_queue_limit, spec.scheduler.prefill_chunk_size) == (3, 32)
 
 
 def test_unknown_builder_arguments_are_refused() -> None:
