@@ -51,17 +51,23 @@ class ModelRunner:
         ``spans`` (chunked prefill) limits row i to positions ``[start, end)`` of its
         sequence; earlier positions must already be in the KV cache.
         """
+        spans = spans if spans is not None else [(0, seq.num_tokens) for seq in seqs]
+        rows = [(seq.request_id, seq.token_ids[first:last], first) for seq, (first, last) in zip(seqs, spans)]
+        return self._last_logits(bucket, self.prefill_feeds(bucket, rows), seqs)
+
+    def prefill_feeds(self, bucket: Bucket, rows: list[tuple[str, list[int], int]]) -> dict[str, np.ndarray]:
+        """The inputs of a prefill bucket: row i holds ``(request_id, tokens, first position)``,
+        left-padded so its last token sits in the last column; the request's KV blocks must
+        already be allocated."""
         feeds = self._empty_feeds(bucket)
         width = bucket.input_len
-        for row, seq in enumerate(seqs):
-            first, last = spans[row] if spans is not None else (0, seq.num_tokens)
-            tokens = seq.token_ids[first:last]
-            start = width - len(tokens)
+        for row, (request_id, tokens, first) in enumerate(rows):
+            start, last = width - len(tokens), first + len(tokens)
             feeds["input_ids"][row, start:] = tokens
             feeds["positions"][row, start:] = np.arange(first, last)
-            feeds["slot_mapping"][row, start:] = [self.blocks.slot(seq.request_id, p) for p in range(first, last)]
-            self._fill_table(feeds, row, seq)
-        return self._last_logits(bucket, feeds, seqs)
+            feeds["slot_mapping"][row, start:] = [self.blocks.slot(request_id, p) for p in range(first, last)]
+            self._fill_table(feeds, row, request_id)
+        return feeds
 
     def decode(self, seqs: list[Sequence], bucket: Bucket, positions: list[int] | None = None) -> np.ndarray:
         """Feed each sequence's newest token (or the token at ``positions[i]``, to catch up
@@ -72,20 +78,23 @@ class ModelRunner:
             feeds["input_ids"][row, 0] = seq.token_ids[position]
             feeds["positions"][row, 0] = position
             feeds["slot_mapping"][row, 0] = self.blocks.slot(seq.request_id, position)
-            self._fill_table(feeds, row, seq)
+            self._fill_table(feeds, row, seq.request_id)
         return self._last_logits(bucket, feeds, seqs)
 
     def _empty_feeds(self, bucket: Bucket) -> dict[str, np.ndarray]:
+        """All-padding inputs of ``bucket``; ``position_ids`` is the same array as ``positions``."""
         shape = (bucket.batch_size, bucket.input_len)
+        positions = np.zeros(shape, dtype=np.int64)
         return {
             "input_ids": np.zeros(shape, dtype=np.int64),
-            "positions": np.zeros(shape, dtype=np.int64),
+            "positions": positions,
+            "position_ids": positions,
             "slot_mapping": np.full(shape, -1, dtype=np.int64),
             "block_tables": np.zeros((bucket.batch_size, bucket.num_kv_blocks(self.blocks.block_size)), dtype=np.int64),
         }
 
-    def _fill_table(self, feeds: dict[str, np.ndarray], row: int, seq: Sequence) -> None:
-        table = self.blocks.tables[seq.request_id][: feeds["block_tables"].shape[1]]  # a chunk's bucket may not span them all
+    def _fill_table(self, feeds: dict[str, np.ndarray], row: int, request_id: str) -> None:
+        table = self.blocks.tables[request_id][: feeds["block_tables"].shape[1]]  # a chunk's bucket may not span them all
         feeds["block_tables"][row, : len(table)] = table
 
     def _assign(self, seqs: list[Sequence]) -> None:
@@ -116,7 +125,6 @@ class ModelRunner:
         return np.stack(logits)
 
     def _run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int) -> np.ndarray:
-        feeds["position_ids"] = feeds["positions"]
         logits = self.simulator.run(bucket, feeds, replica)  # (B, 1 or S, vocab)
         return logits[:, -1, :]
 
@@ -124,4 +132,6 @@ class ModelRunner:
         """The smallest bucket with ``bucket``'s context shape holding ``rows`` rows."""
         buckets = self.prefill_buckets if bucket.is_prefill else self.decode_buckets
         same = [b for b in buckets if (b.attention_size, b.kv_cache_size) == (bucket.attention_size, bucket.kv_cache_size)]
-        return min((b for b in same if b.batch_size >= rows), key=lambda b: b.batch_size)
+        part = smallest_bucket(same, rows, bucket.attention_size)
+        assert part is not None, "bucket itself holds the rows"
+        return part

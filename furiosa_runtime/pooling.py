@@ -34,11 +34,9 @@ import tokenizers
 from tqdm.auto import tqdm
 
 from furiosa_runtime.artifact import Artifact, Bucket
-from furiosa_runtime.block_manager import BlockManager
 from furiosa_runtime.errors import ContextLengthExceededError
 from furiosa_runtime.inputs import PromptType, is_single_prompt, parse_prompt
-from furiosa_runtime.model_runner import smallest_bucket
-from furiosa_runtime.simulator import NPUSimulator
+from furiosa_runtime.model_runner import ModelRunner, smallest_bucket
 from furiosa_runtime.tokenizer import Tokenizer
 
 __all__ = [
@@ -116,11 +114,11 @@ class EmbeddingRequestOutput:
 class Embedder:
     """Texts in, pooled vectors out, on the simulator that holds an embed artifact."""
 
-    def __init__(self, artifact: Artifact, simulator: NPUSimulator, blocks: BlockManager, tokenizer: Tokenizer) -> None:
+    def __init__(self, artifact: Artifact, runner: ModelRunner, tokenizer: Tokenizer) -> None:
         require_task(artifact, "embed", "Embedder")
         pooling = artifact.model_metadata.pooling
-        self.simulator = simulator
-        self.blocks = blocks
+        self.runner = runner
+        self.blocks = runner.blocks
         self.buckets: list[Bucket] = list(artifact.generator_config.prefill_buckets)
         self.max_len = max(b.attention_size for b in self.buckets)
         self.tokenizer = _truncating(tokenizer, pooling.max_seq_length if pooling else None)
@@ -129,11 +127,11 @@ class Embedder:
 
     @classmethod
     def of(cls, core: Any) -> Embedder:
-        """The embedder of an engine core (``artifact``, ``simulator``, ``blocks``, ``tokenizer``):
+        """The embedder of an engine core (``artifact``, ``runner``, ``tokenizer``):
         one per loaded artifact, shared by ``LLM`` and ``AsyncLLMEngine`` so they share its lock."""
         embedder = _EMBEDDERS.get(core)
         if embedder is None:
-            embedder = _EMBEDDERS[core] = cls(core.artifact, core.simulator, core.blocks, core.tokenizer)
+            embedder = _EMBEDDERS[core] = cls(core.artifact, core.runner, core.tokenizer)
         return embedder
 
     def encode(
@@ -186,30 +184,12 @@ class Embedder:
             try:
                 for request_id, tokens in zip(ids, token_lists):
                     self.blocks.allocate(request_id, len(tokens))
-                pooled = self.simulator.run(bucket, self._feeds(bucket, ids, token_lists))  # (B, hidden)
+                feeds = self.runner.prefill_feeds(bucket, [(i, tokens, 0) for i, tokens in zip(ids, token_lists)])
+                pooled = self.runner.simulator.run(bucket, feeds)  # (B, hidden)
             finally:
                 for request_id in ids:
                     self.blocks.free(request_id)
         return np.asarray(pooled[: len(token_lists)], dtype=np.float32)
-
-    def _feeds(self, bucket: Bucket, ids: list[str], token_lists: list[list[int]]) -> dict[str, np.ndarray]:
-        """Left-padded rows: padding keeps slot -1 and position 0; block tables point at block 0."""
-        shape = (bucket.batch_size, bucket.input_len)
-        feeds = {
-            "input_ids": np.zeros(shape, dtype=np.int64),
-            "positions": np.zeros(shape, dtype=np.int64),
-            "slot_mapping": np.full(shape, -1, dtype=np.int64),
-            "block_tables": np.zeros((bucket.batch_size, bucket.num_kv_blocks(self.blocks.block_size)), dtype=np.int64),
-        }
-        for row, (request_id, tokens) in enumerate(zip(ids, token_lists)):
-            start = bucket.input_len - len(tokens)
-            feeds["input_ids"][row, start:] = tokens
-            feeds["positions"][row, start:] = np.arange(len(tokens))
-            feeds["slot_mapping"][row, start:] = [self.blocks.slot(request_id, p) for p in range(len(tokens))]
-            table = self.blocks.tables[request_id]
-            feeds["block_tables"][row, : len(table)] = table
-        feeds["position_ids"] = feeds["positions"]
-        return feeds
 
 
 def _stripped(prompt: PromptType) -> PromptType:
