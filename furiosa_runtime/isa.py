@@ -35,6 +35,8 @@ Opcodes (ins -> outs, attrs):
 from __future__ import annotations
 
 import base64
+import math
+import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -214,8 +216,9 @@ def _matmul(ins, attrs, ctx):
 @kernel("rms_norm")
 def _rms_norm(ins, attrs, ctx):
     x, w = ins
-    y = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(attrs["eps"])))
-    return ((y * (_f32(w) + np.float32(attrs.get("weight_offset", 0.0)))).astype(np.float32),)
+    y = x * (1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(attrs["eps"])))
+    y *= _f32(w) + np.float32(attrs.get("weight_offset", 0.0))
+    return (_f32(y),)
 
 
 @kernel("layer_norm")
@@ -231,8 +234,11 @@ def _layer_norm(ins, attrs, ctx):
 def _rotary(ins, attrs, ctx):
     x, cos, sin = ins
     half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos + rotated * sin,)
+    # x * cos + cat(-x2, x1) * sin, written half by half instead of materialising the cat
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return (out,)
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -340,7 +346,19 @@ def _softmax(ins, attrs, ctx):
 @kernel("gated_act")
 def _gated_act(ins, attrs, ctx):
     gate, up = ins
+    if attrs["act"] == "silu" and gate.dtype == np.float32:
+        return (_silu_mul(gate, up),)
     return (UNARY[attrs["act"]](gate) * up,)
+
+
+def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gate / (1 + exp(-gate)) * up in one buffer: the MLP's widest activation is never copied."""
+    out = np.negative(gate)
+    np.exp(out, out=out)
+    out += 1
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
 
 
 @kernel("gather")
@@ -437,6 +455,13 @@ def _all_gather(parts: list[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
     return np.concatenate(parts, axis=attrs["dim"])
 
 
+#: Rows attended together: rows of similar context length share one gather of KV blocks.
+ATTENTION_ROW_GROUP = 16
+#: Queries attended together: a causal chunk of queries reads only the keys up to its last one.
+ATTENTION_QUERY_CHUNK = 64
+_scratch = threading.local()  # reused gather buffers, one set per host thread (see _gather_blocks)
+
+
 @kernel("paged_attention")
 def _paged_attention(ins, attrs, ctx):
     """Write this step's K/V into the paged cache, then attend over the cached context.
@@ -444,51 +469,102 @@ def _paged_attention(ins, attrs, ctx):
     Keys are addressed by logical position: the cache slot of position j of sequence b is
     block_tables[b, j // block_size] * block_size + j % block_size.  A query at position
     p sees positions j <= p (causal) that lie in the sequence's context; slot -1 marks a
-    padding token, which is neither written nor attended.
+    padding token, which is neither written nor attended.  A query that sees no key gets
+    zeros.
+
+    The work is split into tasks of a few rows (sorted by context length) and, for long
+    prompts, of a chunk of queries, so that each task gathers only the KV blocks it needs,
+    into a reused buffer.
     """
     q, k, v, positions, slot_mapping, block_tables = ins
     kv = ctx.kv
     assert kv is not None, "paged_attention needs a bound KV cache"
-    batch, heads, seq, _ = q.shape  # (B, H, S, D)
-    kv_heads = k.shape[1]
+    num_blocks = kv.k.shape[0] // ctx.block_size
+    if block_tables.size and not 0 <= block_tables.min() <= block_tables.max() < num_blocks:
+        raise ValueError(f"block_tables: block ids must lie in [0, {num_blocks}), got {block_tables.min()}..{block_tables.max()}")
     valid = slot_mapping >= 0  # (B, S)
     slots = slot_mapping[valid]
     kv.k[slots] = k.transpose(0, 2, 1, 3)[valid]  # (B, S, Hkv, D) -> (T, Hkv, D)
     kv.v[slots] = v.transpose(0, 2, 1, 3)[valid]
 
-    bs = ctx.block_size
     context_len = np.where(valid, positions + 1, 0).max(axis=1)  # (B,)
-    # Only the blocks some row's context reaches: keys beyond every context are masked anyway.
-    used = min(max(-(-int(context_len.max(initial=0)) // bs), 1), block_tables.shape[1])
-    key_pos = np.arange(used * bs)  # (L,)
-    tables = block_tables[:, :used]  # (B, used): whole blocks gathered at once
-    keys = _f32(kv.k.reshape(-1, bs, *kv.k.shape[1:])[tables]).reshape(batch, used * bs, *kv.k.shape[1:])  # (B, L, Hkv, D)
-    values = _f32(kv.v.reshape(-1, bs, *kv.v.shape[1:])[tables]).reshape(batch, used * bs, *kv.v.shape[1:])
+    batch, heads, seq, _ = q.shape
+    q = q * np.float32(attrs["scale"])
+    out = np.empty((batch, seq, heads, kv.v.shape[-1]), dtype=np.float32)
 
-    mask = key_pos[None, None, :] < context_len[:, None, None]  # (B, S, L)
+    order = np.argsort(context_len, kind="stable")
+    chunk = ATTENTION_QUERY_CHUNK if attrs["causal"] else seq
+    for first in range(0, batch, ATTENTION_ROW_GROUP):
+        rows = order[first : first + ATTENTION_ROW_GROUP]
+        for start in range(0, seq, chunk):
+            queries = slice(start, start + chunk)
+            out[rows, queries] = _attend(q[rows, :, queries], kv, block_tables[rows], positions[rows, queries], context_len[rows], ctx.block_size, attrs)
+    return (out,)
+
+
+def _attend(q, kv, block_tables, positions, context_len, block_size, attrs) -> np.ndarray:
+    """Attention of a few rows' (pre-scaled) queries over their cached context:
+    q (B, H, S, D) -> (B, S, H, Dv)."""
+    batch, heads, seq, _ = q.shape
+    kv_heads = kv.k.shape[1]
+    visible = np.minimum(context_len, positions.max(axis=1) + 1) if attrs["causal"] else context_len
+    used = min(max(-(-int(visible.max(initial=0)) // block_size), 1), block_tables.shape[1])
+    tables = block_tables[:, :used]  # (B, used): whole blocks gathered at once
+    keys = _gather_blocks(kv.k, tables, block_size, "k")  # (B, L, Hkv, D)
+    values = _gather_blocks(kv.v, tables, block_size, "v")
+
+    qg = q.reshape(batch, kv_heads, (heads // kv_heads) * seq, q.shape[-1])  # (B, Hkv, G*S, D)
+    # Strided views whose (L, D) rows stay unit-stride are BLAS operands as they are: no copy.
+    scores = qg @ keys.transpose(0, 2, 3, 1)  # (B, Hkv, G*S, L)
+    if attrs.get("softcap"):
+        cap = np.float32(attrs["softcap"])
+        scores = np.tanh(scores / cap) * cap
+    scores = scores.reshape(batch, kv_heads, -1, seq, scores.shape[-1])  # (B, Hkv, G, S, L)
+    scores += _attention_bias(positions, context_len, scores.shape[-1], attrs)[:, None, None]
+    weights, denom = _softmax_numerator(scores.reshape(batch, kv_heads, -1, scores.shape[-1]))
+    out = (weights @ values.transpose(0, 2, 1, 3)) / denom  # (B, Hkv, G*S, Dv)
+    out = out.reshape(batch, kv_heads, -1, seq, values.shape[-1])  # (B, Hkv, G, S, Dv)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, values.shape[-1])
+
+
+def _gather_blocks(cache: np.ndarray, tables: np.ndarray, block_size: int, which: str) -> np.ndarray:
+    """The cache blocks of each row, in table order: ``(B, used * block_size, Hkv, D)`` in f32.
+
+    The blocks land in a reused buffer: writing them into fresh memory costs more than
+    reading them.  The ids were bounds-checked by the caller.
+    """
+    blocks = cache.reshape(-1, block_size, *cache.shape[1:])
+    shape = (*tables.shape, *blocks.shape[1:])
+    size = math.prod(shape)
+    buffer = getattr(_scratch, which, None)
+    if buffer is None or buffer.size < size or buffer.dtype != cache.dtype:
+        buffer = np.empty(size, dtype=cache.dtype)
+        setattr(_scratch, which, buffer)
+    gathered = np.take(blocks, tables, axis=0, mode="clip", out=buffer[:size].reshape(shape))
+    return _f32(gathered.reshape(tables.shape[0], -1, *cache.shape[1:]))
+
+
+def _attention_bias(positions: np.ndarray, context_len: np.ndarray, keys: int, attrs: dict[str, Any]) -> np.ndarray:
+    """0 where query (b, s) may see key position j, -inf elsewhere: ``(B, S, L)``."""
+    key_pos = np.arange(keys)
+    mask = key_pos[None, None, :] < context_len[:, None, None]
     if attrs["causal"]:
         mask = mask & (key_pos[None, None, :] <= positions[:, :, None])
     if attrs.get("sliding_window"):
         mask = mask & (key_pos[None, None, :] > positions[:, :, None] - attrs["sliding_window"])
+    return np.where(mask, np.float32(0), np.float32(-np.inf))
 
-    group = heads // kv_heads
-    qg = q.reshape(batch, kv_heads, group, seq, q.shape[-1])  # (B, Hkv, G, S, D)
-    # (B, Hkv, 1, D, L): batched GEMMs, not einsum loops; a strided view whose (L, D) rows stay unit-stride
-    # is still BLAS-able (a transposed operand), so no copy of the keys is needed
-    keys_t = keys.transpose(0, 2, 1, 3)[:, :, None].swapaxes(-1, -2)
-    scores = (qg @ keys_t) * np.float32(attrs["scale"])  # (B, Hkv, G, S, L)
-    if attrs.get("softcap"):
-        cap = np.float32(attrs["softcap"])
-        scores = np.tanh(scores / cap) * cap
-    m = mask[:, None, None, :, :]
-    scores = np.where(m, scores, -np.inf)
-    peak = np.where(np.isfinite(scores.max(axis=-1, keepdims=True)), scores.max(axis=-1, keepdims=True), 0)
-    probs = np.where(m, np.exp(scores - peak), 0)
-    denom = probs.sum(axis=-1, keepdims=True)
-    probs = probs / np.where(denom > 0, denom, 1)
-    out = (probs.astype(np.float32) @ values.transpose(0, 2, 1, 3)[:, :, None])  # (B, Hkv, G, S, Dv)
-    out = out.transpose(0, 3, 1, 2, 4)  # (B, S, Hkv, G, Dv)
-    return (out.reshape(batch, seq, heads, values.shape[-1]),)
+
+def _softmax_numerator(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(scores - row max) in place, and the row sums to divide by (1 for a row with no
+    finite score, whose weights are all zero)."""
+    peak = scores.max(axis=-1, keepdims=True)
+    peak[~np.isfinite(peak)] = 0
+    scores -= peak
+    np.exp(scores, out=scores)
+    denom = scores.sum(axis=-1, keepdims=True)
+    denom[denom == 0] = 1
+    return scores, denom
 
 
 def execute(inst: Instruction, operands: list[np.ndarray], ctx: ExecContext) -> tuple[np.ndarray, ...]:

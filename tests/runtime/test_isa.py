@@ -50,6 +50,40 @@ def test_prefill_then_decode_through_scattered_blocks_equals_plain_attention():
     np.testing.assert_allclose(step[0, 0], want[length], rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_of_mixed_lengths_and_long_prompts_matches_each_sequence_alone():
+    """More rows than one attention task takes and prompts longer than a query chunk: every
+    row still sees exactly its own context, through blocks scattered over the cache."""
+    rng = np.random.default_rng(2)
+    rows, heads, kv_heads, dim, block = 20, 6, 2, 8, 4
+    lengths = rng.integers(1, 150, size=rows)
+    width, blocks_per_row = int(lengths.max()), -(-151 // block)
+    tables = rng.permutation(rows * blocks_per_row).reshape(rows, blocks_per_row)
+    kv = KVCacheLayer(rows * blocks_per_row * block, kv_heads, dim, dim, np.dtype(np.float32))
+    q = rng.standard_normal((rows, heads, width + 1, dim)).astype(np.float32)
+    k = rng.standard_normal((rows, kv_heads, width + 1, dim)).astype(np.float32)
+    v = rng.standard_normal((rows, kv_heads, width + 1, dim)).astype(np.float32)
+
+    # Prefill: row b holds its lengths[b] tokens right-aligned; the columns before are padding.
+    pos, slots = np.zeros((rows, width), dtype=np.int64), np.full((rows, width), -1)
+    qp, kp, vp = (np.zeros_like(x[:, :, :width]) for x in (q, k, v))
+    for b, n in enumerate(lengths):
+        pos[b, width - n :] = np.arange(n)
+        slots[b, width - n :] = tables[b, np.arange(n) // block] * block + np.arange(n) % block
+        for dst, src in ((qp, q), (kp, k), (vp, v)):
+            dst[b, :, width - n :] = src[b, :, :n]
+    out = _paged(qp, kp, vp, pos, slots, tables, kv, block)
+
+    # Decode: one more token per row, reading the whole context back from the cache.
+    step_q, step_k, step_v = (np.stack([x[b, :, n : n + 1] for b, n in enumerate(lengths)]) for x in (q, k, v))
+    step_slots = tables[np.arange(rows), lengths // block] * block + lengths % block
+    step = _paged(step_q, step_k, step_v, lengths[:, None], step_slots[:, None], tables, kv, block)
+
+    for b, n in enumerate(lengths):
+        want = _attend(q[b, :, : n + 1], k[b, :, : n + 1], v[b, :, : n + 1], 0.25)
+        np.testing.assert_allclose(out[b, width - n :], want[:n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(step[b, 0], want[n], rtol=1e-5, atol=1e-6)
+
+
 def test_a_padding_row_reads_nothing_and_returns_zeros():
     kv = KVCacheLayer(16, 1, 4, 4, np.dtype(np.float32))
     zeros = np.zeros((1, 1, 1, 4), dtype=np.float32)
