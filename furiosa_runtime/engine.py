@@ -56,6 +56,7 @@ class EngineCore:
         self.groups: dict[str, SequenceGroup] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sequence key
         self._emitted: dict[str, tuple[int, int, int]] = {}  # tokens, characters, logprobs already streamed
+        self._forks: dict[str, list[Sequence]] = {}  # first sample's key -> samples waiting for its prompt
 
     @property
     def max_model_len(self) -> int:
@@ -93,7 +94,9 @@ class EngineCore:
         for seq in seqs:
             self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             self._emitted[seq.request_id] = (0, 0, 0)
-            self.scheduler.add(seq)
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:  # the other samples fork off the first once its prompt is computed
+            self._forks[seqs[0].request_id] = seqs[1:]
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise unless the request fits: a non-empty prompt no longer than a prefill bucket
@@ -117,6 +120,7 @@ class EngineCore:
         group = self.groups.pop(request_id, None)
         if group is None:
             return False
+        self._forks.pop(group.seqs[0].request_id, None)
         for seq in group.seqs:
             self.scheduler.abort(seq)
             self._forget(seq)
@@ -139,9 +143,21 @@ class EngineCore:
         for seq, (_, end), row in zip(batch.seqs, batch.spans, logits):
             seq.num_computed_tokens = end
             if end == seq.num_tokens:  # caught up: this row's logits give the next token
+                for child in self._forks.pop(seq.request_id, ()):
+                    self._fork(seq, child, row)
                 self._append(seq, row)
                 advanced[seq.group_id] = self.groups[seq.group_id]
         return [out for group in advanced.values() if (out := self._output(group)) is not None]
+
+    def _fork(self, parent: Sequence, child: Sequence, logits: np.ndarray) -> None:
+        """Start sample ``child`` on ``parent``'s computed prompt and draw its first token from
+        the same logits; without room it is queued to prefill the prompt itself."""
+        if not self.scheduler.can_fork(parent):
+            self.scheduler.add(child)
+            return
+        self.runner.fork(parent, child)
+        self.scheduler.admit_fork(child)
+        self._append(child, logits)
 
     def _run(self, batch: Batch) -> np.ndarray:
         if batch.phase == "prefill":

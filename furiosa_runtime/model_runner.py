@@ -81,6 +81,14 @@ class ModelRunner:
             self._fill_table(feeds, row, seq.request_id)
         return self._last_logits(bucket, feeds, seqs)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give ``child`` the KV of ``parent``'s computed tokens, on ``parent``'s replica:
+        full blocks are shared, the partly filled last one is copied."""
+        copy = self.blocks.fork(parent.request_id, child.request_id, parent.num_computed_tokens)
+        replica = self._replica[child.request_id] = self._replica[parent.request_id]
+        if copy is not None:
+            self.simulator.copy_kv_blocks(replica, *copy)
+
     def _empty_feeds(self, bucket: Bucket) -> dict[str, np.ndarray]:
         """All-padding inputs of ``bucket``; ``position_ids`` is the same array as ``positions``."""
         shape = (bucket.batch_size, bucket.input_len)

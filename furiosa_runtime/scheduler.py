@@ -27,6 +27,10 @@ The scheduler config (furiosa-llm ``SchedulerConfig``) is honoured as follows:
 
 When a sequence cannot grow, the most recently admitted one is preempted: its blocks are
 freed and it waits to be recomputed (greedy results are unchanged by this).
+
+The samples of an ``n > 1`` request are forks: only the first one prefills the prompt; the
+engine then admits the others on its KV (``can_fork`` / ``admit_fork``), or queues them to
+prefill on their own when there is no room.
 """
 
 from __future__ import annotations
@@ -129,6 +133,17 @@ class Scheduler:
             self.blocks.allocate(seq.request_id, seq.num_tokens)
             seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, 0, self.num_steps
             self.running.append(seq)
+
+    def can_fork(self, parent: Sequence) -> bool:
+        """Whether a sample of ``parent``'s request can be admitted on its computed prompt
+        now (the same admission rules as a new sequence, for the one block a fork may need)."""
+        spare = int(self.blocks.num_blocks * self.config.spare_blocks_ratio)
+        return len(self.running) < self._admission_limit() and self.blocks.can_fork(parent.num_computed_tokens, reserve=spare)
+
+    def admit_fork(self, child: Sequence) -> None:
+        """Run ``child``, whose KV (its whole prompt) the model runner has just forked."""
+        child.status, child.num_computed_tokens, child.admitted_at = Status.RUNNING, child.num_tokens, self.num_steps
+        self.running.append(child)
 
     # -- prefill --------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 A request (``SequenceGroup``) holds one ``Sequence`` per sample it draws (``best_of``, or
 ``n``).  Each sequence has its own KV block table, keyed by ``Sequence.request_id``, which
 is the request id itself for single-sample requests and ``"<request id>#<index>"``
-otherwise, so the block manager and model runner never see two sequences under one key.
+otherwise, so the block manager and model runner never see two sequences under one key
+(the samples' tables share the prompt's full blocks: the first sample prefills, the
+others fork).
 """
 
 from __future__ import annotations

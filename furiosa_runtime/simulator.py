@@ -262,6 +262,18 @@ class NPUSimulator:
             self._widened[name] = view
         return view
 
+    def copy_kv_blocks(self, replica: int, src: int, dst: int) -> None:
+        """Copy KV block ``src`` into ``dst`` in every layer on the PEs of ``replica`` (the
+        private last block of a forked sequence)."""
+        slots = np.arange(self.block_size)
+        src_slots, dst_slots = src * self.block_size + slots, dst * self.block_size + slots
+        for stage in range(self.mesh.pp):
+            for name in self.mesh.group(replica, stage):
+                for layer in self.pes[name].kv.values():
+                    layer.k[dst_slots] = layer.k[src_slots]
+                    layer.v[dst_slots] = layer.v[src_slots]
+        self.stats["kv_block_copies"] += 1
+
     # -- running ---------------------------------------------------------------------------
     def run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int = 0) -> np.ndarray:
         """Run the pipeline of ``bucket`` on data-parallel ``replica`` and return its output.

@@ -1,4 +1,4 @@
-"""BlockManager: paired verbs, block 0 reserved, no block ever lost or shared."""
+"""BlockManager: paired verbs, block 0 reserved, forks share full blocks, no block ever lost."""
 
 from __future__ import annotations
 
@@ -53,6 +53,30 @@ def test_invariant_check_catches_a_leak_and_a_double_owner() -> None:
     blocks.tables["b"] = list(blocks.tables["a"])
     with pytest.raises(AssertionError, match="shared"):
         blocks.check_invariants()
+
+
+def test_a_fork_shares_full_prompt_blocks_and_copies_the_partial_one() -> None:
+    blocks = BlockManager(num_blocks=9, block_size=4)
+    blocks.allocate("parent", 10)  # blocks 1, 2 full; block 3 holds tokens 8-9
+    assert blocks.can_fork(10)
+    assert blocks.fork("parent", "child", 10) == (3, 4)  # copy block 3's KV into block 4
+    assert blocks.tables["child"] == [1, 2, 4]
+    blocks.check_invariants()
+    assert blocks.fork("parent", "aligned", 8) is None  # nothing partial: nothing to copy
+    blocks.append("child", 13)
+    blocks.free("parent")  # the shared blocks stay with their other holders
+    assert blocks.num_free == 8 - 4
+    blocks.check_invariants()
+    blocks.free("child")
+    blocks.free("aligned")
+    assert blocks.num_free == 8
+    blocks.check_invariants()
+
+
+def test_a_fork_needs_a_free_block_only_for_a_partial_tail() -> None:
+    blocks = BlockManager(num_blocks=4, block_size=2)
+    blocks.allocate("parent", 5)  # all 3 usable blocks
+    assert blocks.can_fork(4) and not blocks.can_fork(5)
 
 
 def test_too_few_blocks_is_a_user_error() -> None:

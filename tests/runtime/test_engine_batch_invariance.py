@@ -104,3 +104,65 @@ def test_prompts_past_the_prefill_buckets_need_chunked_prefill(small_cache_artif
         LLM(small_cache_artifact).generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2), use_tqdm=False)
     chunked = LLM(small_cache_artifact, scheduler_config=SchedulerConfig(prefill_chunk_size=16))
     assert len(alone(chunked, prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))) == 8
+
+
+def near_greedy(n: int, max_tokens: int) -> SamplingParams:
+    """n samples that must all follow the argmax: top_k=1 keeps only the most likely token."""
+    return SamplingParams(n=n, temperature=1.0, top_k=1, seed=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.mark.parametrize(("prompt_len", "copies"), [(10, 2), (8, 0)])  # block size 4: a partial last block is copied
+def test_samples_of_one_request_fork_the_prompt_kv_instead_of_prefilling_it_again(
+    small_cache_artifact: Path, prompt_len: int, copies: int
+) -> None:
+    llm = LLM(small_cache_artifact)
+    prompt = list(range(7, 7 + prompt_len))
+    [output] = llm.generate({"prompt_token_ids": prompt}, near_greedy(3, 12), use_tqdm=False)
+    greedy = alone(llm, prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert [c.token_ids for c in output.outputs] == [greedy] * 3  # the forked KV is the prompt's
+    assert llm.engine.simulator.stats["kv_block_copies"] == copies
+    blocks = llm.engine.blocks
+    assert blocks.num_free == blocks.num_usable and not blocks.tables
+
+
+def test_a_fork_copies_the_partial_block_in_every_layer_of_every_pe(small_cache_artifact: Path) -> None:
+    simulator = LLM(small_cache_artifact).engine.simulator
+    rng = np.random.default_rng(6)
+    layers = [layer for pe in simulator.pes.values() for layer in pe.kv.values()]
+    for layer in layers:
+        layer.k[:] = rng.standard_normal(layer.k.shape)
+        layer.v[:] = rng.standard_normal(layer.v.shape)
+    simulator.copy_kv_blocks(replica=0, src=5, dst=7)
+    block = slice(7 * simulator.block_size, 8 * simulator.block_size)
+    source = slice(5 * simulator.block_size, 6 * simulator.block_size)
+    for layer in layers:
+        np.testing.assert_array_equal(layer.k[block], layer.k[source])
+        np.testing.assert_array_equal(layer.v[block], layer.v[source])
+
+
+def test_forked_samples_survive_preemption_and_aborts(small_cache_artifact: Path) -> None:
+    llm = LLM(small_cache_artifact, scheduler_config=SchedulerConfig(spare_blocks_ratio=0.0))
+    engine = LLMEngine.from_llm(llm)
+    rng = np.random.default_rng(5)
+    requests = []
+    for index in range(40):
+        prompt = rng.integers(3, 500, size=int(rng.integers(1, 25))).tolist()
+        requests.append((prompt, near_greedy(int(rng.integers(1, 4)), int(rng.integers(1, 48 - len(prompt) + 1)))))
+    finished = {}
+    for index, (prompt, params) in enumerate(requests):
+        engine.add_request(f"req-{index}", {"prompt_token_ids": prompt}, params)
+    step = 0
+    while engine.has_unfinished_requests():
+        if step % 7 == 3:
+            engine.abort_request(sorted(engine.request_ids)[0])
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = [c.token_ids for c in output.outputs]
+        llm.engine.blocks.check_invariants()
+        step += 1
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.simulator.stats["kv_block_copies"] > 0
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_usable
+    for request_id, samples in finished.items():
+        prompt, params = requests[int(request_id.split("-")[1])]
+        greedy = alone(llm, prompt, SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True))
+        assert samples == [greedy] * params.n, request_id
