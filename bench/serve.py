@@ -15,7 +15,8 @@ The engine side is ``LLM.generate`` on all requests at once (continuous batching
 simulated NPU).  The transformers side is ``model.generate`` on left-padded batches of
 ``--hf-batch-size`` requests (fp32, the CPU's native dtype), each batch generating as many
 tokens as its longest request asks for; only the asked-for tokens are counted.  Figures are
-wall-clock on this machine; nothing is asserted.
+wall-clock on this machine; nothing is asserted.  The last line adds what the timing model
+(``furiosa_runtime/timing.py``) says the engine's steps would take on the NPU itself.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Result:
     label: str
     seconds: float
     tokens: int
+    npu_seconds: float | None = None  # the engine's steps on the modelled NPU (timing.py)
 
     @property
     def tokens_per_second(self) -> float:
@@ -84,7 +86,7 @@ def run_engine(artifact: Path, requests: list[Request]) -> Result:
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert tokens == sum(r.max_tokens for r in requests)
-    return Result("furiosa_runtime engine", seconds, tokens)
+    return Result("furiosa_runtime engine", seconds, tokens, llm.engine.npu_seconds)
 
 
 def run_transformers(requests: list[Request], batch_size: int) -> Result:
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     for result in (engine, hf):
         print(f"{result.label:34s} {result.tokens:6d} tokens in {result.seconds:7.1f} s  {result.tokens_per_second:7.1f} tokens/s")
     print(f"ratio (engine / transformers): {engine.tokens_per_second / hf.tokens_per_second:.2f}x")
+    assert engine.npu_seconds is not None
+    print(f"modelled on one RNGD PE (an estimate, not a measurement): {engine.npu_seconds:.3f} s of steps, "
+          f"{engine.tokens / engine.npu_seconds:,.0f} tokens/s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ from furiosa_build.package import directory_size, write_artifact
 from furiosa_build.partition import Placement, ProgramParams, TensorSlice, build_pipeline
 from furiosa_build.pool import run_pool
 from furiosa_build.sources import resolve_source
-from furiosa_runtime.artifact import Bucket, Pipeline
-from furiosa_runtime.isa import Constant, ParamShard
+from furiosa_runtime.artifact import Bucket, GeneratorConfig, ModelMetadata, Pipeline
+from furiosa_runtime.hardware import RNGD
+from furiosa_runtime.isa import Constant, ParamShard, Program
+from furiosa_runtime.timing import StepModel, build_placement_seconds
 
 FURIOSA_LLM_VERSION = "0.1.0"
 
@@ -47,6 +49,7 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     artifact_bytes: int = 0
     weights: WeightReport | None = None
+    step_seconds: list[tuple[Bucket, float]] = field(default_factory=list)  # modelled NPU latency per bucket
 
     def render(self) -> str:
         stats = self.compile
@@ -59,6 +62,9 @@ class BuildReport:
         ]
         if self.weights is not None:
             lines.append(self.weights.render())
+        if self.step_seconds:
+            lines.append("modelled step latency on the NPU (one replica; an estimate, see furiosa_runtime/timing.py):")
+            lines += [_latency_line(bucket, seconds) for bucket, seconds in self.step_seconds]
         if self.save_dir is not None:
             lines.append(f"artifact: {self.save_dir} ({self.artifact_bytes / 2**20:.1f} MiB)")
         return "\n".join(lines)
@@ -91,6 +97,11 @@ class WeightReport:
             f"(model {_size(self.total)}; tp={tp}: 1/{tp} = {_size(self.total / tp)} + {_size(self.replicated)} "
             "replicated per PE holding every layer)"
         )  # fmt: skip
+
+
+def _latency_line(bucket: Bucket, seconds: float) -> str:
+    tokens = bucket.batch_size * (bucket.input_len if bucket.is_prefill else 1)
+    return f"  {bucket.phase:7s} batch={bucket.batch_size} attention={bucket.attention_size}: {seconds * 1e3:.3f} ms ({tokens / seconds:,.0f} tokens/s)"
 
 
 def _size(nbytes: float) -> str:
@@ -274,7 +285,8 @@ class ArtifactBuilder:
             tensors = self._tensors(slices, captures, loaded)
             write_artifact(self.save_dir, artifact_fields, programs, tensors, loaded.tokenizer_files())
         weights = WeightReport.of(pipelines, slices, tensors, self.spec.parallel.tensor_parallel_size)
-        report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, directory_size(self.save_dir), weights)
+        report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, directory_size(self.save_dir), weights,
+                             self._step_seconds(pipelines, programs, artifact_fields))  # fmt: skip
         if opts.progress:
             print(report.render())
         return report
@@ -311,6 +323,14 @@ class ArtifactBuilder:
             assert layouts.setdefault(s.name, s.layout) == s.layout, f"{s.name} is cut two ways"
             tensors[s.name] = full[s.source] if s.layout is None else np.ascontiguousarray(cut(full[s.source], s.layout, s.chunk))
         return tensors
+
+    def _step_seconds(self, pipelines: list[Pipeline], programs: dict[str, bytes], fields: dict[str, Any]) -> list[tuple[Bucket, float]]:
+        """The modelled NPU latency of one step of every bucket, where the build placed it."""
+        generator = GeneratorConfig.model_validate(fields["generator_config"])
+        model = StepModel({k: Program.model_validate_json(v) for k, v in programs.items()}, RNGD,
+                          generator.paged_attention_config.block_size,
+                          ModelMetadata.model_validate(fields["model_metadata"]).weight_dtype, generator.kv_cache_dtype)  # fmt: skip
+        return [(p.bucket, build_placement_seconds(p, model)) for p in pipelines]
 
     def _artifact_fields(self, hf_config: dict[str, Any], pipelines: list[Pipeline], loaded: LoadedModel) -> dict[str, Any]:
         spec = self.spec

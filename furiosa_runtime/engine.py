@@ -57,6 +57,7 @@ class EngineCore:
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sequence key
         self._emitted: dict[str, tuple[int, int, int]] = {}  # tokens, characters, logprobs already streamed
         self._forks: dict[str, list[Sequence]] = {}  # first sample's key -> samples waiting for its prompt
+        self.npu_seconds = 0.0  # modelled NPU time of every step run so far (timing.py)
 
     @property
     def max_model_len(self) -> int:
@@ -139,6 +140,7 @@ class EngineCore:
         for seq in batch.seqs:
             seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or now
         logits = self._run(batch)
+        self.npu_seconds += self.runner.last_step_seconds
         advanced: dict[str, SequenceGroup] = {}
         for seq, (_, end), row in zip(batch.seqs, batch.spans, logits):
             seq.num_computed_tokens = end

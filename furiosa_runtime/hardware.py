@@ -2,7 +2,8 @@
 
 Public per-chip figures: 8 processing elements (PEs), BF16 256 TFLOPS, FP8/INT8 512
 TFLOPS/TOPS, 48 GB HBM3 at 1.5 TB/s, 256 MB SRAM, 150 W, 1 GHz.  A PE gets an equal
-share of compute, memory and bandwidth.
+share of compute, memory and bandwidth.  The link figures the timing model needs
+(``furiosa_runtime/timing.py``) are not published and are marked as assumptions.
 """
 
 from __future__ import annotations
@@ -24,10 +25,27 @@ class HardwareSpec:
     sram_bytes: int = 256 * 1024**2
     power_watts: float = 150.0
     clock_hz: float = 1.0e9
+    # Timing-model assumptions (not published figures): links between the PEs of one device,
+    # the device-to-device link (PCIe Gen5 x16), the latency of one hop, and the cycles to
+    # dispatch one instruction.
+    pe_link_bandwidth: float = 256e9  # bytes/s
+    device_link_bandwidth: float = 64e9  # bytes/s
+    link_latency_seconds: float = 1e-6
+    dispatch_cycles: int = 100
 
     @property
     def pe_hbm_bytes(self) -> int:
         return self.hbm_bytes // self.pes_per_device
+
+    @property
+    def pe_flops(self) -> float:
+        """A PE's share of the BF16 peak, FLOP/s."""
+        return self.bf16_tflops * 1e12 / self.pes_per_device
+
+    @property
+    def pe_hbm_bandwidth(self) -> float:
+        """A PE's share of the HBM bandwidth, bytes/s."""
+        return self.hbm_bandwidth / self.pes_per_device
 
     @property
     def pe_sram_bytes(self) -> int:

@@ -36,6 +36,7 @@ class ModelRunner:
         self.prefill_buckets = list(artifact.generator_config.prefill_buckets)
         self.decode_buckets = list(artifact.generator_config.decode_buckets)
         self._replica: dict[str, int] = {}  # request id -> data-parallel replica holding its KV
+        self.last_step_seconds = 0.0  # modelled NPU latency of the last step (replicas run side by side)
 
     @property
     def max_prefill_len(self) -> int:
@@ -120,17 +121,23 @@ class ModelRunner:
         self._assign([seq for seq in seqs if seq.request_id not in self._replica])
         replicas = [self._replica[seq.request_id] for seq in seqs]
         if len(set(replicas)) == 1:
+            self.last_step_seconds = self._step_seconds(bucket)
             return self._run(bucket, feeds, replicas[0])[: len(seqs)]
         logits: list[np.ndarray] = [np.empty(0)] * len(seqs)
+        self.last_step_seconds = 0.0
         for replica in sorted(set(replicas)):
             rows = [i for i, r in enumerate(replicas) if r == replica]
             part = self._same_shape_bucket(bucket, len(rows))
+            self.last_step_seconds = max(self.last_step_seconds, self._step_seconds(part))
             part_feeds = self._empty_feeds(part)
             for name, array in part_feeds.items():
                 array[: len(rows)] = feeds[name][rows]
             for row, values in zip(rows, self._run(part, part_feeds, replica)):
                 logits[row] = values
         return np.stack(logits)
+
+    def _step_seconds(self, bucket: Bucket) -> float:
+        return self.simulator.step_seconds[self.simulator.pipeline(bucket).name]
 
     def _run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int) -> np.ndarray:
         logits = self.simulator.run(bucket, feeds, replica)  # (B, 1 or S, vocab)

@@ -7,7 +7,8 @@ parallelism as built, pipeline stages as built or overridden at load (blockwise
 artifacts), and data-parallel replicas over the remaining PEs.  Running a bucket walks
 its pipeline: the PEs of a tensor-parallel group execute their programs in lockstep and
 meet at every collective (``all_reduce``, ``all_gather``), and activations cross
-pipeline stages through explicit transfers.  Set ``FURIOSA_TRACE=1`` to print every
+pipeline stages through explicit transfers.  Beside the values, every bucket has a
+modelled step latency (``step_seconds``, the timing face in ``timing.py``).  Set ``FURIOSA_TRACE=1`` to print every
 instruction, collective and transfer as it executes.
 """
 
@@ -28,6 +29,7 @@ from safetensors.numpy import load_file
 from furiosa_runtime.artifact import Artifact, Bucket, Pipeline, Task, Transfer, assign_stages, plan_transfers, split_layers
 from furiosa_runtime.hardware import RNGD, HardwareSpec, Mesh, device_of, plan_mesh
 from furiosa_runtime.isa import COLLECTIVES, DTYPES, ExecContext, Instruction, KVCacheLayer, Program, execute
+from furiosa_runtime.timing import StepModel
 
 TRACE = os.environ.get("FURIOSA_TRACE") == "1"
 
@@ -121,6 +123,10 @@ def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np
     return run_group([program_run(program, inputs, params, kv, block_size)])[0]
 
 
+def _flatten(transfers: dict[str, list[Transfer]]) -> list[Transfer]:
+    return [t for sends in transfers.values() for t in sends]
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Where a pipeline's tasks run in this mesh: the stage of each task and the transfers."""
@@ -155,6 +161,12 @@ class NPUSimulator:
         self.mesh: Mesh = plan_mesh(devices or artifact.devices, par.tensor_parallel_size, len(self.layers_per_stage), data_parallel_size, hw)
         self.schedules = {p.name: self._schedule(p) for p in artifact.pipelines}
         self.programs = {key: self._load_program(root, key) for key in self._program_keys()}
+        timing = StepModel(self.programs, hw, self.block_size, artifact.model_metadata.weight_dtype, artifact.generator_config.kv_cache_dtype)
+        #: Modelled latency of one step of each bucket's pipeline (``timing.py``).
+        self.step_seconds = {
+            p.name: timing.step_seconds(p, _flatten(self.schedules[p.name].transfers), lambda s: self.mesh.pe(0, s, 0))
+            for p in artifact.pipelines
+        }  # fmt: skip
         self._collectives = {key: sum(i.op in COLLECTIVES for i in p.instructions) for key, p in self.programs.items()}
         self.pes: dict[str, PE] = {}
         self.stats: Counter[str] = Counter()  # collectives run, transfers and bytes moved

@@ -124,6 +124,8 @@ def test_builder_python_api_matches_the_reference_names(tmp_path):
     artifact = load_artifact(tmp_path / "api")
     assert report.pipelines == 2 and artifact.metadata.name == "api-llama"
     assert [p.name for p in artifact.pipelines] == ["api-llama-kv0-b1-attn32", "api-llama-kv63-b1-attn64"]
+    assert [(b.batch_size, b.attention_size) for b, _ in report.step_seconds] == [(1, 32), (1, 64)]
+    assert all(seconds > 0 for _, seconds in report.step_seconds) and "modelled step latency" in report.render()
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         ArtifactBuilder(None, "npu:0", "x", hf_config=spec.model.hf_config, seed_for_random_weight=0, tensor_parallel_size=3)
 

@@ -1,0 +1,57 @@
+"""The timing face of the simulator: a roofline per instruction, summed over a bucket's step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from furiosa_runtime import LLM, SamplingParams
+from furiosa_runtime.hardware import RNGD
+from furiosa_runtime.isa import Instruction, MemoryPlan, Program, TensorSpec
+from furiosa_runtime.model_runner import smallest_bucket
+from furiosa_runtime.timing import StepModel, collective_seconds, transfer_seconds
+
+DISPATCH = RNGD.dispatch_cycles / RNGD.clock_hz
+
+
+def one_linear(rows: int, k: int, n: int) -> Program:
+    x, w, y = TensorSpec(name="x", shape=(rows, k), dtype="f32"), TensorSpec(name="p:w", shape=(n, k), dtype="f32"), TensorSpec(name="y", shape=(rows, n), dtype="f32")
+    return Program(name="linear", inputs=(x,), params=(w,), outputs=("y",), values={"x": x, "y": y},
+                   instructions=(Instruction(op="linear", ins=("x", "p:w"), outs=("y",)),), memory_plan=MemoryPlan(arena_bytes=0, offsets={}))  # fmt: skip
+
+
+def test_a_linear_is_bound_by_reading_its_weights_until_the_batch_is_large() -> None:
+    model = StepModel({}, RNGD, block_size=16, weight_dtype="bf16", kv_dtype="f32")
+    k = n = 4096
+    weight_seconds = k * n * 2 / RNGD.pe_hbm_bandwidth  # bf16 weights from HBM
+    small, large = model.program_cost(one_linear(1, k, n)), model.program_cost(one_linear(8192, k, n))
+    assert small.hbm_bytes == k * n * 2 and small.flops == 2 * k * n
+    assert small.seconds == pytest.approx(DISPATCH + weight_seconds)  # memory-bound
+    assert large.seconds == pytest.approx(DISPATCH + 2 * 8192 * k * n / RNGD.pe_flops)  # compute-bound
+    assert large.seconds > weight_seconds
+
+
+def test_collectives_and_transfers_cost_bandwidth_and_hops() -> None:
+    megabyte = 2**20
+    assert collective_seconds("all_reduce", megabyte, 1, RNGD) == 0.0  # a group of one talks to nobody
+    reduce4, gather4 = collective_seconds("all_reduce", megabyte, 4, RNGD), collective_seconds("all_gather", megabyte, 4, RNGD)
+    assert reduce4 - 3 * RNGD.link_latency_seconds == pytest.approx(2 * (gather4 - 3 * RNGD.link_latency_seconds))
+    assert transfer_seconds(megabyte, same_device=False, hw=RNGD) > transfer_seconds(megabyte, same_device=True, hw=RNGD)
+
+
+def test_every_bucket_has_a_step_latency_and_bigger_batches_take_longer(engine_artifact: Path) -> None:
+    simulator = LLM(engine_artifact).engine.simulator
+    steps = {(p.bucket.phase, p.bucket.batch_size, p.bucket.attention_size): simulator.step_seconds[p.name] for p in simulator.artifact.pipelines}
+    assert all(seconds > 0 for seconds in steps.values())
+    decode = sorted((batch, seconds) for (phase, batch, _), seconds in steps.items() if phase == "decode")
+    assert [s for _, s in decode] == sorted(s for _, s in decode) and decode[0][1] < decode[-1][1]
+
+
+def test_the_engine_clock_is_one_prefill_then_one_decode_per_further_token(engine_artifact: Path) -> None:
+    llm = LLM(engine_artifact)
+    simulator, runner = llm.engine.simulator, llm.engine.runner
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    prefill = simulator.pipeline(smallest_bucket(runner.prefill_buckets, 1, 3)).name
+    decode = simulator.pipeline(smallest_bucket(runner.decode_buckets, 1, 7)).name
+    assert llm.engine.npu_seconds == pytest.approx(simulator.step_seconds[prefill] + 3 * simulator.step_seconds[decode])
