@@ -6,9 +6,9 @@
     python -m furiosa_runtime embed --model ARTIFACT --prompt "a"    # one JSON vector per line
 
 The sub-commands take the ``EngineArgs`` flags (``--devices``, ``--npu-queue-limit``, ...).
-Completions go to stdout.  Mistakes a user can fix (a missing or corrupted artifact, an
-out-of-range value, a prompt that does not fit the buckets) print one ``error: ...`` line on
-stderr and exit with status 2.
+Completions go to stdout.  Mistakes a user can fix (an unknown or malformed flag, a missing
+or corrupted artifact, an out-of-range value, a prompt that does not fit the buckets) print
+one ``error: ...`` line on stderr and exit with status 2; Ctrl-C exits with 130, quietly.
 """
 
 from __future__ import annotations
@@ -17,12 +17,21 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 __all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 SUBCOMMANDS = ("generate", "chat", "embed")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``error: ... (see --help)``) instead of the
+    whole usage block; still exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, with_seed: bool) -> None:
@@ -52,7 +61,7 @@ def _sampling_params(args: argparse.Namespace, **extra: Any):
 
 def build_parser() -> argparse.ArgumentParser:
     """The default command: a positional artifact and prompt plus sampling options."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m furiosa_runtime",
         description="Generate a completion for one prompt with a built artifact "
         f"(sub-commands: {', '.join(SUBCOMMANDS)}; see python -m furiosa_runtime generate --help).",
@@ -69,7 +78,7 @@ def build_subcommand_parser(command: str) -> argparse.ArgumentParser:
     """``generate``, ``chat`` or ``embed``: the EngineArgs flags plus the command's own."""
     from furiosa_runtime.engine_args import EngineArgs
 
-    parser = argparse.ArgumentParser(prog=f"python -m furiosa_runtime {command}")
+    parser = _Parser(prog=f"python -m furiosa_runtime {command}")
     EngineArgs.add_cli_args(parser)
     if command in ("generate", "embed"):
         parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
@@ -169,8 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         COMMANDS.get(command or "", _default)(args, sys.stdout, sys.stdin)
-    except (ArtifactError, ValueError) as err:  # includes ContextLengthExceededError
+    except (ArtifactError, ValueError, OSError) as err:  # includes ContextLengthExceededError, unreadable files
         return _error(err)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return 0
 
 

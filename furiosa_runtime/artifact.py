@@ -33,6 +33,23 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def first_error(err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """pydantic's first complaint as one line, ``<dotted field>: <problem>, got <value>``.
+
+    pydantic's own message spans several lines (and a URL); runtime errors are one line.
+    With ``model``, an unknown top-level field is answered with the fields it allows.
+    """
+    error = err.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"]) or err.title
+    problem = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    if error["type"] == "extra_forbidden":
+        allowed = f"; allowed: {', '.join(model.model_fields)}" if model is not None and len(error["loc"]) == 1 else ""
+        return f"{where}: unknown field{allowed}"
+    if error["type"] == "missing":
+        return f"{where}: required"
+    return f"{where}: {problem}" + ("" if ", got" in problem else f", got {error['input']!r}")
+
+
 class Bucket(_Model):
     """A static shape: ``batch_size`` sequences, ``attention_size`` context, ``kv_cache_size`` cached.
 
@@ -138,11 +155,20 @@ class ParallelConfig(_Model):
 
 
 class SchedulerConfig(_Model):
+    """The scheduler settings (furiosa-llm's ``SchedulerConfig``); ranges are checked by the
+    scheduler, types here: a wrong one is a one-line ValueError naming the field."""
+
     npu_queue_limit: int = 2
     max_processing_samples: int = 65536
     spare_blocks_ratio: float = 0.2
     is_offline: bool = False
     prefill_chunk_size: int | None = None
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise ValueError(f"scheduler_config.{first_error(err, SchedulerConfig)}") from None
 
 
 class Task(_Model):
@@ -278,10 +304,11 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     if not meta.is_file():
         raise ArtifactError(f"artifact: {meta} is missing; is {root} an artifact built by furiosa_build?")
     try:
-        artifact = Artifact.model_validate(json.loads(meta.read_text()))
-    except (json.JSONDecodeError, ValidationError) as err:
-        first = str(err).splitlines()
-        raise ArtifactError(f"artifact: {meta} is not a valid artifact description ({' '.join(first[:3])})") from None
+        artifact = Artifact.model_validate(json.loads(meta.read_text(encoding="utf-8")))
+    except ValidationError as err:
+        raise ArtifactError(f"artifact: {meta} is not a valid artifact description ({first_error(err)})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"artifact: {meta} is not a valid artifact description ({err})") from None
     if verify:
         for rel, digest in artifact.manifest.items():
             file = root / rel

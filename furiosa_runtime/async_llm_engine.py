@@ -92,6 +92,8 @@ class AsyncLLMEngine(LLMEngineBase):
 
     async def abort(self, request_id: str) -> None:
         """Abort a request: its stream ends; unknown ids are ignored."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"Request ID {request_id!r} must be a string.")
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.put_nowait(_ABORTED)

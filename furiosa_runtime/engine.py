@@ -13,7 +13,7 @@ import numpy as np
 
 from furiosa_runtime.artifact import SchedulerConfig, load_artifact
 from furiosa_runtime.block_manager import BlockManager
-from furiosa_runtime.errors import validate_context_length
+from furiosa_runtime.errors import validate_context_length, validate_min_tokens
 from furiosa_runtime.model_runner import ModelRunner
 from furiosa_runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from furiosa_runtime.sampler import Sampler, log_softmax, min_tokens_banned_ids, top_logprobs
@@ -100,17 +100,23 @@ class EngineCore:
             self._forks[seqs[0].request_id] = seqs[1:]
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise unless the request fits: a non-empty prompt no longer than a prefill bucket
-        (any length up to the context with chunked prefill), prompt plus ``max_tokens``
-        within the largest bucket and the KV cache (the context-length errors)."""
+        """Raise unless the request fits, before anything is queued, so a bad request fails
+        alone instead of in the middle of a step: a non-empty prompt of ids in the vocabulary,
+        no longer than a prefill bucket (any length up to the context with chunked prefill);
+        prompt plus ``max_tokens`` within the largest bucket and the KV cache (the
+        context-length errors), or with ``max_tokens=None`` room for ``min_tokens``; stop
+        token ids and ``logprobs`` within the vocabulary."""
         if not prompt_token_ids:
             raise ValueError("prompt: must contain at least one token")
-        vocab = int(self.artifact.hf_config.get("vocab_size", 0)) or None
-        if vocab is not None and not all(0 <= t < vocab for t in prompt_token_ids):
+        vocab = int(self.artifact.hf_config.get("vocab_size") or 0) or self.tokenizer.vocab_size
+        if not all(0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt_token_ids: every id must be in [0, {vocab})")
         if len(prompt_token_ids) > self.max_prompt_len:
             validate_context_length(self.max_prompt_len, len(prompt_token_ids), None)
         validate_context_length(self.max_model_len, len(prompt_token_ids), params.max_tokens)
+        if params.max_tokens is None:
+            validate_min_tokens(self.max_model_len, len(prompt_token_ids), params.min_tokens)
+        params.verify_vocab(vocab)
 
     @staticmethod
     def _seq_key(request_id: str, index: int, num_samples: int) -> str:
@@ -197,8 +203,9 @@ class EngineCore:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
-        if len(seq.output_token_ids) < params.min_tokens:
-            return
+        capped = len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        if len(seq.output_token_ids) < params.min_tokens:  # stops are ignored, lengths are not
+            return seq.finish("length") if capped else None
         if token in (params.stop_token_ids or ()):
             return seq.finish("stop", token)
         if not params.ignore_eos and token in self.eos_token_ids:
@@ -208,7 +215,7 @@ class EngineCore:
             if index >= 0:
                 seq.text = seq.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
                 return seq.finish("stop", stop)
-        if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        if capped:
             return seq.finish("length")
 
     # -- outputs ------------------------------------------------------------------------

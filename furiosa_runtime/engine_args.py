@@ -9,7 +9,9 @@ the artifact's own scheduler config.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+import math
+from dataclasses import MISSING, dataclass, fields
+from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,6 +33,49 @@ def _bool(text: str | bool) -> bool:
     if value not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return value in ("true", "1", "yes")
+
+
+def check_int(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
+    """Raise a one-line ValueError unless ``value`` is an integer >= ``minimum`` (or None
+    when ``optional``).  A bool is refused: ``True`` is not a size."""
+    if optional and value is None:
+        return
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_path(name: str, value: object, *, optional: bool = False) -> None:
+    """Raise unless ``value`` is a non-empty str or Path (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, str | Path) or not str(value):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a non-empty path (str or Path), got {value!r}")
+
+
+def check_devices(devices: object) -> None:
+    """``devices`` is None (the artifact's) or a non-empty device string; its parts are
+    parsed when the mesh is planned."""
+    if devices is not None and (not isinstance(devices, str) or not devices.strip()):
+        raise ValueError(f"devices must be None or a device string such as 'npu:0' or 'npu:0:0-3', got {devices!r}")
+
+
+def check_seed(seed: object) -> None:
+    """The engine seed seeds NumPy's SeedSequence, which takes integers >= 0."""
+    check_int("seed", seed, 0, optional=True)
+
+
+def check_jit(threshold: object, max_workers: object, unit_size: object, *, optional: bool = False) -> None:
+    """Validate the JIT settings as furiosa-llm does (None allowed, meaning the default,
+    when ``optional``).
+
+    ``jit_unit_size`` below 2 breaks batching, ``jit_threshold`` 0 would compile on
+    every request, and at least one worker must exist.
+    """
+    check_int("jit_unit_size", unit_size, 2, optional=optional)
+    check_int("jit_threshold", threshold, 1, optional=optional)
+    check_int("jit_max_workers", max_workers, 1, optional=optional)
 
 
 @dataclass
@@ -57,17 +102,31 @@ class EngineArgs:
     jit_unit_size: int = DEFAULT_JIT_UNIT_SIZE
 
     def __post_init__(self) -> None:
-        """Validate the JIT settings as furiosa-llm does.
+        """Check every value's type and range before any work, one line per mistake.
 
-        ``jit_unit_size`` below 2 breaks batching, ``jit_threshold`` 0 would compile on
-        every request, and at least one worker must exist.
+        The JIT settings follow furiosa-llm; the scheduler values get the ranges the
+        scheduler enforces, so a bad flag fails before the artifact is read.
         """
-        if self.jit_unit_size < 2:
-            raise ValueError(f"jit_unit_size must be >= 2, got {self.jit_unit_size}")
-        if self.jit_threshold < 1:
-            raise ValueError(f"jit_threshold must be >= 1, got {self.jit_threshold}")
-        if self.jit_max_workers < 1:
-            raise ValueError(f"jit_max_workers must be >= 1, got {self.jit_max_workers}")
+        check_path("model", self.model)
+        check_path("tokenizer", self.tokenizer, optional=True)
+        check_path("cache_dir", self.cache_dir)
+        check_int("pipeline_parallel_size", self.pipeline_parallel_size, 1, optional=True)
+        check_int("data_parallel_size", self.data_parallel_size, 1, optional=True)
+        check_seed(self.seed)
+        check_devices(self.devices)
+        self._check_scheduler_values()
+        if not isinstance(self.enable_jit_compilation, bool):
+            raise ValueError(f"enable_jit_compilation must be True or False, got {self.enable_jit_compilation!r}")
+        check_jit(self.jit_threshold, self.jit_max_workers, self.jit_unit_size)
+
+    def _check_scheduler_values(self) -> None:
+        """The scheduler's own ranges (``validate_scheduler_config``), for the values given."""
+        check_int("npu_queue_limit", self.npu_queue_limit, 1, optional=True)
+        check_int("max_processing_samples", self.max_processing_samples, 1, optional=True)
+        ratio = self.spare_blocks_ratio
+        finite = isinstance(ratio, Real) and not isinstance(ratio, bool) and math.isfinite(ratio)
+        if ratio is not None and not (finite and 0.0 <= ratio < 1.0):  # type: ignore[operator]
+            raise ValueError(f"spare_blocks_ratio must be None or a number in [0, 1), got {ratio!r}")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -93,8 +152,13 @@ class EngineArgs:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
-        """Build from parsed flags (extra attributes of ``args`` are ignored)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        """Build from parsed flags (extra attributes of ``args`` are ignored; a flag the
+        parser lacks keeps its default, but ``--model`` is required)."""
+        if getattr(args, "model", None) is None:
+            raise ValueError(f"{cls.__name__}.from_cli_args: args has no model; add the engine flags with "
+                             f"{cls.__name__}.add_cli_args(parser) and pass --model")  # fmt: skip
+        values = {f.name: getattr(args, f.name, f.default) for f in fields(cls)}
+        return cls(**{name: value for name, value in values.items() if value is not MISSING})
 
     def scheduler_overrides(self) -> dict[str, Any]:
         """The scheduler values given explicitly (the artifact's config supplies the rest)."""
@@ -112,7 +176,10 @@ class EngineArgs:
         from furiosa_runtime.llm import LLM
 
         overrides = self.scheduler_overrides()
-        scheduler_config = load_artifact(self.model, verify=False).scheduler_config.model_copy(update=overrides) if overrides else None
+        scheduler_config = None
+        if overrides:  # rebuilt, not model_copy(update=...), so the merged values are validated
+            base = load_artifact(self.model, verify=False).scheduler_config
+            scheduler_config = type(base)(**{**base.model_dump(), **overrides})
         names = ["revision", "pipeline_parallel_size", "data_parallel_size", "tokenizer", "tokenizer_mode", "seed",
                  "devices", "cache_dir", "enable_jit_compilation", "jit_threshold", "jit_max_workers", "jit_unit_size"]  # fmt: skip
         return LLM(self.model, scheduler_config=scheduler_config, **{name: getattr(self, name) for name in names})

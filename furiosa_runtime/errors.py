@@ -6,7 +6,7 @@ caller who hits the context limit can tell at a glance which number to shrink.
 
 from __future__ import annotations
 
-__all__ = ["ContextLengthExceededError", "validate_context_length"]
+__all__ = ["ContextLengthExceededError", "validate_context_length", "validate_min_tokens"]
 
 
 class ContextLengthExceededError(ValueError):
@@ -63,4 +63,22 @@ def validate_context_length(
             max_model_len=max_model_len,
             prompt_tokens=prompt_tokens,
             max_completion_tokens=max_completion_tokens,
+        )
+
+
+def validate_min_tokens(max_model_len: int, prompt_tokens: int, min_tokens: int) -> None:
+    """Raise `ContextLengthExceededError` when ``min_tokens`` cannot fit after the prompt.
+
+    Only needed with ``max_tokens=None`` (otherwise ``min_tokens <= max_tokens`` and the
+    context-length check cover it): a request that must generate more tokens than the
+    context leaves could never finish.
+    """
+    room = max_model_len - prompt_tokens
+    if min_tokens > room:
+        raise ContextLengthExceededError(
+            f"min_tokens must be <= the {room} tokens this model's maximum context length of "
+            f"{max_model_len} leaves after the {prompt_tokens}-token prompt, got {min_tokens}.",
+            max_model_len=max_model_len,
+            prompt_tokens=prompt_tokens,
+            max_completion_tokens=min_tokens,
         )

@@ -11,10 +11,12 @@ from tqdm.auto import tqdm
 
 from furiosa_runtime.artifact import SchedulerConfig
 from furiosa_runtime.engine import EngineCore
-from furiosa_runtime.inputs import PromptType, is_single_prompt, parse_prompt
+from furiosa_runtime.engine_args import check_devices, check_int, check_jit, check_path, check_seed
+from furiosa_runtime.inputs import PromptType, batch_prompts, parse_prompt
 from furiosa_runtime.outputs import RequestOutput
 from furiosa_runtime.pooling import Embedder, EmbeddingRequestOutput, PoolingRequestOutput, require_task
-from furiosa_runtime.sampling_params import SamplingParams
+from furiosa_runtime.sampling_params import RequestOutputKind, SamplingParams
+from furiosa_runtime.tokenizer import validate_messages
 
 TOKENIZER_MODES = ("auto", "slow")
 
@@ -30,7 +32,8 @@ class LLM:
     the remaining PEs when ``data_parallel_size`` is None); ``scheduler_config`` replaces
     the artifact's scheduler config; ``tokenizer`` names a tokenizer folder to use instead
     of the artifact's.  Settings the simulator cannot honour (a Hub revision, JIT
-    compilation) are refused with a ValueError rather than ignored.
+    compilation) are refused with a ValueError rather than ignored, and every argument's
+    type and range is checked before the artifact is read (one line naming the argument).
     """
 
     def __init__(
@@ -55,6 +58,10 @@ class LLM:
         unknown = sorted(kwargs)
         if unknown:
             raise ValueError(f"LLM: unsupported argument(s) {', '.join(unknown)}")
+        _check_load_args(model_id_or_path, tokenizer, cache_dir, seed, devices, scheduler_config)
+        check_int("pipeline_parallel_size", pipeline_parallel_size, 1, optional=True)
+        check_int("data_parallel_size", data_parallel_size, 1, optional=True)
+        check_jit(jit_threshold, jit_max_workers, jit_unit_size, optional=True)
         _refuse(revision is not None, "revision", "artifacts are local folders; leave revision unset", revision)
         _refuse(tokenizer_mode not in TOKENIZER_MODES, "tokenizer_mode", "one of auto, slow", tokenizer_mode)
         _refuse(bool(enable_jit_compilation), "enable_jit_compilation", "False (artifacts are compiled ahead of time)", enable_jit_compilation)
@@ -98,23 +105,35 @@ class LLM:
         """
         require_task(self.engine.artifact, "generate", "LLM.generate")
         requests = self._parse(prompts, prompt_token_ids)
-        params = list(sampling_params) if isinstance(sampling_params, Seq) else [sampling_params or SamplingParams()] * len(requests)
-        if len(params) != len(requests):
-            raise ValueError(f"sampling_params: got {len(params)} for {len(requests)} prompts")
+        params = _final_only(_per_prompt(sampling_params, len(requests)))
         for (_, tokens), p in zip(requests, params):
             self.engine.validate_request(tokens, p)
-        ids = []
-        for (text, tokens), p in zip(requests, params):
-            request_id = str(self._counter)
-            self._counter += 1
-            self.engine.add_request(request_id, text, tokens, p)
-            ids.append(request_id)
-        return self._run(ids, use_tqdm)
+        ids: list[str] = []
+        try:
+            for (text, tokens), p in zip(requests, params):
+                request_id = str(self._counter)
+                self._counter += 1
+                self.engine.add_request(request_id, text, tokens, p)
+                ids.append(request_id)
+            return self._run(ids, use_tqdm)
+        except BaseException:  # a failed step or Ctrl-C: drop this call's requests, keep the LLM usable
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]], sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template, then generate."""
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the chat template (the tokenizer's, or ``chat_template`` as in vLLM), then generate.
+
+        ``messages`` is one conversation (a list of ``{"role", "content"}`` dicts) or a list of them.
+        """
+        conversations = _conversations(messages)
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, chat_template=chat_template) for c in conversations]
         # The template already places the special tokens, so the tokenizer must not add more.
         prompts = [{"prompt": t, "prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)} for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -126,7 +145,8 @@ class LLM:
 
     def encode(self, prompts: PromptType | Seq[PromptType], use_tqdm: bool = True) -> list[PoolingRequestOutput]:
         """vLLM's ``LLM.encode``: the pooled vector of every prompt as an array (``.outputs.data``)."""
-        return self._embedder.encode(prompts, use_tqdm=use_tqdm)
+        embedder = self._embedder  # refuses a generation artifact first
+        return embedder.encode(batch_prompts(prompts), use_tqdm=use_tqdm)
 
     @cached_property
     def _embedder(self) -> Embedder:
@@ -134,13 +154,18 @@ class LLM:
         require_task(self.engine.artifact, "embed", "LLM.embed/encode")
         return Embedder.of(self.engine)
 
-    def _parse(self, prompts: PromptType | Seq[PromptType] | None, prompt_token_ids: list[list[int]] | None) -> list[tuple[str | None, list[int]]]:
+    def _parse(self, prompts: PromptType | Seq[PromptType] | None, prompt_token_ids: list[int] | list[list[int]] | None) -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) of every prompt; the legacy ``prompt_token_ids`` is one id list or a list of them."""
+        if prompts is not None and prompt_token_ids is not None:
+            raise ValueError("generate: give prompts or prompt_token_ids, not both")
         if prompts is None:
             if prompt_token_ids is None:
                 raise ValueError("generate: give prompts or prompt_token_ids")
-            prompts = [list(t) for t in prompt_token_ids]
-        batch = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item]
-        return [parse_prompt(p, self.tokenizer) for p in batch]
+            batch = batch_prompts(prompt_token_ids, "prompt_token_ids")
+            if any(isinstance(ids, str | dict) for ids in batch):
+                raise ValueError("prompt_token_ids: must be a list of token ids or a list of such lists")
+            prompts = [{"prompt_token_ids": ids} for ids in batch]
+        return [parse_prompt(p, self.tokenizer) for p in batch_prompts(prompts)]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -151,6 +176,59 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[i] for i in ids]
+
+
+def _per_prompt(sampling_params: object, count: int) -> list[SamplingParams]:
+    """One SamplingParams for every prompt: the same one for all, or a list of one each."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or SamplingParams()] * count
+    if not isinstance(sampling_params, Seq) or isinstance(sampling_params, str):
+        raise ValueError(f"sampling_params: must be a SamplingParams or a list of them, got {type(sampling_params).__name__}")
+    params = list(sampling_params)
+    if len(params) != count:
+        raise ValueError(f"sampling_params: got {len(params)} for {count} prompts")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params[{i}]: must be a SamplingParams, got {type(p).__name__}")
+    return params
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    """The params with ``output_kind=FINAL_ONLY``, as vLLM's ``LLM`` runs every request:
+    only finished outputs are returned, so a DELTA request would yield just its last delta.
+    Changed on copies (one per distinct object), so the caller's params stay as they were."""
+    copies: dict[int, SamplingParams] = {}
+    for p in params:
+        if p.output_kind is not RequestOutputKind.FINAL_ONLY and id(p) not in copies:
+            copies[id(p)] = p.clone()
+            copies[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
+    return [copies.get(id(p), p) for p in params]
+
+
+def _conversations(messages: object) -> list[list[dict[str, Any]]]:
+    """One conversation or a list of them, as a list of checked, non-empty conversations."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise ValueError("messages: must be a non-empty list of {'role': ..., 'content': ...} dicts, or a list of such lists, "
+                         f"got {messages!r:.60}")  # fmt: skip
+    if not isinstance(messages[0], list | tuple):
+        validate_messages(messages)
+        return [list(messages)]  # type: ignore[arg-type]
+    for i, conversation in enumerate(messages):
+        if not isinstance(conversation, list | tuple) or not conversation:
+            raise ValueError(f"messages[{i}]: every conversation must be a non-empty list of messages, got {conversation!r:.60}")
+        validate_messages(conversation, f"messages[{i}]")
+    return [list(c) for c in messages]
+
+
+def _check_load_args(model: object, tokenizer: object, cache_dir: object, seed: object, devices: object, scheduler_config: object) -> None:
+    """Types of the load arguments, checked before the artifact is read (one line each)."""
+    check_path("model_id_or_path", model)
+    check_path("tokenizer", tokenizer, optional=True)
+    check_path("cache_dir", cache_dir, optional=True)
+    check_seed(seed)
+    check_devices(devices)
+    if scheduler_config is not None and not isinstance(scheduler_config, SchedulerConfig):
+        raise ValueError(f"scheduler_config must be None or a SchedulerConfig, got {type(scheduler_config).__name__}")
 
 
 def _refuse(bad: bool, name: str, allowed: str, value: object) -> None:

@@ -58,6 +58,8 @@ class LLMEngineBase:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> Any:
         """Load the artifact ``args.model`` with the scheduler and device settings of ``args``."""
+        if not isinstance(args, EngineArgs):
+            raise ValueError(f"engine_args must be an EngineArgs (e.g. EngineArgs(model=...)), got {type(args).__name__}")
         return cls.from_llm(args.create_llm())
 
     def try_add_request_id(self, request_id: str) -> None:
@@ -108,6 +110,8 @@ class LLMEngine(LLMEngineBase):
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Abort one request or several; unknown ids are ignored."""
+        if not isinstance(request_id, str | Iterable):
+            raise ValueError(f"request_id: must be a string or an iterable of strings, got {request_id!r}")
         for rid in [request_id] if isinstance(request_id, str) else list(request_id):
             self.native_engine.abort_request(rid)
             self.try_remove_request_id(rid)

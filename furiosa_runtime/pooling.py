@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from furiosa_runtime.artifact import Artifact, Bucket
 from furiosa_runtime.errors import ContextLengthExceededError
-from furiosa_runtime.inputs import PromptType, is_single_prompt, parse_prompt
+from furiosa_runtime.inputs import PromptType, batch_prompts, is_single_prompt, parse_prompt
 from furiosa_runtime.model_runner import ModelRunner, smallest_bucket
 from furiosa_runtime.tokenizer import Tokenizer
 
@@ -145,8 +145,7 @@ class Embedder:
 
     def tokenize(self, prompts: PromptType | Sequence[PromptType]) -> list[list[int]]:
         """Token ids of each prompt: a text, token ids, or a dict with ``prompt`` / ``prompt_token_ids``."""
-        batch = [prompts] if is_single_prompt(prompts) else list(prompts)
-        return [parse_prompt(_stripped(p), self.tokenizer)[1] for p in batch]
+        return [parse_prompt(_stripped(p), self.tokenizer)[1] for p in batch_prompts(prompts)]
 
     def run(self, token_lists: list[list[int]], use_tqdm: bool = False) -> list[np.ndarray]:
         """One vector per token list; longest first, each run of texts in the smallest bucket that holds it."""
@@ -219,5 +218,8 @@ def _truncating(tokenizer: Tokenizer, max_length: int | None) -> Tokenizer:
 async def encode_stream(embedder: Embedder, prompt: PromptType, request_id: str) -> AsyncIterator[PoolingRequestOutput]:
     """``AsyncLLMEngine.encode``: one final ``PoolingRequestOutput``, computed in a worker
     thread so that the event loop keeps serving other requests meanwhile."""
-    (output,) = await asyncio.to_thread(embedder.encode, [prompt], [request_id])
+    if not is_single_prompt(prompt):  # [prompt] would turn a bare int into a token-id list
+        raise ValueError(f"prompt: must be one prompt (a str, a list of token ids, or a dict with 'prompt' or "
+                         f"'prompt_token_ids'), got {type(prompt).__name__}")  # fmt: skip
+    (output,) = await asyncio.to_thread(embedder.encode, prompt, [request_id])
     yield output

@@ -11,8 +11,11 @@ a different distribution from the one they asked for; so are contradictory combi
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+from numbers import Integral, Real
 from typing import Any
 
 __all__ = ["RequestOutputKind", "SamplingParams", "SamplingType"]
@@ -80,17 +83,34 @@ class SamplingParams:
     # -- validation ---------------------------------------------------------------
 
     def _normalize(self) -> None:
-        """Bring accepted aliases to one canonical form (vLLM does the same)."""
+        """Bring accepted aliases to one canonical form (vLLM does the same).
+
+        Only a string or a list (tuple) is a valid ``stop``/``stop_token_ids``: anything
+        else (a number, bytes, a set) is refused here rather than iterated into nonsense.
+        """
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
         else:
+            _check(isinstance(self.stop, list | tuple), "stop",
+                   "a non-empty string or a list of non-empty strings", self.stop)
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        else:
+            _check(isinstance(self.stop_token_ids, list | tuple), "stop_token_ids",
+                   "a list of integers >= 0", self.stop_token_ids)
+            self.stop_token_ids = [int(t) if _is_int(t) else t for t in self.stop_token_ids]
+        for name in _INT_FIELDS:  # NumPy integers become plain ints (seed arithmetic, JSON)
+            value = getattr(self, name)
+            if _is_int(value):
+                setattr(self, name, int(value))
         if self.top_k == 0:
             self.top_k = -1
-        if isinstance(self.output_kind, int):
+        if _is_int(self.output_kind):
+            _check(self.output_kind in {k.value for k in RequestOutputKind}, "output_kind",
+                   "a RequestOutputKind (0, 1 or 2)", self.output_kind)
             self.output_kind = RequestOutputKind(self.output_kind)
 
     def _verify_ranges(self) -> None:
@@ -100,17 +120,16 @@ class SamplingParams:
             self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n),
             "best_of", "None or an integer >= n", self.best_of,
         )
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]",
-               self.presence_penalty)
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]",
-               self.frequency_penalty)
-        _check(self.repetition_penalty > 0.0, "repetition_penalty", "> 0",
-               self.repetition_penalty)
-        _check(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
-        _check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        _check_real(self.presence_penalty, "presence_penalty", "in [-2, 2]",
+                    lambda v: -2.0 <= v <= 2.0)
+        _check_real(self.frequency_penalty, "frequency_penalty", "in [-2, 2]",
+                    lambda v: -2.0 <= v <= 2.0)
+        _check_real(self.repetition_penalty, "repetition_penalty", "> 0", lambda v: v > 0.0)
+        _check_real(self.temperature, "temperature", ">= 0", lambda v: v >= 0.0)
+        _check_real(self.top_p, "top_p", "in (0, 1]", lambda v: 0.0 < v <= 1.0)
         _check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k",
                "-1 or 0 (disabled) or an integer >= 1", self.top_k)
-        _check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
+        _check_real(self.min_p, "min_p", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _check(self.seed is None or _is_int(self.seed), "seed", "None or an integer",
                self.seed)
         self._verify_lengths()
@@ -121,6 +140,9 @@ class SamplingParams:
                    "None or an integer >= 0", value)
         _check(isinstance(self.output_kind, RequestOutputKind), "output_kind",
                "a RequestOutputKind", self.output_kind)
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            _check(isinstance(value, bool), name, "True or False", value)
 
     def _verify_lengths(self) -> None:
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
@@ -194,14 +216,44 @@ class SamplingParams:
             assert self.stop_token_ids is not None
             self.stop_token_ids = sorted(set(self.stop_token_ids) | extra)
 
+    def verify_vocab(self, vocab_size: int) -> None:
+        """Refuse token ids and logprob counts the model's vocabulary cannot satisfy.
+
+        Called when a request meets a model: a stop token id outside the vocabulary would
+        never fire (a silent no-op), and more logprobs than there are tokens cannot exist.
+        """
+        assert self.stop_token_ids is not None
+        outside = [t for t in self.stop_token_ids if t >= vocab_size]
+        _check(not outside, "stop_token_ids", f"token ids below the vocabulary size ({vocab_size})",
+               outside)
+        _check(self.logprobs is None or self.logprobs <= vocab_size, "logprobs",
+               f"None or an integer <= the vocabulary size ({vocab_size})", self.logprobs)
+
     def clone(self) -> SamplingParams:
         """A deep copy, so per-request updates never leak into a shared default."""
         return copy.deepcopy(self)
 
 
+# Integer fields: NumPy integers are accepted and stored as plain ints.
+_INT_FIELDS = ("n", "best_of", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+# Flags that must be real booleans: a string such as "no" would otherwise read as True.
+_BOOL_FIELDS = ("use_beam_search", "include_stop_str_in_output", "ignore_eos",
+                "skip_special_tokens", "spaces_between_special_tokens")  # fmt: skip
+
+
 def _is_int(value: object) -> bool:
-    """True for ints but not bools (True is not a valid token count)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """True for integers (NumPy's too) but not bools (True is not a valid token count)."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _check_real(value: object, name: str, allowed: str, in_range: Callable[[float], bool]) -> None:
+    """Raise unless `value` is a finite number (not a bool) for which `in_range` holds.
+
+    Checking the type first turns a string or None into the field's one-line error
+    instead of a comparison TypeError; inf and NaN would turn the logits into NaNs.
+    """
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    _check(ok and in_range(float(value)), name, f"a finite number {allowed}", value)
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:

@@ -27,7 +27,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["IncrementalDetokenizer", "Tokenizer"]
+__all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerError", "validate_messages"]
 
 # Special-token attributes transformers knows, in its order.
 SPECIAL_TOKEN_KEYS = (
@@ -36,6 +36,19 @@ SPECIAL_TOKEN_KEYS = (
 _REPLACEMENT_CHAR = "\ufffd"
 # How many tokens before the first new one are re-decoded for context (vLLM uses 5).
 _DETOKENIZE_CONTEXT = 5
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder that cannot be used, with the reason in one line."""
+
+
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+    """No ``tokenizer.json`` where one was expected (still a FileNotFoundError, as before)."""
+
+
+class ChatTemplateError(jinja2.TemplateError, ValueError):
+    """Rendering a chat template failed (``raise_exception`` in the template, or a message
+    the template cannot handle); a ValueError so callers treat it as a bad request."""
 
 
 # -- chat template rendering ----------------------------------------------------------
@@ -170,18 +183,24 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load the tokenizer files of a Hugging Face model folder or an artifact."""
+        """Load the tokenizer files of a Hugging Face model folder or an artifact.
+
+        A missing or unreadable file is a one-line `TokenizerError` naming it, not the
+        JSON or Rust error from deep inside.
+        """
         directory = Path(path)
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"tokenizer.json not found in {directory}")
-        config = _read_json(directory / "tokenizer_config.json")
-        return cls(
-            tokenizers.Tokenizer.from_file(str(tokenizer_file)),
-            config=config,
-            special_tokens_map=_read_json(directory / "special_tokens_map.json"),
-            chat_template=_read_chat_template(directory, config),
-        )
+            raise TokenizerNotFoundError(f"tokenizer: tokenizer.json not found in {directory}")
+        try:
+            config = _read_json(directory / "tokenizer_config.json")
+            special_tokens_map = _read_json(directory / "special_tokens_map.json")
+            chat_template = _read_chat_template(directory, config)
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # JSON, UTF-8, OS and the Rust library's own errors
+            line = " ".join(str(err).split())
+            raise TokenizerError(f"tokenizer: cannot read the tokenizer files in {directory} ({line})") from None
+        return cls(backend, config=config, special_tokens_map=special_tokens_map, chat_template=chat_template)
 
     # -- special tokens ---------------------------------------------------------------
 
@@ -312,15 +331,19 @@ class Tokenizer:
             raise ValueError(
                 "continue_final_message: cannot be combined with add_generation_prompt=True"
             )
+        validate_messages(messages)
         template = compile_chat_template(self._select_template(chat_template, tools))
         variables = {**self.special_tokens, **template_kwargs}
-        rendered = template.render(
-            messages=messages,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
-            **variables,
-        )
+        try:
+            rendered = template.render(
+                messages=messages,
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.TemplateError as err:
+            raise ChatTemplateError(f"chat_template: {' '.join(str(err).split())}") from None
         if continue_final_message:
             rendered = _cut_after_final_message(rendered, messages)
         return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
@@ -337,6 +360,27 @@ class Tokenizer:
                 "chat_template: this tokenizer has none; pass chat_template=... explicitly"
             )
         return template
+
+
+def validate_messages(messages: Any, name: str = "messages") -> None:
+    """Raise a one-line ValueError unless `messages` is a list of chat messages.
+
+    Each message is a dict with a string ``role`` and a ``content`` that is a string or a
+    list of content parts (it may be absent or None only beside ``tool_calls``).  Without
+    this a template fails deep inside Jinja ("'dict object' has no attribute 'role'").
+    `name` is how the error refers to the list (``messages[1]`` for a batch's second).
+    """
+    if not isinstance(messages, list | tuple):
+        raise ValueError(f"{name}: must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: must be a dict with 'role' and 'content', got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"{where}.role: must be a string such as 'user', got {message.get('role')!r}")
+        content = message.get("content")
+        if not (isinstance(content, str | list) or (content is None and message.get("tool_calls"))):
+            raise ValueError(f"{where}.content: must be a string or a list of content parts, got {content!r}")
 
 
 def _named_templates(template: str | list[dict[str, str]] | None) -> dict[str, str]:

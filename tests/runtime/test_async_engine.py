@@ -108,3 +108,25 @@ def test_from_engine_args(engine_artifact: Path) -> None:
         assert engine.native_engine.scheduler.config.npu_queue_limit == 4
         [*_, last] = asyncio.run(collect(engine, "Hello", GREEDY, "x"))
         assert last.finished and last.request_id == "x"
+
+
+def test_requests_the_model_cannot_honour_fail_alone(llm: LLM) -> None:
+    engine = AsyncLLMEngine.from_llm(llm)
+
+    async def main() -> list:
+        with pytest.raises(ValueError, match=r"^logprobs must be None or an integer <= the vocabulary size"):
+            await collect(engine, "Hello", SamplingParams(temperature=0, max_tokens=2, logprobs=10**6), "big")
+        with pytest.raises(ValueError, match=r"^stop_token_ids must be token ids below the vocabulary size"):
+            await collect(engine, "Hello", SamplingParams(max_tokens=2, stop_token_ids=[10**6]), "oov")
+        with pytest.raises(ValueError, match=r"^Unsupported sampling parameters type: NoneType"):
+            await collect(engine, "Hello", None, "none")  # type: ignore[arg-type]
+        return await collect(engine, "Hello", GREEDY, "after")  # the engine is still healthy
+
+    assert asyncio.run(main())[-1].finished
+    assert not engine.request_ids and not {"big", "oov", "none", "after"} & set(llm.engine.groups)
+
+
+def test_abort_refuses_a_non_string_id(llm: LLM) -> None:
+    engine = AsyncLLMEngine.from_llm(llm)
+    with pytest.raises(ValueError, match="must be a string"):
+        asyncio.run(engine.abort(5))  # type: ignore[arg-type]

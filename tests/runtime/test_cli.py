@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from furiosa_runtime.__main__ import main
+from furiosa_runtime.__main__ import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,6 +134,12 @@ def test_chat_subcommand_streams_each_reply(smollm2_artifact: Path, capsys, monk
         (["generate", "--prompt", "x" * 300], "maximum context length"),
         (["chat"], "chat_template"),  # tiny-llama has no chat template
         (["embed", "--prompt", "x"], "generation model"),  # embeddings need an embed artifact
+        (["generate", "--prompt", "x", "--tokenizer", "/no/such/folder"], "tokenizer: tokenizer.json not found"),  # was a traceback
+        (["generate", "--prompt", "x", "--devices", ""], "devices must be None or a device string"),  # was silently ignored
+        (["generate", "--prompt", "x", "--seed", "-1"], "seed must be >= 0, got -1"),
+        (["generate", "--prompt", "x", "--temperature", "inf"], "temperature must be a finite number"),
+        (["generate", "--prompt", "x", "--data-parallel-size", "0"], "data_parallel_size must be >= 1, got 0"),
+        (["generate", "--prompt", "x", "--npu-queue-limit", "0"], "npu_queue_limit must be >= 1, got 0"),
     ],
 )
 def test_subcommand_user_errors_are_one_line(tiny_llama_artifact: Path, capsys, monkeypatch, argv: list[str], needle: str) -> None:
@@ -146,11 +152,44 @@ def test_subcommand_user_errors_are_one_line(tiny_llama_artifact: Path, capsys, 
     assert len(captured.err.strip().splitlines()) == 1
 
 
-def test_subcommand_usage_errors_exit_2() -> None:
-    for argv in (["generate", "--prompt", "x"], ["embed", "--model", "a"], ["chat", "--model", "a", "--max-tokens", "x"]):
-        with pytest.raises(SystemExit) as exc:
-            main(argv)
-        assert exc.value.code == 2
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["generate", "--prompt", "x"], "the following arguments are required: --model"),
+        (["embed", "--model", "a"], "the following arguments are required: --prompt"),
+        (["chat", "--model", "a", "--max-tokens", "x"], "argument --max-tokens: invalid int value: 'x'"),
+        (["generate", "--model", "a", "--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["generate", "--model", "a", "--prompt", "x", "--tokenizer-mode", "fast"], "argument --tokenizer-mode: invalid choice"),
+        (["a", "Hello", "--top-k", "1.5"], "argument --top-k: invalid int value"),
+    ],
+)
+def test_subcommand_usage_errors_exit_2_with_one_line(capsys, argv: list[str], needle: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()  # no usage block
+    assert line.startswith("error: ") and needle in line and line.endswith("--help)")
+
+
+def test_interrupt_exits_quietly(capsys, monkeypatch) -> None:
+    def interrupted(*args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(COMMANDS, "generate", interrupted)
+    assert main(["generate", "--model", "a", "--prompt", "x"]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_unreadable_files_are_one_line_errors(tiny_llama_artifact: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "artifact.json").write_bytes(b"\xff\xfe{")
+    assert_user_error(run_cli("generate", "--model", bad, "--prompt", "Hi"), "artifact.json is not a valid artifact description")
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{not json")
+    assert_user_error(run_cli("generate", "--model", tiny_llama_artifact, "--prompt", "Hi", "--max-tokens", "2", "--tokenizer", tokenizer),
+                      "tokenizer: cannot read the tokenizer files")  # fmt: skip
 
 
 def test_subcommand_in_a_subprocess(tiny_llama_artifact: Path) -> None:

@@ -174,3 +174,17 @@ def test_async_engine_encode(minilm) -> None:
     want = minilm.encode("A man is eating food.", use_tqdm=False)[0].outputs.data
     np.testing.assert_allclose(output.outputs.data, want, atol=1e-6)
     assert not engine.request_ids  # the id is free again
+
+
+def test_async_engine_encode_refuses_what_is_not_a_prompt(minilm) -> None:
+    from furiosa_runtime import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_llm(minilm)
+
+    async def collect(prompt) -> list[PoolingRequestOutput]:
+        return [output async for output in engine.encode(prompt, None, "bad")]
+
+    for prompt in (b"bytes", 5):
+        with pytest.raises(ValueError, match="^prompt: must be one prompt"):
+            asyncio.run(collect(prompt))
+    assert not engine.request_ids

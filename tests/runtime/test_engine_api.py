@@ -104,3 +104,67 @@ def test_engine_args_from_the_command_line(engine_artifact: Path) -> None:
 def test_engine_args_validate_jit_settings(field: str, value: int) -> None:
     with pytest.raises(ValueError, match=rf"^{field} must be >= "):
         EngineArgs(model="unused", **{field: value})
+
+
+def test_bad_requests_leave_no_trace(engine: LLMEngine) -> None:
+    for params, needle in [
+        (SamplingParams(max_tokens=2, logprobs=10**6), r"^logprobs must be None or an integer <= the vocabulary size"),
+        (SamplingParams(max_tokens=2, stop_token_ids=[10**6]), r"^stop_token_ids must be token ids below the vocabulary size"),
+        ({"max_tokens": 2}, r"^Unsupported sampling parameters type: dict"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            engine.add_request("bad", "Hello", params)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^prompt_token_ids: must be a list of integers, got 5"):
+        engine.add_request("bad", {"prompt_token_ids": 5}, GREEDY)
+    assert not engine.has_unfinished_requests() and not engine.native_engine.has_unfinished_requests()
+    engine.add_request("good", "Hello", GREEDY)
+    assert drain(engine)["good"][-1].finished
+
+
+def test_abort_request_refuses_a_non_string_id(engine: LLMEngine) -> None:
+    for bad in (5, None):
+        with pytest.raises(ValueError, match=r"^request_id: must be a string or an iterable of strings"):
+            engine.abort_request(bad)  # type: ignore[arg-type]
+
+
+def test_from_engine_args_needs_engine_args(engine_artifact: Path) -> None:
+    with pytest.raises(ValueError, match=r"^engine_args must be an EngineArgs \(e.g. EngineArgs\(model=...\)\), got str"):
+        LLMEngine.from_engine_args(str(engine_artifact))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("model", None, "model must be a non-empty path"),
+        ("seed", -1, "seed must be >= 0, got -1"),
+        ("devices", "", "devices must be None or a device string"),
+        ("pipeline_parallel_size", 0, "pipeline_parallel_size must be >= 1, got 0"),
+        ("data_parallel_size", 1.5, "data_parallel_size must be None or an integer >= 1, got 1.5"),
+        ("npu_queue_limit", "x", "npu_queue_limit must be None or an integer >= 1, got 'x'"),
+        ("max_processing_samples", 0, "max_processing_samples must be >= 1, got 0"),
+        ("spare_blocks_ratio", float("nan"), r"spare_blocks_ratio must be None or a number in \[0, 1\), got nan"),
+        ("enable_jit_compilation", "yes", "enable_jit_compilation must be True or False, got 'yes'"),
+        ("jit_unit_size", "x", "jit_unit_size must be an integer >= 2, got 'x'"),
+        ("jit_threshold", None, "jit_threshold must be an integer >= 1, got None"),
+    ],
+)
+def test_engine_args_check_types_and_ranges_before_loading(field: str, value: object, needle: str) -> None:
+    kwargs = {"model": "never-loaded", field: value}
+    with pytest.raises(ValueError, match=rf"^{needle}"):
+        EngineArgs(**kwargs)
+
+
+def test_from_cli_args_with_a_partial_parser(engine_artifact: Path) -> None:
+    args = EngineArgs.from_cli_args(argparse.Namespace(model=str(engine_artifact), seed=3))  # the other flags keep their defaults
+    assert (args.seed, args.devices, args.jit_unit_size) == (3, None, 2)
+    with pytest.raises(ValueError, match=r"^EngineArgs.from_cli_args: args has no model; add the engine flags with EngineArgs.add_cli_args"):
+        EngineArgs.from_cli_args(argparse.Namespace(seed=3))
+
+
+def test_the_engine_core_refuses_what_the_model_cannot_honour_before_queuing(engine_artifact: Path) -> None:
+    core = LLM(engine_artifact).engine  # the layer under LLM, LLMEngine and AsyncLLMEngine
+    with pytest.raises(ValueError, match="^logprobs must be None or an integer <= the vocabulary size"):
+        core.add_request("a", None, [5, 6], SamplingParams(logprobs=10**6))
+    with pytest.raises(ValueError, match="^stop_token_ids must be token ids below the vocabulary size"):
+        core.add_request("b", None, [5, 6], SamplingParams(stop_token_ids=[10**6]))
+    assert not core.has_unfinished_requests()

@@ -140,3 +140,161 @@ def test_chat_uses_the_template(smollm2_artifact: Path) -> None:
     [out] = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=8))
     assert "Paris" in out.outputs[0].text
     assert out.prompt.startswith("<|im_start|>")
+
+
+@pytest.mark.parametrize(
+    ("prompts", "needle"),
+    [
+        (5, r"^prompts: must be a prompt or a list of prompts"),
+        (b"Hello", r"^prompts: must be a prompt or a list of prompts"),  # not iterated into byte values
+        ({"prompt": 5}, r"^prompt: the 'prompt' of a dict prompt must be a str, got 5"),
+        ({"prompt_token_ids": 5}, r"^prompt_token_ids: must be a list of integers, got 5"),
+        ({"prompt": "Hi", "multi_modal_data": {}}, r"^prompt: not supported yet: key\(s\) multi_modal_data"),
+        ([[1.5, 2]], r"^prompt_token_ids: must be a list of integers"),
+        ([[5, 512]], r"^prompt_token_ids: every id must be in \[0, 512\)"),
+        ("", r"^prompt: must contain at least one token"),
+    ],
+)
+def test_bad_prompts_are_refused_in_one_line(llm: LLM, prompts, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as info:
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert "\n" not in str(info.value)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    ("sampling_params", "needle"),
+    [
+        ({"max_tokens": 3}, r"^sampling_params: must be a SamplingParams or a list of them, got dict"),
+        ("greedy", r"^sampling_params: must be a SamplingParams or a list of them, got str"),
+        ([None], r"^sampling_params\[0\]: must be a SamplingParams, got NoneType"),
+    ],
+)
+def test_bad_sampling_params_argument(llm: LLM, sampling_params, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        llm.generate("Hello", sampling_params, use_tqdm=False)
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        (SamplingParams(max_tokens=2, stop_token_ids=[10**6]), r"^stop_token_ids must be token ids below the vocabulary size \(512\)"),
+        (SamplingParams(max_tokens=2, logprobs=10**6), r"^logprobs must be None or an integer <= the vocabulary size \(512\)"),
+        (SamplingParams(max_tokens=None, min_tokens=200), r"^min_tokens must be <= the \d+ tokens .* maximum context length of 64"),
+    ],
+)
+def test_requests_the_model_cannot_honour_are_refused_up_front(llm: LLM, params: SamplingParams, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        llm.generate(["fine", "Hello"], [GREEDY, params], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()  # nothing of the batch was queued
+    assert llm.generate("fine", GREEDY, use_tqdm=False)[0].finished
+
+
+def test_legacy_prompt_token_ids(llm: LLM) -> None:
+    [single] = llm.generate(prompt_token_ids=[5, 6, 7], sampling_params=GREEDY, use_tqdm=False)  # one flat list: one prompt
+    [listed] = llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=GREEDY, use_tqdm=False)
+    assert single.outputs[0].token_ids == listed.outputs[0].token_ids
+    with pytest.raises(ValueError, match="give prompts or prompt_token_ids, not both"):
+        llm.generate("Hello", GREEDY, prompt_token_ids=[[5, 6]], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^prompt_token_ids: must be a list of token ids"):
+        llm.generate(prompt_token_ids=["Hello"], sampling_params=GREEDY, use_tqdm=False)
+
+
+def test_a_failed_step_leaves_the_llm_usable(llm: LLM, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated NPU fault")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(llm.engine.sampler, "sample", broken)
+        with pytest.raises(RuntimeError, match="simulated NPU fault"):
+            llm.generate(["Hello", "Hi"], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_usable
+    assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].finished
+
+
+@pytest.mark.parametrize(
+    ("messages", "needle"),
+    [
+        ([], r"^messages: must be a non-empty list"),
+        ({"role": "user", "content": "Hi"}, r"^messages: must be a non-empty list"),
+        ([{"content": "Hi"}], r"^messages\[0\]\.role: must be a string"),
+        ([{"role": "user"}], r"^messages\[0\]\.content: must be a string or a list of content parts"),
+        ([{"role": "user", "content": 5}], r"^messages\[0\]\.content: "),
+        (["Hi"], r"^messages\[0\]: must be a dict"),
+        ([[{"role": "user", "content": "Hi"}], [{"role": "user"}]], r"^messages\[1\]\[0\]\.content: "),
+        ([[{"role": "user", "content": "Hi"}], []], r"^messages\[1\]: every conversation must be a non-empty list"),
+    ],
+)
+def test_chat_refuses_malformed_messages(llm: LLM, messages, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        llm.chat(messages, GREEDY, use_tqdm=False)
+
+
+def test_chat_takes_an_explicit_template(llm: LLM) -> None:
+    # tiny-llama has no chat template; the error says to pass one, and LLM.chat accepts it (as vLLM's does)
+    with pytest.raises(ValueError, match="chat_template"):
+        llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=False)
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    [out] = llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=False, chat_template=template)
+    assert out.prompt == "user: Hi\n" and out.finished
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"devices": ""}, r"^devices must be None or a device string"),  # was silently the artifact's devices
+        ({"devices": 5}, r"^devices must be None or a device string"),
+        ({"pipeline_parallel_size": 0}, r"^pipeline_parallel_size must be >= 1, got 0"),
+        ({"pipeline_parallel_size": True}, r"^pipeline_parallel_size must be None or an integer >= 1, got True"),
+        ({"data_parallel_size": "2"}, r"^data_parallel_size must be None or an integer >= 1"),
+        ({"seed": -1}, r"^seed must be >= 0, got -1"),
+        ({"seed": "x"}, r"^seed must be None or an integer >= 0"),
+        ({"scheduler_config": {"npu_queue_limit": 2}}, r"^scheduler_config must be None or a SchedulerConfig, got dict"),
+        ({"tokenizer": "/no/such/folder"}, r"^tokenizer: tokenizer.json not found in /no/such/folder"),
+        ({"tokenizer": 5}, r"^tokenizer must be None or a non-empty path"),
+        ({"jit_threshold": 0}, r"^jit_threshold must be >= 1, got 0"),
+    ],
+)
+def test_bad_constructor_arguments_are_one_line(engine_artifact: Path, kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as info:
+        LLM(engine_artifact, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_scheduler_config_type_errors_are_one_line() -> None:
+    with pytest.raises(ValueError, match=r"^scheduler_config\.npu_queue_limit: must be a valid integer.*got 'x'$") as info:
+        SchedulerConfig(npu_queue_limit="x")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^scheduler_config\.bogus: unknown field; allowed: npu_queue_limit, "):
+        SchedulerConfig(bogus=1)
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "needle"),
+    [
+        (None, None, r"^model_id_or_path must be a non-empty path"),
+        ("artifact", b'{"metadata": {"artifact_id"', r"is not a valid artifact description \(Expecting ':' delimiter"),
+        ("artifact", b"\xff\xfe{", r"is not a valid artifact description \('utf-8' codec can't decode"),
+        ("artifact", b"[1, 2]", r"is not a valid artifact description \(Artifact: must be a valid dictionary"),
+        ("artifact", b'{"format_version": "1"}', r"is not a valid artifact description \(metadata: required\)"),
+    ],
+)
+def test_bad_artifact_paths_are_one_line(tmp_path: Path, path, content, needle: str) -> None:
+    if path is not None:
+        path = tmp_path / path
+        path.mkdir()
+        (path / "artifact.json").write_bytes(content)
+    with pytest.raises(ValueError, match=needle) as info:
+        LLM(path)
+    assert "\n" not in str(info.value)
+
+
+def test_generate_returns_whole_completions_whatever_the_output_kind(llm: LLM) -> None:
+    from furiosa_runtime import RequestOutputKind
+
+    delta = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    [streamed_kind] = llm.generate("Hello", delta, use_tqdm=False)
+    [plain] = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert streamed_kind.outputs[0].token_ids == plain.outputs[0].token_ids and len(plain.outputs[0].token_ids) == 5
+    assert delta.output_kind is RequestOutputKind.DELTA  # the caller's params are not changed

@@ -112,3 +112,50 @@ def test_clone_is_independent() -> None:
     q = p.clone()
     q.stop.append("y")
     assert p.stop == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": "0.5"}, "temperature"),  # a string would otherwise fail as a comparison TypeError
+        ({"temperature": None}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),  # inf turns -inf logits into NaN
+        ({"top_p": "1"}, "top_p"),
+        ({"min_p": None}, "min_p"),
+        ({"presence_penalty": "0.5"}, "presence_penalty"),
+        ({"frequency_penalty": None}, "frequency_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"stop": 5}, "stop"),
+        ({"stop": {"a", "b"}}, "stop"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"output_kind": 5}, "output_kind"),
+        ({"output_kind": "DELTA"}, "output_kind"),
+        ({"ignore_eos": "no"}, "ignore_eos"),  # "no" is truthy: it would silently mean True
+        ({"skip_special_tokens": None}, "skip_special_tokens"),
+        ({"include_stop_str_in_output": 1}, "include_stop_str_in_output"),
+        ({"spaces_between_special_tokens": "false"}, "spaces_between_special_tokens"),
+        ({"use_beam_search": "yes"}, "use_beam_search"),
+    ],
+)
+def test_wrong_types_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field} must be ") as info:
+        SamplingParams(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_numpy_numbers_are_accepted_as_plain_values() -> None:
+    import numpy as np
+
+    p = SamplingParams(max_tokens=np.int64(5), seed=np.int64(-3), stop_token_ids=[np.int32(4)], temperature=np.float32(0.5))
+    assert (p.max_tokens, p.seed, p.stop_token_ids) == (5, -3, [4])
+    assert type(p.max_tokens) is int and type(p.stop_token_ids[0]) is int
+    assert SamplingParams(output_kind=1).output_kind is RequestOutputKind.DELTA
+
+
+def test_verify_vocab_refuses_what_the_model_cannot_produce() -> None:
+    SamplingParams(stop_token_ids=[511], logprobs=512).verify_vocab(512)
+    with pytest.raises(ValueError, match=r"^stop_token_ids must be token ids below the vocabulary size \(512\), got \[512\]"):
+        SamplingParams(stop_token_ids=[5, 512]).verify_vocab(512)
+    with pytest.raises(ValueError, match=r"^logprobs must be .* <= the vocabulary size \(512\)"):
+        SamplingParams(logprobs=513).verify_vocab(512)

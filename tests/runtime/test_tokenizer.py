@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from furiosa_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from furiosa_runtime.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -157,6 +157,48 @@ def test_missing_chat_template_is_an_error(tmp_path: Path) -> None:
     assert not tok.has_chat_template
     with pytest.raises(ValueError, match="chat_template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_errors_are_value_errors(tok: Tokenizer) -> None:
+    # raise_exception in a template is a bad request, so callers catching ValueError see it
+    with pytest.raises(ValueError, match=r"^chat_template: Unknown role: robot$"):
+        tok.apply_chat_template([{"role": "robot", "content": "beep"}])
+
+
+@pytest.mark.parametrize(
+    ("messages", "needle"),
+    [
+        ({"role": "user", "content": "Hi"}, r"^messages: must be a list of"),
+        (["Hi"], r"^messages\[0\]: must be a dict with 'role' and 'content', got str"),
+        ([{"content": "Hi"}], r"^messages\[0\]\.role: must be a string such as 'user', got None"),
+        ([{"role": "user", "content": "Hi"}, {"role": "user"}], r"^messages\[1\]\.content: must be a string or a list of content parts, got None"),
+        ([{"role": "user", "content": 5}], r"^messages\[0\]\.content: .* got 5"),
+    ],
+)
+def test_malformed_messages_are_refused_before_rendering(tok: Tokenizer, messages, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        tok.apply_chat_template(messages)
+
+
+def test_tool_call_messages_may_omit_content(tok: Tokenizer) -> None:
+    template = "{% for m in messages %}{{ m['role'] }};{% endfor %}"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]
+    assert tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=False) == "user;assistant;"
+
+
+def test_unusable_tokenizer_folders_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerError, match=r"^tokenizer: tokenizer.json not found in ") as missing:
+        Tokenizer.from_dir(tmp_path / "nowhere")
+    assert isinstance(missing.value, FileNotFoundError)  # still what it was before
+    broken = write_tokenizer(tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"^tokenizer: cannot read the tokenizer files in .*broken \(") as info:
+        Tokenizer.from_dir(broken)
+    assert "\n" not in str(info.value)
+    bad_config = write_tokenizer(tmp_path / "bad-config")
+    (bad_config / "tokenizer_config.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"^tokenizer: cannot read the tokenizer files"):
+        Tokenizer.from_dir(bad_config)
 
 
 def stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
