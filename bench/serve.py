@@ -86,6 +86,10 @@ def run_engine(artifact: Path, requests: list[Request]) -> Result:
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert tokens == sum(r.max_tokens for r in requests)
+    ttft = [o.metrics.npu_time_to_first_token for o in outputs]
+    tpot = [(o.metrics.npu_finished_time - o.metrics.npu_first_token_time) / (len(o.outputs[0].token_ids) - 1) for o in outputs]
+    print(f"modelled NPU latency per request: time to first token p50 {np.percentile(ttft, 50) * 1e3:.1f} ms, "
+          f"p95 {np.percentile(ttft, 95) * 1e3:.1f} ms; time per output token p50 {np.percentile(tpot, 50) * 1e3:.2f} ms")  # fmt: skip
     return Result("furiosa_runtime engine", seconds, tokens, llm.engine.npu_seconds)
 
 

@@ -85,7 +85,7 @@ class EngineCore:
             raise ValueError(f"Request ID {request_id} already exist in the engine.")
         self.validate_request(prompt_token_ids, params)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
-        metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time())
+        metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time(), npu_arrival_time=self.npu_seconds)
         seqs = [
             Sequence(self._seq_key(request_id, i, params.num_samples), prompt, list(prompt_token_ids), params,
                      self.sampler.make_generator(params, i), max_tokens, group_id=request_id, index=i, metrics=metrics)
@@ -183,9 +183,12 @@ class EngineCore:
         now = time.time()
         seq.metrics.first_token_time = seq.metrics.first_token_time or now
         seq.metrics.last_token_time = now
+        if seq.metrics.npu_first_token_time is None:
+            seq.metrics.npu_first_token_time = self.npu_seconds
         seq.text += self._detok[seq.request_id].add_tokens([token])
         self._check_stop(seq, token)
         if seq.is_finished:
+            seq.metrics.npu_finished_time = self.npu_seconds
             if not isinstance(seq.stop_reason, str):  # a stop string cut the text: drop what follows
                 seq.text += self._detok[seq.request_id].flush()
             self.scheduler.finish(seq)

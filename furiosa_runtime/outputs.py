@@ -52,6 +52,9 @@ class RequestMetrics:
     """Wall-clock timestamps (seconds, `time.time()`) of one request's life.
 
     Everything but `arrival_time` is filled in by the engine as the request advances.
+    The `npu_*` fields are the same moments on the engine's modelled NPU clock: seconds
+    of modelled step latency since the engine started (`furiosa_runtime/timing.py`), what
+    the request would see on the hardware rather than in the simulator.
     """
 
     arrival_time: float
@@ -59,6 +62,9 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    npu_arrival_time: float = 0.0
+    npu_first_token_time: float | None = None
+    npu_finished_time: float | None = None
 
     @property
     def time_in_queue(self) -> float | None:
@@ -73,6 +79,13 @@ class RequestMetrics:
         if self.first_token_time is None:
             return None
         return self.first_token_time - self.arrival_time
+
+    @property
+    def npu_time_to_first_token(self) -> float | None:
+        """Modelled NPU seconds between arrival and the first generated token."""
+        if self.npu_first_token_time is None:
+            return None
+        return self.npu_first_token_time - self.npu_arrival_time
 
 
 @dataclass

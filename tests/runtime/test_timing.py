@@ -51,7 +51,10 @@ def test_every_bucket_has_a_step_latency_and_bigger_batches_take_longer(engine_a
 def test_the_engine_clock_is_one_prefill_then_one_decode_per_further_token(engine_artifact: Path) -> None:
     llm = LLM(engine_artifact)
     simulator, runner = llm.engine.simulator, llm.engine.runner
-    llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    prefill = simulator.pipeline(smallest_bucket(runner.prefill_buckets, 1, 3)).name
-    decode = simulator.pipeline(smallest_bucket(runner.decode_buckets, 1, 7)).name
-    assert llm.engine.npu_seconds == pytest.approx(simulator.step_seconds[prefill] + 3 * simulator.step_seconds[decode])
+    [output] = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    prefill = simulator.step_seconds[simulator.pipeline(smallest_bucket(runner.prefill_buckets, 1, 3)).name]
+    decode = simulator.step_seconds[simulator.pipeline(smallest_bucket(runner.decode_buckets, 1, 7)).name]
+    assert llm.engine.npu_seconds == pytest.approx(prefill + 3 * decode)
+    # The request's own modelled timeline: first token after the prefill, done after the decodes.
+    assert output.metrics.npu_time_to_first_token == pytest.approx(prefill)
+    assert output.metrics.npu_finished_time == pytest.approx(llm.engine.npu_seconds)
