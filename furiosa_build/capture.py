@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from furiosa_build import attention
+from furiosa_build.compiler.lower import LoweringError
 from furiosa_build.graph_ir import build_graph_ir
 from furiosa_build.load import auto_model_class
 from furiosa_build.supertask import (
@@ -51,14 +52,56 @@ def capture(unit: CaptureUnit) -> CaptureResult:
     layers_path, layers = _decoder_layers(model, sum(len(s) for s in unit.signatures))
     for layer in layers:
         layer.register_forward_pre_hook(_mark_carry, with_kwargs=True)
+    attention.bind_paged_inputs(model)
     kwargs = example_inputs(unit.bucket, unit.block_size)
     if unit.slice_last_token and unit.bucket.is_prefill and unit.pooling is None:
         kwargs["logits_to_keep"] = 1
     with torch.no_grad(), warnings.catch_warnings():
         # torch's own deepcopy of the module call graph trips a deprecation inside torch.
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        # longrope caches its long factors as a plain attribute; they are constants of the config.
+        warnings.filterwarnings("ignore", message=r".*long_inv_freq was assigned during export.*", category=UserWarning)
         program = torch.export.export(model, (), kwargs, strict=False).run_decompositions()
+    _check_paged_attention(program, len(layers), unit.hf_config)
+    _drop_buffer_updates(program, unit.hf_config)
     return _split(program, model, layers_path, groups, unit)
+
+
+def _drop_buffer_updates(program, hf_config: dict[str, Any]) -> None:
+    """Drop the buffer writes of the forward from the graph outputs.
+
+    A write is dropped when nothing in the graph reads the buffer's old value: it is then
+    recomputed from the inputs on every call (longrope's ``inv_freq``, picked from the
+    long or short factors by the largest position), so no state passes between steps.
+    A model that reads back what its previous call wrote is refused.
+    """
+    signature = program.graph_signature
+    buffers = {s.target: s.arg.name for s in signature.input_specs if s.kind == InputKind.BUFFER}
+    readers = {n.name: len(n.users) for n in program.graph.nodes if n.op == "placeholder"}
+    output = program.graph.output_node()
+    kept = []
+    for spec, value in zip(signature.output_specs, output.args[0], strict=True):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            kept.append(value)
+        elif spec.kind != OutputKind.BUFFER_MUTATION or readers[buffers[spec.target]]:
+            what = spec.target or spec.arg.name
+            raise _unsupported(hf_config, f"it keeps state between calls in {what} ({spec.kind.name.lower()})")
+    output.args = (tuple(kept),)
+
+
+def _unsupported(hf_config: dict[str, Any], why: str) -> LoweringError:
+    """The one-line refusal of an architecture the compiler cannot take."""
+    arch = (hf_config.get("architectures") or [hf_config.get("model_type", "this model")])[0]
+    return LoweringError(f"model.hf_config: {arch} is not supported: {why}")
+
+
+def _check_paged_attention(program, layers: int, hf_config: dict[str, Any]) -> None:
+    """Every layer must attend through ``furiosa::paged_attention``: a model that computes
+    attention itself would export a graph with no KV cache, wrong from the first decode."""
+    paged = sum(n.target == torch.ops.furiosa.paged_attention.default for n in program.graph.nodes)
+    if paged < layers:
+        raise _unsupported(hf_config, f"{layers - paged} of its {layers} attention layers bypass transformers' "
+                           "AttentionInterface, so they cannot be routed to paged attention")  # fmt: skip
 
 
 def example_inputs(bucket: Bucket, block_size: int) -> dict[str, Any]:
@@ -90,9 +133,15 @@ def _skeleton(hf_config: dict[str, Any], signatures: tuple[Signature, ...], pool
     config = AutoConfig.for_model(**with_layers(hf_config, types))
     model_class = auto_model_class("generate" if pooling is None else "embed")
     with init_empty_weights(include_buffers=False):
-        model = model_class.from_config(
-            config, attn_implementation=attention.ATTN_IMPLEMENTATION, dtype=torch.float32
-        )
+        try:
+            model = model_class.from_config(
+                config, attn_implementation=attention.ATTN_IMPLEMENTATION,
+                experts_implementation=attention.EXPERTS_IMPLEMENTATION, dtype=torch.float32,
+            )  # fmt: skip
+        except KeyError as exc:  # a model with its own table of attention classes (Falcon)
+            if exc.args != (attention.ATTN_IMPLEMENTATION,):
+                raise
+            raise _unsupported(hf_config, "its attention does not go through transformers' AttentionInterface") from None
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.device.type == "meta":

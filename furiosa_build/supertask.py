@@ -102,7 +102,7 @@ def block_signatures(types: list[str], blocks_per_supertask: int) -> list[Signat
 
 
 # -- caching captured supertasks -------------------------------------------------------------
-CAPTURE_VERSION = "1"
+CAPTURE_VERSION = "2"  # 2: MoE experts captured as furiosa::moe_experts
 
 
 def capture_key(unit: CaptureUnit) -> str:

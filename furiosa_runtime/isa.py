@@ -17,6 +17,9 @@ Opcodes (ins -> outs, attrs):
   layer_norm      x, w, b -> y                                     eps
   rotary          x[B,H,S,D], cos, sin -> y                        rotate-half RoPE
   gated_act       gate, up -> act(gate) * up                       act
+  topk            x -> values, indices of the k largest along the last dim   k
+  moe_experts     x[T, H], expert ids[T, k], weights[T, k], gate_up[E, 2I, H], down[E, H, I] -> y[T, H]
+                  sum over a token's k experts of weight * down_e(act(gate_e x) * up_e x)     act
   paged_attention q, k, v, positions, slot_mapping, block_tables -> o[B,S,H,D]
                   scale, causal, sliding_window, softcap; writes k/v into the bound KV cache
   all_reduce      x -> sum of x over the tensor-parallel group      group (collective)
@@ -359,6 +362,28 @@ def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     np.divide(gate, out, out=out)
     out *= up
     return out
+
+
+@kernel("topk")
+def _topk(ins, attrs, ctx):
+    """The k largest values of the last dim, largest first (ties: the lower index first)."""
+    x = ins[0]
+    order = np.argsort(-x, axis=-1, kind="stable")[..., : attrs["k"]]
+    return np.take_along_axis(x, order, axis=-1), order.astype(np.int64)
+
+
+@kernel("moe_experts")
+def _moe_experts(ins, attrs, ctx):
+    """A mixture-of-experts MLP: each token runs only through the experts it was routed to,
+    one gathered GEMM pair per expert, weighted and summed (a token picks an expert once)."""
+    x, ids, weights, gate_up, down = ins
+    out = np.zeros_like(x)
+    for expert in np.unique(ids):
+        rows, slots = np.nonzero(ids == expert)
+        gate, up = np.split(x[rows] @ _f32(gate_up[expert]).T, 2, axis=-1)
+        hidden = _gated_act([gate, up], {"act": attrs["act"]}, ctx)[0]
+        out[rows] += (hidden @ _f32(down[expert]).T) * weights[rows, slots, None]
+    return (out,)
 
 
 @kernel("gather")

@@ -88,6 +88,9 @@ class StepModel:
         hbm = sum(math.prod(p.shape) for p in params) * self.weight_itemsize
         if inst.op == "gather" and params:  # an embedding reads only the rows it looks up
             hbm = math.prod(specs[inst.outs[0]].shape) * self.weight_itemsize
+        if inst.op == "moe_experts":  # at most one expert per routed (token, slot) is read
+            experts = specs[inst.ins[3]].shape[0]
+            hbm = hbm * min(experts, math.prod(specs[inst.ins[1]].shape)) // experts
         if inst.op == "paged_attention":
             hbm += self._kv_bytes(inst, specs)
         return Cost(dispatch + max(flops / hw.pe_flops, hbm / hw.pe_hbm_bandwidth), flops, hbm)
@@ -99,6 +102,9 @@ class StepModel:
         if inst.op == "paged_attention":
             batch, heads, seq, dim = specs[inst.ins[0]].shape
             return 2.0 * batch * heads * seq * self._context(inst, specs) * (dim + specs[inst.ins[2]].shape[-1])
+        if inst.op == "moe_experts":  # every routed (token, slot) runs one expert's gate/up and down GEMMs
+            _, gate_up_rows, hidden = specs[inst.ins[3]].shape
+            return 2.0 * math.prod(specs[inst.ins[1]].shape) * hidden * (gate_up_rows + specs[inst.ins[4]].shape[-1])
         return float(math.prod(out))  # elementwise and data movement: one operation per element
 
     def _kv_bytes(self, inst: Instruction, specs: dict[str, TensorSpec]) -> float:

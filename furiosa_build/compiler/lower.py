@@ -50,9 +50,9 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "flatten"
 
 
 def _base(op: str) -> str:
-    """'aten.add.Tensor' -> 'add'."""
+    """'aten.add.Tensor' -> 'add', 'furiosa.paged_attention.default' -> 'paged_attention'."""
     parts = op.split(".")
-    return parts[1] if parts[0] == "aten" and len(parts) > 1 else op
+    return parts[1] if parts[0] in ("aten", "furiosa") and len(parts) > 1 else op
 
 
 class Lowerer:
@@ -105,6 +105,16 @@ class Lowerer:
         else:
             self.out.instructions.append(inst)
 
+    def emit_multi(self, node: dict[str, Any], op: str, ins: list[str], attrs: dict[str, Any]) -> None:
+        """An instruction with one output per element of the node's tuple result."""
+        outs = []
+        for i, meta in enumerate(node["meta"]):
+            out = TensorSpec(name=f"{node['name']}.{i}", shape=tuple(meta["shape"]), dtype=_compute(meta["dtype"]))
+            self.out.values[out.name] = out
+            outs.append(out.name)
+        self.out.instructions.append(Instruction(op=op, ins=tuple(ins), outs=tuple(outs), attrs=attrs))
+        self.multi[node["name"]] = outs
+
     def fold(self, inst: Instruction) -> None:
         """Evaluate an instruction whose operands are all known now."""
         (result,) = execute(inst, [self.out.constants[i] for i in inst.ins], ExecContext())
@@ -131,8 +141,6 @@ class Lowerer:
         handler: Callable[..., None] | None = getattr(self, f"op_{base}", None)
         if op == "getitem":
             self.alias[node["name"]] = self.multi[args[0]][args[1]]
-        elif op == "furiosa.paged_attention.default":
-            self.op_paged_attention(node, args)
         elif base in ALIAS_OPS:
             self.alias[node["name"]] = args[0]
         elif base in VIEW_OPS:
@@ -179,6 +187,22 @@ class Lowerer:
         self.emit(node, "reduce", [args[0]], {"fn": fn, "dims": dims, "keepdim": bool(keepdim)})
 
     # -- ops with their own shape logic ----------------------------------------------------
+    def op_max(self, node, args, kwargs) -> None:
+        """max(x) over every element (longrope picks its factors by the largest position),
+        or the elementwise max(x, y); max over a dim also returns indices, not lowered."""
+        self.extremum(node, "max", "maximum", args, kwargs)
+
+    def op_min(self, node, args, kwargs) -> None:
+        self.extremum(node, "min", "minimum", args, kwargs)
+
+    def extremum(self, node, reduce_fn: str, binary_fn: str, args, kwargs) -> None:
+        if node["op"].endswith(".default"):
+            self.reduce(node, reduce_fn, args[:1], {})
+        elif node["op"].endswith(".other"):
+            self.binary(node, binary_fn, args, kwargs)
+        else:
+            raise LoweringError(f"ATen op {node['op']} (values and indices along a dim) is not supported by the NPU compiler")
+
     def op_embedding(self, node, args, kwargs) -> None:
         self.emit(node, "gather", [args[0], args[1]])
 
@@ -299,7 +323,10 @@ class Lowerer:
         self.op_full(node, [None, args[0]], kwargs)
 
     def op_native_layer_norm(self, node, args, kwargs) -> None:
+        """LayerNorm; a norm without affine parameters (OLMo's) scales by 1 and shifts by 0."""
         x, _, weight, bias, eps = args
+        weight = self.scalar_operand(node, 1.0) if weight is None else weight
+        bias = self.scalar_operand(node, 0.0) if bias is None else bias
         main = {"name": f"{node['name']}.0", "meta": node["meta"][:1]}
         self.emit(main, "layer_norm", [x, weight, bias], {"eps": eps})
         self.multi[node["name"]] = [main["name"]]
@@ -315,7 +342,20 @@ class Lowerer:
         dim, idx = used[0]
         self.emit(node, "index_select", [args[0], idx], {"dim": dim})
 
-    def op_paged_attention(self, node, args) -> None:
+    def op_topk(self, node, args, kwargs) -> None:
+        """The k largest along the last dim (an MoE router): values and indices."""
+        x, k = args[0], args[1]
+        dim = (args[2] if len(args) > 2 else kwargs.get("dim", -1)) % len(self.spec(x).shape)
+        largest = args[3] if len(args) > 3 else kwargs.get("largest", True)
+        if dim != len(self.spec(x).shape) - 1 or not largest:
+            raise LoweringError("aten.topk is supported for the largest values along the last dim only")
+        self.emit_multi(node, "topk", [x], {"k": k})
+
+    def op_moe_experts(self, node, args, kwargs) -> None:
+        x, ids, weights, gate_up, down, act = args
+        self.emit(node, "moe_experts", [x, ids, weights, gate_up, down], {"act": act})
+
+    def op_paged_attention(self, node, args, kwargs) -> None:
         q, k, v, positions, slot_mapping, block_tables, scale, causal, sliding_window, softcap = args
         attrs = {"scale": scale, "causal": causal, "sliding_window": sliding_window, "softcap": softcap}
         self.emit(node, "paged_attention", [q, k, v, positions, slot_mapping, block_tables], attrs)

@@ -15,6 +15,8 @@ The pass walks the fused instruction list once and tracks which values are *spli
 * split values flow through reshapes, permutes, elementwise ops, norms over another dim,
   rotary embedding and paged attention (heads are split; with fewer KV heads than PEs the
   KV heads are replicated, ``ShardSpec.kv_parts`` distinct chunks over the group).
+* mixture-of-experts: every expert is split on its intermediate features, like a gated
+  MLP, and the routed partial sums are all-reduced (the router stays replicated).
 * a split program output (the head's logits) is ``all_gather``-ed, so every value that
   crosses a program boundary is replicated.
 
@@ -149,6 +151,8 @@ class _Sharder:
             return self.linear(inst)
         if inst.op == "gather" and self.vocab_parallel(inst.ins[0]):
             return self.gather(inst)
+        if inst.op == "moe_experts":
+            return self.moe_experts(inst)
         splits = [self.split[i] for i in inst.ins if i in self.split]
         if not splits:
             return self.out.append(inst)
@@ -211,6 +215,21 @@ class _Sharder:
         self.emit("all_reduce", (partial,), summed, {"group": "tp"})
         if bias:
             self.emit("binary", (summed, bias[0]), out, {"fn": "add"})
+
+    def moe_experts(self, inst: Instruction) -> None:
+        """Every expert split like a gated MLP: this PE's chunk of the intermediate features
+        (of the gate and of the up segment of ``gate_up``, and of ``down``'s inputs), so the
+        routed sums are partial; all-reduce them."""
+        x, ids, weights, gate_up, down = inst.ins
+        if any(i in self.split for i in (x, ids, weights)):
+            raise ShardingError(f"moe_experts {inst.outs[0]}: tokens or routing split over the group")
+        self.shard_param(gate_up, ParamShard(dim=1, parts=self.spec.size, segments=2))
+        self.shard_param(down, ParamShard(dim=2, parts=self.spec.size))
+        out = inst.outs[0]
+        spec = self.low.values[out]
+        partial = self.new_value(out, "partial", spec.shape, spec.dtype)
+        self.out.append(inst.model_copy(update={"outs": (partial,)}))
+        self.emit("all_reduce", (partial,), out, {"group": "tp"})
 
     def vocab_parallel(self, table: str) -> bool:
         return table.startswith("p:") and self.shape(table)[0] % self.spec.size == 0

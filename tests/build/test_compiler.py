@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from furiosa_build import attention
 from furiosa_build.capture import capture
-from furiosa_build.compiler import compile_graph
+from furiosa_build.compiler import LoweringError, compile_graph
 from furiosa_build.supertask import CaptureUnit, block_signatures, layer_types
 from furiosa_runtime.artifact import Bucket
 from furiosa_runtime.isa import KVCacheLayer
@@ -67,3 +69,23 @@ def test_memory_plan_reuses_space_of_dead_values(llama_prefill):
     assert program.memory_plan.arena_bytes < total
     freed = {name for inst in program.instructions for name in inst.free}
     assert not freed & set(program.outputs)
+
+
+def test_an_architecture_with_its_own_attention_classes_is_refused_in_one_line():
+    hf_config = {"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 64,
+                 "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 512}  # fmt: skip
+    with pytest.raises(LoweringError, match=r"^model.hf_config: FalconForCausalLM is not supported: its attention does not go"):
+        capture(CaptureUnit(hf_config, Bucket.prefill(1, 8), (("full_attention",),), BLOCK_SIZE, True))
+
+
+def test_attention_computed_outside_the_paged_op_is_refused(monkeypatch):
+    """A layer that attends by itself would keep no KV cache: wrong from the first decode."""
+
+    def plain_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2), None
+
+    monkeypatch.setattr(attention, "_attention", plain_attention)
+    hf_config = compose_spec(["model=tiny-llama"]).model.hf_config
+    with pytest.raises(LoweringError, match=r"2 of its 2 attention layers bypass transformers' AttentionInterface"):
+        capture(CaptureUnit(hf_config, Bucket.prefill(1, 8), (("full_attention", "full_attention"),), BLOCK_SIZE, True))

@@ -42,6 +42,8 @@ SETTINGS = [
     ("tiny-gemma", [f"{DEVICES}=npu:0:0-1", f"{TP}=2", "+build.compiler_config_overrides={fuse: false}"]),  # unfused
     ("tiny-gpt2", [f"{DEVICES}=npu:0:0-3", f"{TP}=4"]),
     ("tiny-gpt2", [f"{DEVICES}=npu:0:0-1", f"{PP}=2"]),
+    ("tiny-mixtral", [f"{DEVICES}=npu:0:0-3", f"{TP}=2", f"{PP}=2"]),  # experts split like gated MLPs
+    ("tiny-phi3", [f"{DEVICES}=npu:0:0-1", f"{TP}=2"]),  # fused qkv / gate_up cut per segment
 ]
 
 

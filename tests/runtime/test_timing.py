@@ -58,3 +58,21 @@ def test_the_engine_clock_is_one_prefill_then_one_decode_per_further_token(engin
     # The request's own modelled timeline: first token after the prefill, done after the decodes.
     assert output.metrics.npu_time_to_first_token == pytest.approx(prefill)
     assert output.metrics.npu_finished_time == pytest.approx(llm.engine.npu_seconds)
+
+
+def test_a_mixture_of_experts_reads_only_the_experts_its_tokens_are_routed_to() -> None:
+    experts, hidden, inner = 8, 64, 128
+
+    def moe(tokens: int) -> Program:
+        spec = lambda name, *shape, dtype="f32": TensorSpec(name=name, shape=shape, dtype=dtype)  # noqa: E731
+        x, ids, w, y = spec("x", tokens, hidden), spec("ids", tokens, 2, dtype="i64"), spec("w", tokens, 2), spec("y", tokens, hidden)
+        gate_up, down = spec("p:gate_up", experts, 2 * inner, hidden), spec("p:down", experts, hidden, inner)
+        return Program(name="moe", inputs=(x, ids, w), params=(gate_up, down), outputs=("y",), values={v.name: v for v in (x, ids, w, y)},
+                       instructions=(Instruction(op="moe_experts", ins=("x", "ids", "w", "p:gate_up", "p:down"), outs=("y",), attrs={"act": "silu"}),),
+                       memory_plan=MemoryPlan(arena_bytes=0, offsets={}))  # fmt: skip
+
+    model = StepModel({}, RNGD, block_size=16, weight_dtype="bf16", kv_dtype="f32")
+    all_experts = experts * 3 * inner * hidden * 2
+    one_token, many = model.program_cost(moe(1)), model.program_cost(moe(64))
+    assert one_token.hbm_bytes == all_experts * 2 // experts and many.hbm_bytes == all_experts
+    assert one_token.flops == 2 * 2 * hidden * 3 * inner  # two routed experts, gate/up and down each
