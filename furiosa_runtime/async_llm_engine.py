@@ -5,15 +5,17 @@
         print(output.outputs[0].text)
 
 One driver task runs the engine core's steps in a worker thread, so the event loop keeps
-accepting requests while the simulator computes.  Requests and aborts are handed to the
-driver through a queue and applied between two steps, so the core is only ever touched
-from one thread at a time.  The driver starts with the first request and stops when
-nothing is left to do.
+accepting requests while the simulator computes.  Requests and aborts go through a queue
+that is applied under one lock: at once when no step is running, otherwise between two
+steps, so the core is only ever touched from one thread at a time and an abort is never
+left behind when the event loop ends mid-step.  The driver starts with the first request
+and stops when nothing is left to do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -33,7 +35,9 @@ class AsyncLLMEngine(LLMEngineBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException | None]] = {}
-        self._commands: deque[tuple[str, Callable[[], object]]] = deque()  # applied by the driver between steps
+        self._commands: deque[tuple[str, Callable[[], object]]] = deque()  # applied under _core_lock
+        self._core_lock = threading.Lock()  # held while the core runs a step or applies commands
+        self._failures: list[tuple[str, Exception]] = []  # commands that raised, for their streams
         self._driver: asyncio.Task[None] | None = None
 
     def __enter__(self) -> AsyncLLMEngine:
@@ -102,14 +106,20 @@ class AsyncLLMEngine(LLMEngineBase):
         self.try_remove_request_id(request_id)
 
     def _submit(self, request_id: str, command: Callable[[], object]) -> None:
-        """Queue a change to the core and make sure the driver is running."""
+        """Queue a change to the core, apply it now unless a step is running, and make sure
+        the driver is running."""
         self._commands.append((request_id, command))
+        if self._core_lock.acquire(blocking=False):
+            try:
+                self._apply_commands()
+            finally:
+                self._core_lock.release()
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
 
     async def _drive(self) -> None:
         """Step the core in a worker thread until no request is left, routing outputs."""
-        while self._commands or self.native_engine.has_unfinished_requests():
+        while self._commands or self._failures or self.native_engine.has_unfinished_requests():
             try:
                 outputs, failures = await asyncio.to_thread(self._step)
             except Exception as err:  # an engine failure ends every open stream with the error
@@ -122,16 +132,21 @@ class AsyncLLMEngine(LLMEngineBase):
                     stream.put_nowait(item)
 
     def _step(self) -> tuple[list[RequestOutput], list[tuple[str, Exception]]]:
-        """Apply queued adds and aborts, then run one core step (in the worker thread).
+        """Apply queued adds and aborts, run one core step, and apply what was queued
+        meanwhile (in the worker thread); returns the outputs and the failed commands."""
+        with self._core_lock:
+            self._apply_commands()
+            outputs = self.native_engine.step() if self.native_engine.has_unfinished_requests() else []
+            self._apply_commands()
+            failures, self._failures = self._failures, []
+        return outputs, failures
 
-        A command that fails is reported to its own request's stream only.
-        """
-        failures = []
+    def _apply_commands(self) -> None:
+        """Run every queued command (the caller holds the lock); a command that fails is
+        reported to its own request's stream only."""
         while self._commands:
             request_id, command = self._commands.popleft()
             try:
                 command()
             except Exception as err:
-                failures.append((request_id, err))
-        outputs = self.native_engine.step() if self.native_engine.has_unfinished_requests() else []
-        return outputs, failures
+                self._failures.append((request_id, err))

@@ -83,6 +83,19 @@ def test_closing_the_stream_early_aborts_the_request(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests() and not engine.request_ids
 
 
+def test_a_stream_closed_as_the_event_loop_ends_leaves_nothing_in_the_engine(llm: LLM) -> None:
+    engine = AsyncLLMEngine.from_llm(llm)
+
+    async def main() -> None:
+        stream = engine.generate("Hello", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), "gone")
+        await stream.__anext__()
+        await stream.aclose()  # and the loop ends at once: no driver step follows
+
+    asyncio.run(main())
+    assert not llm.engine.has_unfinished_requests() and not engine.request_ids
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_usable
+
+
 def test_bad_requests_raise_before_streaming(llm: LLM) -> None:
     engine = AsyncLLMEngine.from_llm(llm)
 
