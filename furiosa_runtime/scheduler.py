@@ -126,24 +126,28 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self._admission_limit():
             seq = self.waiting[0]
-            spare = int(self.blocks.num_blocks * self.config.spare_blocks_ratio) if self.running else 0
-            if not self.blocks.can_allocate(seq.num_tokens, reserve=spare):
+            if not self.blocks.can_allocate(seq.num_tokens, reserve=self._spare_blocks()):
                 return
             self.waiting.popleft()
             self.blocks.allocate(seq.request_id, seq.num_tokens)
-            seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, 0, self.num_steps
-            self.running.append(seq)
+            self._start(seq, computed=0)
+
+    def _spare_blocks(self) -> int:
+        """Blocks an admission must leave free: ``spare_blocks_ratio`` of all, while others run."""
+        return int(self.blocks.num_blocks * self.config.spare_blocks_ratio) if self.running else 0
+
+    def _start(self, seq: Sequence, computed: int) -> None:
+        seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, computed, self.num_steps
+        self.running.append(seq)
 
     def can_fork(self, parent: Sequence) -> bool:
         """Whether a sample of ``parent``'s request can be admitted on its computed prompt
         now (the same admission rules as a new sequence, for the one block a fork may need)."""
-        spare = int(self.blocks.num_blocks * self.config.spare_blocks_ratio)
-        return len(self.running) < self._admission_limit() and self.blocks.can_fork(parent.num_computed_tokens, reserve=spare)
+        return len(self.running) < self._admission_limit() and self.blocks.can_fork(parent.num_computed_tokens, reserve=self._spare_blocks())
 
     def admit_fork(self, child: Sequence) -> None:
         """Run ``child``, whose KV (its whole prompt) the model runner has just forked."""
-        child.status, child.num_computed_tokens, child.admitted_at = Status.RUNNING, child.num_tokens, self.num_steps
-        self.running.append(child)
+        self._start(child, computed=child.num_tokens)
 
     # -- prefill --------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ artifacts), and data-parallel replicas over the remaining PEs.  Running a bucket
 its pipeline: the PEs of a tensor-parallel group execute their programs in lockstep and
 meet at every collective (``all_reduce``, ``all_gather``), and activations cross
 pipeline stages through explicit transfers.  Beside the values, every bucket has a
-modelled step latency (``step_seconds``, the timing face in ``timing.py``).  Set ``FURIOSA_TRACE=1`` to print every
-instruction, collective and transfer as it executes.
+modelled step latency (``step_seconds``, the timing face in ``timing.py``).  Set
+``FURIOSA_TRACE=1`` to print every instruction, collective and transfer as it executes.
 """
 
 from __future__ import annotations
