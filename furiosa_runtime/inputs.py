@@ -60,6 +60,14 @@ def batch_prompts(prompts: PromptType | Iterable[PromptType], name: str = "promp
     return list(prompts)
 
 
+def single_prompt(prompt: Any, name: str = "prompt") -> PromptType:
+    """``prompt`` itself if it is one prompt; a list of prompts or anything else is refused
+    (wrapping a bare int in a list would turn it into a token-id prompt)."""
+    if not is_single_prompt(prompt):
+        raise ValueError(f"{name}: must be one prompt ({_FORMS}), got {_show(prompt)}")
+    return prompt
+
+
 def _token_ids(ids: Any) -> list[int]:
     """Plain ints; NumPy integers are accepted too (token ids often come from arrays)."""
     if isinstance(ids, str | bytes | dict) or not isinstance(ids, Iterable):

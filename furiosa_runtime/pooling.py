@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from furiosa_runtime.artifact import Artifact, Bucket
 from furiosa_runtime.errors import ContextLengthExceededError
-from furiosa_runtime.inputs import PromptType, batch_prompts, is_single_prompt, parse_prompt
+from furiosa_runtime.inputs import PromptType, batch_prompts, parse_prompt, single_prompt
 from furiosa_runtime.model_runner import ModelRunner, smallest_bucket
 from furiosa_runtime.tokenizer import Tokenizer
 
@@ -218,8 +218,5 @@ def _truncating(tokenizer: Tokenizer, max_length: int | None) -> Tokenizer:
 async def encode_stream(embedder: Embedder, prompt: PromptType, request_id: str) -> AsyncIterator[PoolingRequestOutput]:
     """``AsyncLLMEngine.encode``: one final ``PoolingRequestOutput``, computed in a worker
     thread so that the event loop keeps serving other requests meanwhile."""
-    if not is_single_prompt(prompt):  # [prompt] would turn a bare int into a token-id list
-        raise ValueError(f"prompt: must be one prompt (a str, a list of token ids, or a dict with 'prompt' or "
-                         f"'prompt_token_ids'), got {type(prompt).__name__}")  # fmt: skip
-    (output,) = await asyncio.to_thread(embedder.encode, prompt, [request_id])
+    (output,) = await asyncio.to_thread(embedder.encode, single_prompt(prompt), [request_id])
     yield output
