@@ -27,7 +27,7 @@ from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS, ShardSpec
 from furiosa_build.compiler.shard import cut
 from furiosa_build.config import BuildSpec, check_model_fit, spec_from_builder_args
 from furiosa_build.load import LoadedModel, LoadRequest, load, load_config, load_pooling
-from furiosa_build.package import directory_size, write_artifact
+from furiosa_build.package import check_param_file, prepare_save_dir, write_artifact, write_param_file
 from furiosa_build.partition import Placement, ProgramParams, TensorSlice, build_pipeline
 from furiosa_build.pool import run_pool
 from furiosa_build.sources import resolve_source
@@ -197,7 +197,7 @@ class ArtifactBuilder:
                 key = capture_stage.capture_key(unit)
                 store.put(key, capture_stage.encode_result(result))
                 fresh[key] = result
-            return [fresh[k] if k in fresh else capture_stage.decode_result(cached[k]) for k in keys]
+            return [fresh[k] if k in fresh else cached[k] for k in keys]
 
     def _shard_specs(self, hf_config: dict[str, Any]) -> list[ShardSpec | None]:
         """One entry per tensor-parallel rank; ``[None]`` for single-PE programs."""
@@ -257,12 +257,15 @@ class ArtifactBuilder:
         """Run every stage and write the artifact to ``save_dir``."""
         times: dict[str, float] = {}
         opts = self.spec.build
+        prepare_save_dir(self.save_dir)
+        if opts.param_file_path:
+            check_param_file(Path(opts.param_file_path).expanduser())
         check_model_fit(self.spec.parallel, opts.num_blocks_per_supertask, load_config(self._load_request()))
         with _timed(times, "load"):
             models = Path(opts.cache_dir).expanduser() / "models" if opts.cache_dir else None
             loaded = load(self._load_request(), models)
             if opts.param_file_path:
-                _copy_atomically(loaded.weights_file, Path(opts.param_file_path).expanduser())
+                write_param_file(loaded.weights_file, Path(opts.param_file_path).expanduser())
         try:
             return self._build_loaded(loaded, times)
         finally:
@@ -283,9 +286,9 @@ class ArtifactBuilder:
             used = {key for p in pipelines for key in (t.program for t in p.tasks)}
             programs = {k: v for k, v in compiled.programs.items() if k in used}
             tensors = self._tensors(slices, captures, loaded)
-            write_artifact(self.save_dir, artifact_fields, programs, tensors, loaded.tokenizer_files())
+            size = write_artifact(self.save_dir, artifact_fields, programs, tensors, loaded.tokenizer_files())
         weights = WeightReport.of(pipelines, slices, tensors, self.spec.parallel.tensor_parallel_size)
-        report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, directory_size(self.save_dir), weights,
+        report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, size, weights,
                              self._step_seconds(pipelines, programs, artifact_fields))  # fmt: skip
         if opts.progress:
             print(report.render())
@@ -392,14 +395,6 @@ def _capture_one(unit: capture_stage.CaptureUnit) -> capture_stage.CaptureResult
     from furiosa_build.capture import capture
 
     return capture(unit)
-
-
-def _copy_atomically(src: Path, dst: Path) -> None:
-    """``param_file_path``: keep a copy of the converted bf16 parameter file there."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
 
 
 @contextmanager
