@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -25,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from furiosa_build.config import ConfigError
 from furiosa_build.errors import io_error
+from furiosa_build.safetensors_file import specs_of, write_safetensors
 from furiosa_build.scratch import ScratchName, make_scratch, remove, remove_stale, scratch_dir
 from furiosa_runtime.artifact import ARTIFACT_FILE, Artifact, sha256_file
 
@@ -135,21 +136,24 @@ def _siblings(path: Path) -> list[Path]:
 
 
 def _fill(root: Path, fields, programs, tensors, extra_files) -> int:
+    """Write every file into ``root``, then ``artifact.json`` with their digests; return the bytes written."""
+    manifest: dict[str, str] = {}
     (root / "programs").mkdir()
     for key, payload in sorted(programs.items()):
-        (root / "programs" / f"{key}.json").write_bytes(payload)
-    save_file({name: np.ascontiguousarray(t) for name, t in sorted(tensors.items())}, str(root / PARAMS_FILE))
+        rel = f"programs/{key}.json"
+        (root / rel).write_bytes(payload)
+        manifest[rel] = hashlib.sha256(payload).hexdigest()
+    manifest[PARAMS_FILE] = write_safetensors(root / PARAMS_FILE, specs_of(tensors), tensors.__getitem__)
     for file in extra_files:
         shutil.copyfile(file, root / file.name)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+        manifest[file.name] = sha256_file(root / file.name)
     mode = 0o666 & ~_umask()
-    for file in files:  # some writers (safetensors) make owner-only files whatever the umask
-        os.chmod(file, mode)
-    manifest = {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
-    artifact = Artifact.model_validate({**fields, "param_files": [PARAMS_FILE], "manifest": manifest})
+    for rel in manifest:  # copyfile keeps the source's mode; artifacts follow the umask
+        os.chmod(root / rel, mode)
+    artifact = Artifact.model_validate({**fields, "param_files": [PARAMS_FILE], "manifest": dict(sorted(manifest.items()))})
     text = json.dumps(artifact.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
     (root / ARTIFACT_FILE).write_text(text)
-    return sum(p.stat().st_size for p in files) + len(text.encode())
+    return sum((root / rel).stat().st_size for rel in manifest) + len(text.encode())
 
 
 def _umask() -> int:

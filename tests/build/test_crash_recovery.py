@@ -121,7 +121,8 @@ def test_a_build_killed_at_each_stage_keeps_the_old_artifact_and_the_rerun_clean
 def test_killing_a_build_ends_its_worker_processes(tmp_path):
     """Capture runs in two loky workers; SIGKILL of the build ends them within seconds."""
     out, cache = tmp_path / "out", tmp_path / "cache"
-    script = CHILD.format(patch="", overrides=[*TINY, "build.num_pipeline_builder_workers=2"])
+    keep_workers = "import furiosa_build.pool as pool\npool.plan_workers = lambda requested, items, *args: (requested, None)"
+    script = CHILD.format(patch=keep_workers, overrides=[*TINY, "build.num_pipeline_builder_workers=2"])
     child = run_child(script, out, cache, stderr=subprocess.DEVNULL)
     parent = psutil.Process(child.pid)
     deadline = time.monotonic() + 120
