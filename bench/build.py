@@ -28,19 +28,13 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_SECONDS = 0.05
-MIB = 2**20
+from measure import MIB, run_measured
 
 _PROGRAMS_RE = re.compile(r"(\d+) compiled, (\d+) served from cache")
 _TOTAL_RE = re.compile(r"^seconds: .*total ([0-9.]+)\s*$", re.MULTILINE)
@@ -65,43 +59,6 @@ class BuildFailed(RuntimeError):
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def tree_memory(root: psutil.Process) -> tuple[int, int]:
-    """(RSS, PSS) in bytes summed over ``root`` and its live descendants.
-
-    RSS counts the pages of shared libraries (libtorch...) once per process; PSS splits
-    each shared page between the processes that map it, so its sum is the tree's real
-    footprint.
-    """
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
-    rss = pss = 0
-    for proc in procs:
-        try:
-            info = proc.memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue  # a worker that exited between listing and sampling
-        rss += info.rss
-        pss += info.pss
-    return rss, pss
-
-
-def run_measured(cmd: list[str], log_path: Path) -> tuple[float, int, int, int]:
-    """Run ``cmd`` with output to ``log_path``; return (wall s, peak RSS, peak PSS, exit status)."""
-    with log_path.open("wb") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        root = psutil.Process(proc.pid)
-        peak_rss = peak_pss = 0
-        while proc.poll() is None:
-            rss, pss = tree_memory(root)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-            time.sleep(SAMPLE_SECONDS)
-        wall = time.perf_counter() - start
-    return wall, peak_rss, peak_pss, proc.returncode
 
 
 def parse_summary(output: str) -> tuple[float, int, int]:
