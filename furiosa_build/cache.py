@@ -11,29 +11,36 @@ known digests so a silent change of key derivation is caught.
 On disk an entry is ``root/programs/<key[:2]>/<key>.json``: one header line of canonical
 JSON ``{"key", "sha256", "size"}`` followed by the payload bytes. The header lets
 :meth:`CompileCache.get` detect truncated, corrupted or misplaced entries and recompile
-instead of returning bad data. Writes go to a temp file in the same directory and are
-renamed into place, so readers and concurrent writers only ever see whole entries.
+instead of returning bad data; a ``decode`` hook lets the caller reject a payload it cannot
+parse. Writes go to a scratch file (:mod:`furiosa_build.scratch`) in the same directory and
+are renamed into place, so readers and concurrent writers only ever see whole entries, and
+the scratch files of a killed build are swept by the next build writing to that shard.
+Cache trouble (damage, full disk, read-only, files where folders should be) warns in one
+line and never fails a build.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
-import tempfile
+import shutil
+import stat
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CacheStats", "CompileCache", "cache_key", "canonical_json"]
+from furiosa_build.scratch import atomic_write, remove_stale
+
+__all__ = ["CacheStats", "CompileCache", "cache_key", "canonical_json", "first_line", "first_non_folder", "reason"]
 
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
-_TMP_SUFFIX = ".tmp"
 
 
 # --------------------------------------------------------------------------- hashing
@@ -148,11 +155,36 @@ class CompileCache:
     ``CompileCache(None)`` is a disabled cache: ``get`` always misses and ``put`` does
     nothing, so callers need no special case. Nothing is created on disk before the
     first ``put``, so planning (``contains``) against a cache never writes.
+
+    The cache is only an optimisation, so no cache problem ever fails a build:
+
+    * a damaged entry (bad header or digest, a payload ``decode`` refuses, a folder where
+      the entry file should be, a file where its shard folder ``programs/ab`` should be)
+      is removed, reported in one warning line and treated as a miss;
+    * when the cache cannot be written (full disk, read-only, a file where ``root`` or
+      ``programs/`` should be) one warning line says so and the build goes on without
+      storing; a file at ``root`` or ``programs/`` (not ours to delete) also turns reads
+      off;
+    * an entry that cannot be read (permissions) is a miss.
+
+    ``label`` and ``redo`` name the cache in those warnings (``"capture"``,
+    ``"recapturing"`` for the capture store).
     """
 
-    def __init__(self, root: Path | str | os.PathLike[str] | None) -> None:
+    def __init__(
+        self,
+        root: Path | str | os.PathLike[str] | None,
+        label: str = "compile",
+        redo: str = "recompiling",
+    ) -> None:
         self.root: Path | None = None if root is None else Path(root).expanduser()
         self.stats = CacheStats()
+        self.label = label
+        self.redo = redo
+        self._reads = True  # False once the layout above the shards is unusable
+        self._writes = True  # False once a write failed
+        self._warned = False  # one cache-level warning per instance
+        self._swept: set[Path] = set()  # shard folders already cleaned of dead builds' scratch files
 
     @property
     def enabled(self) -> bool:
@@ -169,57 +201,173 @@ class CompileCache:
     def contains(self, key: str) -> bool:
         """Cheap existence check (no verification), for dry-run build planning."""
         _check_key(key)
-        return self.root is not None and self.entry_path(key).is_file()
+        if self.root is None or not self._reads:
+            return False
+        try:
+            return self.entry_path(key).is_file()
+        except OSError:
+            return False
 
-    def get(self, key: str) -> bytes | None:
-        """Return the verified payload of ``key``, or None on a miss.
+    def get(self, key: str, decode: Callable[[bytes], Any] | None = None) -> Any:
+        """Return the verified payload of ``key`` (or ``decode(payload)``), or None on a miss.
 
         A damaged entry is removed (best effort), reported with a warning and treated as
-        a miss, so the caller recompiles instead of loading bad data.
+        a miss, so the caller recompiles instead of loading bad data.  ``decode`` is the
+        caller's parser: a payload that passes the digest but that it rejects (raises)
+        is damaged too, e.g. an entry written by another program under a valid header.
         """
         _check_key(key)
-        payload = self._read_verified(key) if self.root is not None else None
-        if payload is None:
+        value = self._read_verified(key, decode) if self.root is not None and self._reads else None
+        if value is None:
             self.stats.misses += 1
         else:
             self.stats.hits += 1
-        return payload
+        return value
 
     def put(self, key: str, payload: bytes) -> None:
-        """Store ``payload`` under ``key`` atomically (temp file, fsync, rename).
+        """Store ``payload`` under ``key`` atomically (scratch file, fsync, rename).
 
         Concurrent writers of the same key both succeed; the last rename wins and, since
-        equal keys mean equal content, the result is one valid entry.
+        equal keys mean equal content, the result is one valid entry.  A write that fails
+        warns once and turns writing off for this instance; the build goes on.
         """
         _check_key(key)
-        if self.root is None:
+        if self.root is None or not self._writes:
             return
         path = self.entry_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, _header(key, payload) + payload)
+        try:
+            self._make_shard(key, path.parent)
+            if path.is_dir() and not path.is_symlink():  # a damaged entry a reader did not meet
+                self._discard(key, path, "it is a folder, not a file")
+            atomic_write(path, _header(key, payload) + payload)
+        except OSError as error:
+            self._stop_writing(error, path)
+            return
         self.stats.writes += 1
 
-    def _read_verified(self, key: str) -> bytes | None:
-        """Read and verify the entry of ``key``; None when absent or damaged."""
+    # -- internals --------------------------------------------------------------------------
+
+    def _make_shard(self, key: str, shard: Path) -> None:
+        """Create ``programs/ab`` (replacing a file found there) and sweep dead builds' litter once."""
+        try:
+            shard.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            if self._blocker(shard) != shard:
+                raise
+            self._discard(key, shard, f"{_rel(shard, self.root)} is a file, not a folder")
+            shard.mkdir(parents=True, exist_ok=True)
+        if shard not in self._swept:
+            self._swept.add(shard)
+            remove_stale(shard)
+
+    def _read_verified(self, key: str, decode: Callable[[bytes], Any] | None) -> Any:
+        """Read and verify the entry of ``key``; None when absent, unreadable or damaged."""
         path = self.entry_path(key)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            self._discard(key, path, "it is a folder, not a file")
+            return None
+        except NotADirectoryError:
+            self._not_a_folder(key, path)
+            return None
+        except OSError as error:  # permissions, I/O errors: a miss; the put that follows may repair it
+            self._warn_once(f"{self.label} cache entry {key} cannot be read ({reason(error)}); {self.redo}")
+            return None
         try:
-            return _verify(key, data)
+            payload = _verify(key, data)
+            return payload if decode is None else _decoded(decode, payload)
         except _CorruptEntry as error:
             self._discard(key, path, str(error))
             return None
+
+    def _not_a_folder(self, key: str, path: Path) -> None:
+        """A file sits where a folder of the layout should be: a shard is a damaged entry
+        (removed); the root or ``programs/`` is not ours to delete, so the cache is off."""
+        blocker = self._blocker(path.parent)
+        if blocker == path.parent:
+            self._discard(key, blocker, f"{_rel(blocker, self.root)} is a file, not a folder")
+        else:
+            self._reads = self._writes = False
+            where = blocker if blocker is not None else path.parent
+            self._warn_once(f"{self.label} cache {self.root} is unusable ({where} is not a folder); building without it")
+
+    def _blocker(self, shard: Path) -> Path | None:
+        """The top-most folder on the way to ``shard`` (itself included) that exists but is not a folder."""
+        return first_non_folder(shard)
 
     def _discard(self, key: str, path: Path, reason: str) -> None:
         """Remove a damaged entry and warn; removal failures are ignored (best effort)."""
         self.stats.corrupted += 1
         try:
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         except OSError:
             pass
-        warnings.warn(f"compile cache entry {key} is corrupted ({reason}); recompiling", stacklevel=4)
+        warnings.warn(f"{self.label} cache entry {key} is corrupted ({reason}); {self.redo}", stacklevel=4)
+
+    def _stop_writing(self, error: OSError, path: Path) -> None:
+        self._writes = False
+        where = error.filename or path
+        self._warn_once(f"{self.label} cache {self.root} cannot be written ({where}: {reason(error)}); "
+                        "building without storing to it")  # fmt: skip
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message, stacklevel=4)
+
+
+def first_non_folder(path: Path) -> Path | None:
+    """The top-most of ``path`` and its parents that exists but is not a folder (a file
+    where the cache layout wants a folder), or None."""
+    for candidate in [*reversed(path.parents), path]:
+        try:
+            if not stat.S_ISDIR(os.stat(candidate).st_mode):
+                return candidate
+        except FileNotFoundError:
+            return None
+        except OSError:  # permissions: the nearest place we cannot look into
+            return candidate
+    return None
+
+
+def reason(error: OSError) -> str:
+    """An OS error's reason in a few words, lower case (``no space left on device``)."""
+    text = error.strerror or errno.errorcode.get(error.errno or 0) or str(error) or type(error).__name__
+    return text.lower()
+
+
+def _rel(path: Path, root: Path | None) -> str:
+    try:
+        return str(path.relative_to(root)) if root is not None else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _decoded(decode: Callable[[bytes], Any], payload: bytes) -> Any:
+    """``decode(payload)``; any failure (or a None result) makes the entry corrupt."""
+    try:
+        value = decode(payload)
+    except Exception as error:  # the caller's parser: JSON, pydantic, KeyError, ...
+        raise _CorruptEntry(f"payload cannot be decoded: {first_line(error)}") from None
+    if value is None:
+        raise _CorruptEntry("payload decodes to nothing")
+    return value
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, shortened to ``limit`` characters
+    (a first line that ends in a colon announces the next ones, so they are joined to it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = " ".join(lines) if lines[0].endswith(":") else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_key(key: str) -> None:
@@ -252,19 +400,3 @@ def _verify(key: str, data: bytes) -> bytes:
     if hashlib.sha256(payload).hexdigest() != header["sha256"]:
         raise _CorruptEntry("payload sha256 mismatch")
     return payload
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or all of it."""
-    tmp = tempfile.NamedTemporaryFile(
-        delete=False, dir=path.parent, prefix=f".{path.stem}.", suffix=_TMP_SUFFIX
-    )
-    try:
-        with tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
-    except BaseException:
-        Path(tmp.name).unlink(missing_ok=True)
-        raise

@@ -17,6 +17,7 @@ from typing import Any
 from furiosa_build.cache import CompileCache, cache_key, canonical_json
 from furiosa_build.compiler import COMPILER_VERSION, ShardSpec, compile_graph
 from furiosa_build.pool import run_pool
+from furiosa_runtime.isa import Program
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ def compile_unit(unit: CompileUnit) -> bytes:
     return canonical_json(program.model_dump(mode="json"))
 
 
+def checked_program(payload: bytes) -> bytes:
+    """The cache's decode hook: a cached payload must parse as a ``Program`` (else it is
+    treated as a damaged entry and recompiled); returns the payload itself."""
+    Program.model_validate_json(payload)
+    return payload
+
+
 def plan_units(units: Iterable[CompileUnit]) -> dict[str, CompileUnit]:
     """Unique units by key, in first-seen order."""
     unique: dict[str, CompileUnit] = {}
@@ -72,7 +80,7 @@ def compile_all(
     result = CompileResult(stats=CompileStats(units=len(units), unique=len(unique)))
     todo: list[CompileUnit] = []
     for key, unit in unique.items():
-        payload = cache.get(key)
+        payload = cache.get(key, decode=checked_program)
         if payload is None:
             todo.append(unit)
         else:

@@ -39,10 +39,14 @@ def resolve_source(model_id_or_path: str | None, has_hf_config: bool) -> ModelSo
             raise SourceError("model.model_id_or_path: required unless model.hf_config describes a random-weight model")
         return ModelSource("config", None)
     path = _package_file(model_id_or_path) if model_id_or_path.startswith("pkg:") else Path(model_id_or_path).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSource("gguf", path.resolve())
-    if path.is_dir() and (path / "config.json").is_file():
-        return ModelSource("folder", path.resolve())
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            _check_gguf_magic(path)
+            return ModelSource("gguf", path.resolve())
+        if path.is_dir() and (path / "config.json").is_file():
+            return ModelSource("folder", path.resolve())
+    except OSError as exc:  # EACCES on a parent folder, ELOOP, I/O errors
+        raise SourceError(f"model.model_id_or_path: {path}: cannot read ({_reason(exc)})") from None
     cached = _hub_cache_folder(model_id_or_path)
     if cached is not None:
         return ModelSource("folder", cached)
@@ -50,6 +54,19 @@ def resolve_source(model_id_or_path: str | None, has_hf_config: bool) -> ModelSo
         f"model.model_id_or_path: {model_id_or_path!r} is not a Hugging Face folder with config.json, "
         "a .gguf file, a pkg:<package>/<file> reference, or a model in the local Hugging Face cache"
     )
+
+
+def _check_gguf_magic(path: Path) -> None:
+    """Refuse at once a ``.gguf`` file that is not one (its first four bytes are ``GGUF``);
+    a truncated one is found when the load stage parses it."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise SourceError(f"model.model_id_or_path: {path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def _package_file(ref: str) -> Path:
@@ -70,5 +87,8 @@ def _hub_cache_folder(model_id: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(model_id, "config.json")
+    try:
+        found = try_to_load_from_cache(model_id, "config.json")
+    except Exception:  # not a valid repo id (HFValidationError), an unreadable cache: not there
+        return None
     return Path(found).parent if isinstance(found, str) else None

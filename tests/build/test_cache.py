@@ -213,3 +213,141 @@ def test_concurrent_writers_of_one_key_leave_one_valid_entry(tmp_path: Path) -> 
     assert cache.get(KEY) == payload
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files == [cache.entry_path(KEY)]  # no temp files left behind
+
+
+# ------------------------------------------------------------------ damage and write failures
+
+
+def _warnings_of(action) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [str(w.message) for w in caught]
+
+
+def test_decode_hook_rejects_a_payload_with_a_valid_digest(tmp_path: Path) -> None:
+    cache = CompileCache(tmp_path)
+    cache.put(KEY, b"\x00 not json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cache.get(KEY, decode=json.loads) is None
+    assert "payload cannot be decoded: " in _one_warning_about(KEY, caught)
+    assert not cache.entry_path(KEY).exists()
+
+    cache.put(KEY, PAYLOAD)
+    assert cache.get(KEY, decode=json.loads) == {"instructions": [{"op": "matmul"}]}
+    assert cache.get(KEY) == PAYLOAD
+
+
+def test_an_entry_that_is_a_folder_is_removed(tmp_path: Path) -> None:
+    cache = CompileCache(tmp_path)
+    cache.entry_path(KEY).mkdir(parents=True)
+    (cache.entry_path(KEY) / "x").write_text("x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cache.get(KEY) is None
+    assert "it is a folder" in _one_warning_about(KEY, caught)
+    cache.put(KEY, PAYLOAD)
+    assert cache.get(KEY) == PAYLOAD
+
+
+def test_a_shard_that_is_a_file_is_removed_and_recreated(tmp_path: Path) -> None:
+    cache = CompileCache(tmp_path)
+    shard = cache.entry_path(KEY).parent
+    shard.parent.mkdir(parents=True)
+    shard.write_text("not a folder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cache.get(KEY) is None
+    assert f"programs/{KEY[:2]} is a file" in _one_warning_about(KEY, caught)
+    cache.put(KEY, PAYLOAD)
+    assert cache.get(KEY) == PAYLOAD
+
+
+def test_a_shard_that_is_a_file_met_by_put_is_replaced(tmp_path: Path) -> None:
+    cache = CompileCache(tmp_path)
+    shard = cache.entry_path(KEY).parent
+    shard.parent.mkdir(parents=True)
+    shard.write_text("not a folder")
+    assert len(_warnings_of(lambda: cache.put(KEY, PAYLOAD))) == 1
+    assert cache.get(KEY) == PAYLOAD
+
+
+@pytest.mark.parametrize("where", ["root", "programs"])
+def test_a_file_where_the_layout_wants_a_folder_turns_the_cache_off_once(tmp_path: Path, where: str) -> None:
+    root = tmp_path / "cache"
+    blocker = root if where == "root" else root / "programs"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("the user's file")
+    cache = CompileCache(root)
+
+    def use() -> None:
+        for key in (KEY, OTHER_KEY):
+            assert cache.get(key) is None
+            cache.put(key, PAYLOAD)
+            assert not cache.contains(key)
+
+    messages = _warnings_of(use)
+    assert len(messages) == 1, messages
+    assert messages[0] == f"compile cache {root} is unusable ({blocker} is not a folder); building without it"
+    assert blocker.read_text() == "the user's file"  # not ours to delete
+
+
+def test_a_write_failure_warns_once_and_reads_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    import furiosa_build.cache as cache_module
+
+    cache = CompileCache(tmp_path)
+    cache.put(KEY, PAYLOAD)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module, "atomic_write", full)
+    messages = _warnings_of(lambda: [cache.put(OTHER_KEY, PAYLOAD) for _ in range(3)])
+    assert len(messages) == 1 and messages[0].endswith(": no space left on device); building without storing to it")
+    assert f"compile cache {tmp_path} cannot be written ({cache.entry_path(OTHER_KEY)}" in messages[0]
+    assert cache.stats.writes == 1
+    assert cache.get(KEY) == PAYLOAD
+    assert cache.get(OTHER_KEY) is None
+
+
+def test_an_unreadable_entry_is_a_miss_and_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = CompileCache(tmp_path)
+    cache.put(KEY, PAYLOAD)
+    real = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self == cache.entry_path(KEY):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    messages = _warnings_of(lambda: cache.get(KEY))
+    assert messages == [f"compile cache entry {KEY} cannot be read (permission denied); recompiling"]
+    assert cache.entry_path(KEY).exists()
+
+
+def test_put_sweeps_dead_writers_scratch_files_from_its_shard(tmp_path: Path) -> None:
+    import subprocess
+
+    from furiosa_build.scratch import ScratchName, make_scratch
+
+    cache = CompileCache(tmp_path)
+    shard = cache.entry_path(KEY).parent
+    shard.mkdir(parents=True)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    live = make_scratch(shard, f"{KEY}.json")
+    mine = ScratchName.parse(live.name)
+    assert mine is not None
+    dead = shard / f".{KEY}.json.furiosa-tmp.{mine.host}.{child.pid}.{mine.start}.0dead0"
+    for path in (live, dead, shard / "README"):
+        path.write_bytes(b"x")
+
+    cache.put(KEY, PAYLOAD)
+
+    assert not dead.exists()
+    assert live.exists() and (shard / "README").exists()
