@@ -2,6 +2,10 @@
 
 ``EngineCore`` owns the simulator, block manager, scheduler and sampler.  ``LLM``,
 ``LLMEngine`` and ``AsyncLLMEngine`` only tokenize, validate and collect outputs.
+
+An artifact built without tokenizer files has ``tokenizer`` None: token-id prompts
+work and their completions carry token ids with ``text=""`` (nothing to detokenize
+with); text prompts, chat and stop strings are refused in one line.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from furiosa_runtime.artifact import SchedulerConfig, load_artifact
+from furiosa_runtime.artifact import ArtifactFiles, SchedulerConfig, open_artifact
 from furiosa_runtime.block_manager import BlockManager
 from furiosa_runtime.errors import validate_context_length, validate_min_tokens
+from furiosa_runtime.inputs import check_token_ids
 from furiosa_runtime.model_runner import ModelRunner
 from furiosa_runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from furiosa_runtime.sampler import Sampler, log_softmax, min_tokens_banned_ids, top_logprobs
@@ -39,11 +44,12 @@ class EngineCore:
         data_parallel_size: int | None = None,
     ) -> None:
         self.path = Path(artifact_path)
-        self.artifact = load_artifact(self.path)
-        self.tokenizer = Tokenizer.from_dir(tokenizer if tokenizer is not None else self.path)
+        self.artifact, files = open_artifact(self.path)
+        self.tokenizer: Tokenizer | None = Tokenizer.from_dir(tokenizer) if tokenizer is not None else _artifact_tokenizer(files)
         self.simulator = NPUSimulator(
-            self.path, self.artifact, devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size
+            files, self.artifact, devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size
         )
+        files.verify_all()  # the listed files nothing above needed: an altered one still refuses the artifact
         paged = self.artifact.generator_config.paged_attention_config
         self.blocks = BlockManager(paged.num_blocks, paged.block_size)
         self.runner = ModelRunner(self.simulator, self.artifact, self.blocks)
@@ -51,7 +57,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.runner.prefill_buckets, self.runner.decode_buckets, self.blocks, self.scheduler_config)
         self.sampler = Sampler(seed)
         self.eos_token_ids = set(self.artifact.model_metadata.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.groups: dict[str, SequenceGroup] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sequence key
@@ -93,7 +99,8 @@ class EngineCore:
         ]  # fmt: skip
         self.groups[request_id] = SequenceGroup(request_id, prompt, list(prompt_token_ids), params, seqs, metrics)
         for seq in seqs:
-            self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            if self.tokenizer is not None:
+                self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             self._emitted[seq.request_id] = (0, 0, 0)
         self.scheduler.add(seqs[0])
         if len(seqs) > 1:  # the other samples fork off the first once its prompt is computed
@@ -101,16 +108,18 @@ class EngineCore:
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise unless the request fits, before anything is queued, so a bad request fails
-        alone instead of in the middle of a step: a non-empty prompt of ids in the vocabulary,
-        no longer than a prefill bucket (any length up to the context with chunked prefill);
-        prompt plus ``max_tokens`` within the largest bucket and the KV cache (the
-        context-length errors), or with ``max_tokens=None`` room for ``min_tokens``; stop
-        token ids and ``logprobs`` within the vocabulary."""
+        alone instead of in the middle of a step: a non-empty prompt of ids the embedding
+        holds (its real rows, see ``NPUSimulator.token_rows``), no longer than a prefill
+        bucket (any length up to the context with chunked prefill); prompt plus
+        ``max_tokens`` within the largest bucket and the KV cache (the context-length
+        errors), or with ``max_tokens=None`` room for ``min_tokens``; stop token ids and
+        ``logprobs`` within the vocabulary; stop strings only with a tokenizer."""
         if not prompt_token_ids:
             raise ValueError("prompt: must contain at least one token")
-        vocab = int(self.artifact.hf_config.get("vocab_size") or 0) or self.tokenizer.vocab_size
-        if not all(0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt_token_ids: every id must be in [0, {vocab})")
+        vocab = self.simulator.token_rows
+        check_token_ids(prompt_token_ids, vocab)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: this artifact has no tokenizer to match stop strings against; use stop_token_ids")
         if len(prompt_token_ids) > self.max_prompt_len:
             validate_context_length(self.max_prompt_len, len(prompt_token_ids), None)
         validate_context_length(self.max_model_len, len(prompt_token_ids), params.max_tokens)
@@ -185,12 +194,14 @@ class EngineCore:
         seq.metrics.last_token_time = now
         if seq.metrics.npu_first_token_time is None:
             seq.metrics.npu_first_token_time = self.npu_seconds
-        seq.text += self._detok[seq.request_id].add_tokens([token])
+        detok = self._detok.get(seq.request_id)
+        if detok is not None:
+            seq.text += detok.add_tokens([token])
         self._check_stop(seq, token)
         if seq.is_finished:
             seq.metrics.npu_finished_time = self.npu_seconds
-            if not isinstance(seq.stop_reason, str):  # a stop string cut the text: drop what follows
-                seq.text += self._detok[seq.request_id].flush()
+            if detok is not None and not isinstance(seq.stop_reason, str):  # a stop string cut the text: drop what follows
+                seq.text += detok.flush()
             self.scheduler.finish(seq)
 
     def _record_logprobs(self, seq: Sequence, logits: np.ndarray, token: int) -> None:
@@ -202,7 +213,11 @@ class EngineCore:
         seq.cumulative_logprob += float(logprobs[token])
         if params.logprobs is not None:
             top = top_logprobs(logprobs, token, params.logprobs)
-            seq.logprobs.append({i: Logprob(lp, rank, self.tokenizer.decode([i], skip_special_tokens=False)) for i, (lp, rank) in top.items()})
+            seq.logprobs.append({i: Logprob(lp, rank, self._token_text(i)) for i, (lp, rank) in top.items()})
+
+    def _token_text(self, token: int) -> str | None:
+        """A logprob's ``decoded_token`` (None without a tokenizer, as vLLM leaves it undecoded)."""
+        return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -253,3 +268,9 @@ class EngineCore:
     def _forget(self, seq: Sequence) -> None:
         self._detok.pop(seq.request_id, None)
         self._emitted.pop(seq.request_id, None)
+
+
+def _artifact_tokenizer(files: ArtifactFiles) -> Tokenizer | None:
+    """The artifact's tokenizer, built from manifest-checked bytes (unlisted files are never
+    read); None when the artifact was built without tokenizer files."""
+    return Tokenizer.from_files(files.read_if_listed, str(files.root)) if files.listed("tokenizer.json") else None

@@ -1,5 +1,8 @@
 """Prompt inputs the vLLM way: a string, ``{"prompt": ...}``, ``{"prompt_token_ids": ...}``
-or a list of token ids, turned into ``(text or None, token ids)``."""
+or a list of token ids, turned into ``(text or None, token ids)``.
+
+Without a tokenizer (an artifact built without tokenizer files) only token-id prompts
+parse; a text is refused in one line."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from numbers import Integral
 from typing import Any
 
-from furiosa_runtime.tokenizer import Tokenizer
+from furiosa_runtime.tokenizer import Tokenizer, require_tokenizer
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -16,10 +19,10 @@ PROMPT_KEYS = ("prompt", "prompt_token_ids")
 _FORMS = "use a str, a list of token ids, or a dict with 'prompt' or 'prompt_token_ids'"
 
 
-def parse_prompt(prompt: PromptType, tokenizer: Tokenizer, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+def parse_prompt(prompt: PromptType, tokenizer: Tokenizer | None, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
     """The prompt text (None for token-id prompts) and its token ids."""
     if isinstance(prompt, str):
-        return prompt, tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return prompt, require_tokenizer(tokenizer, "prompt").encode(prompt, add_special_tokens=add_special_tokens)
     if isinstance(prompt, dict):
         return _parse_dict(prompt, tokenizer, add_special_tokens)
     if isinstance(prompt, list):
@@ -27,7 +30,7 @@ def parse_prompt(prompt: PromptType, tokenizer: Tokenizer, add_special_tokens: b
     raise ValueError(f"prompt: unsupported prompt {_show(prompt)}; {_FORMS}")
 
 
-def _parse_dict(prompt: dict[str, Any], tokenizer: Tokenizer, add_special_tokens: bool) -> tuple[str | None, list[int]]:
+def _parse_dict(prompt: dict[str, Any], tokenizer: Tokenizer | None, add_special_tokens: bool) -> tuple[str | None, list[int]]:
     """``{"prompt_token_ids": ...}`` (with an optional ``"prompt"`` text) or ``{"prompt": ...}``."""
     unknown = sorted(str(key) for key in prompt if key not in PROMPT_KEYS)
     if unknown:
@@ -39,7 +42,14 @@ def _parse_dict(prompt: dict[str, Any], tokenizer: Tokenizer, add_special_tokens
         return text, _token_ids(prompt["prompt_token_ids"])
     if text is None:
         raise ValueError(f"prompt: unsupported prompt {_show(prompt)}; {_FORMS}")
-    return text, tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return text, require_tokenizer(tokenizer, "prompt").encode(text, add_special_tokens=add_special_tokens)
+
+
+def check_token_ids(ids: list[int], num_rows: int) -> None:
+    """Refuse ids the model's embedding has no row for (``num_rows``: its real row count)."""
+    outside = [t for t in ids if not 0 <= t < num_rows]
+    if outside:
+        raise ValueError(f"prompt_token_ids: every id must be in [0, {num_rows}), got {outside[0]}")
 
 
 def is_single_prompt(prompts: PromptType | Sequence[PromptType]) -> bool:

@@ -16,7 +16,7 @@ from furiosa_runtime.inputs import PromptType, batch_prompts, parse_prompt
 from furiosa_runtime.outputs import RequestOutput
 from furiosa_runtime.pooling import Embedder, EmbeddingRequestOutput, PoolingRequestOutput, require_task
 from furiosa_runtime.sampling_params import RequestOutputKind, SamplingParams
-from furiosa_runtime.tokenizer import validate_messages
+from furiosa_runtime.tokenizer import Tokenizer, require_tokenizer, validate_messages
 
 TOKENIZER_MODES = ("auto", "slow")
 
@@ -31,7 +31,8 @@ class LLM:
     parallelism is fixed by the build; a blockwise artifact may be re-staged; replicas fill
     the remaining PEs when ``data_parallel_size`` is None); ``scheduler_config`` replaces
     the artifact's scheduler config; ``tokenizer`` names a tokenizer folder to use instead
-    of the artifact's.  Settings the simulator cannot honour (a Hub revision, JIT
+    of the artifact's (an artifact built without tokenizer files takes token-id prompts
+    only, see ``engine.py``).  Settings the simulator cannot honour (a Hub revision, JIT
     compilation) are refused with a ValueError rather than ignored, and every argument's
     type and range is checked before the artifact is read (one line naming the argument).
     """
@@ -69,7 +70,6 @@ class LLM:
             model_id_or_path, seed=seed, scheduler_config=scheduler_config, tokenizer=tokenizer,
             devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
         )  # fmt: skip
-        self.tokenizer = self.engine.tokenizer
         self.model_id_or_path = str(model_id_or_path)
         self.model_metadata = self.engine.artifact.model_metadata
         self.cache_dir = cache_dir
@@ -89,6 +89,14 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The tokenizer in use; a one-line ValueError when the artifact has none."""
+        return require_tokenizer(self.engine.tokenizer, "tokenizer")
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.get_tokenizer()
 
     def generate(
         self,
@@ -132,10 +140,11 @@ class LLM:
 
         ``messages`` is one conversation (a list of ``{"role", "content"}`` dicts) or a list of them.
         """
+        tokenizer = require_tokenizer(self.engine.tokenizer, "messages")
         conversations = _conversations(messages)
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, chat_template=chat_template) for c in conversations]
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, chat_template=chat_template) for c in conversations]
         # The template already places the special tokens, so the tokenizer must not add more.
-        prompts = [{"prompt": t, "prompt_token_ids": self.tokenizer.encode(t, add_special_tokens=False)} for t in texts]
+        prompts = [{"prompt": t, "prompt_token_ids": tokenizer.encode(t, add_special_tokens=False)} for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def embed(self, prompts: PromptType | Seq[PromptType], use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
@@ -165,7 +174,7 @@ class LLM:
             if any(isinstance(ids, str | dict) for ids in batch):
                 raise ValueError("prompt_token_ids: must be a list of token ids or a list of such lists")
             prompts = [{"prompt_token_ids": ids} for ids in batch]
-        return [parse_prompt(p, self.tokenizer) for p in batch_prompts(prompts)]
+        return [parse_prompt(p, self.engine.tokenizer) for p in batch_prompts(prompts)]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

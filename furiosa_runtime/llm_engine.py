@@ -22,7 +22,7 @@ from furiosa_runtime.inputs import PromptType, parse_prompt
 from furiosa_runtime.llm import LLM
 from furiosa_runtime.outputs import RequestOutput
 from furiosa_runtime.sampling_params import SamplingParams
-from furiosa_runtime.tokenizer import Tokenizer
+from furiosa_runtime.tokenizer import Tokenizer, require_tokenizer
 
 GENERATION_TASKS = ("generate",)
 
@@ -33,7 +33,7 @@ class LLMEngineBase:
     def __init__(
         self,
         native_engine: EngineCore,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,  # None: an artifact without tokenizer files (token-id prompts only)
         task_type: str,
         max_model_len: int,
         llm: LLM | None = None,  # keeps the LLM (and its engine) alive
@@ -41,7 +41,7 @@ class LLMEngineBase:
         trust_remote_code: bool = False,
     ) -> None:
         self.native_engine = native_engine
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.task_type = task_type
         self.max_model_len = max_model_len
         self._llm = llm
@@ -52,7 +52,7 @@ class LLMEngineBase:
     @classmethod
     def from_llm(cls, llm: LLM) -> Any:
         """An engine sharing ``llm``'s loaded artifact."""
-        return cls(llm.engine, llm.tokenizer, llm.model_metadata.task, llm.max_model_len, llm=llm,
+        return cls(llm.engine, llm.engine.tokenizer, llm.model_metadata.task, llm.max_model_len, llm=llm,
                    trust_remote_code=bool(llm.model_metadata.trust_remote_code))  # fmt: skip
 
     @classmethod
@@ -61,6 +61,14 @@ class LLMEngineBase:
         if not isinstance(args, EngineArgs):
             raise ValueError(f"engine_args must be an EngineArgs (e.g. EngineArgs(model=...)), got {type(args).__name__}")
         return cls.from_llm(args.create_llm())
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The tokenizer in use; a one-line ValueError when the artifact has none."""
+        return require_tokenizer(self._tokenizer, "tokenizer")
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.get_tokenizer()
 
     def try_add_request_id(self, request_id: str) -> None:
         """Register a new id; a non-string or duplicate id is a ValueError."""
@@ -80,7 +88,7 @@ class LLMEngineBase:
             raise ValueError("The model does not support text generation tasks.")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Unsupported sampling parameters type: {type(params).__name__}. Expected SamplingParams.")
-        text, token_ids = parse_prompt(prompt, self.tokenizer, add_special_tokens=False)
+        text, token_ids = parse_prompt(prompt, self._tokenizer, add_special_tokens=False)
         self.native_engine.validate_request(token_ids, params)
         return text, token_ids
 

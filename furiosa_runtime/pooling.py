@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from furiosa_runtime.artifact import Artifact, Bucket
 from furiosa_runtime.errors import ContextLengthExceededError
-from furiosa_runtime.inputs import PromptType, batch_prompts, parse_prompt, single_prompt
+from furiosa_runtime.inputs import PromptType, batch_prompts, check_token_ids, parse_prompt, single_prompt
 from furiosa_runtime.model_runner import ModelRunner, smallest_bucket
 from furiosa_runtime.tokenizer import Tokenizer
 
@@ -114,7 +114,7 @@ class EmbeddingRequestOutput:
 class Embedder:
     """Texts in, pooled vectors out, on the simulator that holds an embed artifact."""
 
-    def __init__(self, artifact: Artifact, runner: ModelRunner, tokenizer: Tokenizer) -> None:
+    def __init__(self, artifact: Artifact, runner: ModelRunner, tokenizer: Tokenizer | None) -> None:
         require_task(artifact, "embed", "Embedder")
         pooling = artifact.model_metadata.pooling
         self.runner = runner
@@ -151,6 +151,7 @@ class Embedder:
         """One vector per token list; longest first, each run of texts in the smallest bucket that holds it."""
         for tokens in token_lists:
             self._check_length(len(tokens))
+            check_token_ids(tokens, self.runner.simulator.token_rows)
         order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
         vectors: list[np.ndarray] = [np.empty(0)] * len(token_lists)
         with tqdm(total=len(order), desc="embed", disable=not use_tqdm) as bar:
@@ -203,11 +204,11 @@ def _stripped(prompt: PromptType) -> PromptType:
 _EMBEDDERS: weakref.WeakKeyDictionary[Any, Embedder] = weakref.WeakKeyDictionary()
 
 
-def _truncating(tokenizer: Tokenizer, max_length: int | None) -> Tokenizer:
+def _truncating(tokenizer: Tokenizer | None, max_length: int | None) -> Tokenizer | None:
     """A copy of ``tokenizer`` that cuts texts to ``max_length`` tokens, special tokens
     included, the way sentence-transformers' tokenizer call does (the original is shared
-    with the rest of the runtime and stays untouched)."""
-    if max_length is None:
+    with the rest of the runtime and stays untouched); None stays None (token ids only)."""
+    if tokenizer is None or max_length is None:
         return tokenizer
     clone = copy.copy(tokenizer)
     clone.backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())

@@ -14,7 +14,6 @@ modelled step latency (``step_seconds``, the timing face in ``timing.py``).  Set
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import Counter
@@ -24,11 +23,26 @@ from itertools import groupby
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+import safetensors
+from pydantic import ValidationError
+from safetensors import SafetensorError
 
-from furiosa_runtime.artifact import Artifact, Bucket, Pipeline, Task, Transfer, assign_stages, plan_transfers, split_layers
+from furiosa_runtime.artifact import (
+    Artifact,
+    ArtifactError,
+    ArtifactFiles,
+    Bucket,
+    Pipeline,
+    Task,
+    Transfer,
+    assign_stages,
+    first_error,
+    plan_transfers,
+    program_file,
+    split_layers,
+)
 from furiosa_runtime.hardware import RNGD, HardwareSpec, Mesh, device_of, plan_mesh
-from furiosa_runtime.isa import COLLECTIVES, DTYPES, ExecContext, Instruction, KVCacheLayer, Program, execute
+from furiosa_runtime.isa import COLLECTIVES, COMPUTE_DTYPE, DTYPES, ExecContext, Instruction, KVCacheLayer, Program, execute
 from furiosa_runtime.timing import StepModel
 
 TRACE = os.environ.get("FURIOSA_TRACE") == "1"
@@ -135,17 +149,123 @@ class Schedule:
     transfers: dict[str, list[Transfer]]  # after task name -> sends
 
 
+def _load_program(files: ArtifactFiles, key: str) -> Program:
+    rel = program_file(key)
+    try:
+        return Program.model_validate_json(files.read(rel))
+    except ValidationError as err:
+        raise ArtifactError(f"artifact: {rel} is not a valid program ({first_error(err)})") from None
+
+
+#: The safetensors names of the dtypes weights may be stored in.
+_STORED_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32", "I64": "i64", "I32": "i32", "BOOL": "bool"}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def _load_tensors(files: ArtifactFiles, rel: str) -> dict[str, np.ndarray]:
+    """The tensors of one weight file, loaded from the descriptor its checksum was computed on."""
+    with files.open_verified(rel) as f:
+        data = f.read()
+    try:
+        entries = safetensors.deserialize(data)
+    except SafetensorError as err:
+        raise ArtifactError(f"artifact: {rel} is not a valid safetensors file ({' '.join(str(err).split())})") from None
+    tensors = {}
+    for name, entry in entries:
+        if entry["dtype"] not in _STORED_DTYPES:
+            raise ArtifactError(f"artifact: {rel}: tensor {name} is stored as {entry['dtype']}, which is not a weight dtype")
+        tensors[name] = np.frombuffer(entry["data"], DTYPES[_STORED_DTYPES[entry["dtype"]]]).reshape(entry["shape"])
+    return tensors
+
+
+def check_task(pipeline: Pipeline, task: Task, program: Program, tensors: dict[str, np.ndarray]) -> None:
+    """Refuse, in one line naming the task, a task its program and weights disagree on:
+    otherwise the lie surfaces as a NumPy error (or a wrong answer) in the middle of a step.
+
+    Every bound tensor exists; every program parameter is bound to a tensor of its shape,
+    stored in a dtype that widens to the parameter's; values and KV layers match the
+    program's inputs, outputs and attentions, and pipeline inputs have the shapes it takes.
+    """
+    where = f"artifact: pipeline {pipeline.name}, task {task.name} (shard {task.shard})"
+    for rel, tensor in task.params.items():
+        if tensor not in tensors:
+            raise ArtifactError(f"{where}: parameter {rel} binds tensor {tensor!r}, which no param file holds")
+    for spec in program.params:
+        rel = spec.name.removeprefix("p:")
+        if rel not in task.params:
+            raise ArtifactError(f"{where}: program parameter {rel} is bound to no tensor")
+        array = tensors[task.params[rel]]
+        if array.shape != spec.shape:
+            raise ArtifactError(f"{where}: parameter {rel} has shape {list(spec.shape)} in the program but tensor "
+                                f"{task.params[rel]} has shape {list(array.shape)}")  # fmt: skip
+        stored = _DTYPE_NAMES[array.dtype]
+        if COMPUTE_DTYPE[stored] != spec.dtype:
+            raise ArtifactError(f"{where}: parameter {rel} is {spec.dtype} in the program but tensor {task.params[rel]} is "
+                                f"stored as {stored}")  # fmt: skip
+    _check_signature(where, pipeline, task, program)
+
+
+def _check_signature(where: str, pipeline: Pipeline, task: Task, program: Program) -> None:
+    attentions = sum(inst.op == "paged_attention" for inst in program.instructions)
+    for what, bound, taken in (("inputs", task.inputs, program.inputs), ("outputs", task.outputs, program.outputs),
+                               ("kv_layers", task.kv_layers, range(attentions))):  # fmt: skip
+        if len(bound) != len(taken):
+            raise ArtifactError(f"{where}: {len(bound)} {what} for a program that has {len(taken)}")
+    fed = {spec.name: spec.shape for spec in pipeline.inputs}
+    for spec, value in zip(program.inputs, task.inputs):
+        if value in fed and list(spec.shape) != fed[value]:
+            raise ArtifactError(f"{where}: input {value} has shape {fed[value]} but the program takes {list(spec.shape)}")
+
+
+def embedding_rows(artifact: Artifact, programs: dict[str, Program], tensors: dict[str, np.ndarray]) -> int:
+    """How many token ids the model can embed: the rows of every table its embed tasks
+    gather ``input_ids`` from (vocab-parallel shards summed), the smallest if several.
+
+    This, not ``hf_config.vocab_size`` (which nothing ties to the weights), bounds the
+    prompt ids a request may carry.
+    """
+    rows = []
+    for pipeline in artifact.pipelines:
+        embeds = [t for t in pipeline.tasks if t.kind == "embed"]
+        for name in dict.fromkeys(t.name for t in embeds):
+            shards = [t for t in embeds if t.name == name]
+            program = programs[shards[0].program]
+            for rel in _token_tables(program, shards[0]):
+                layout = program.tensor_parallel.params.get(rel) if program.tensor_parallel else None
+                chunks = {t.params[rel] for t in shards} if layout is not None and layout.dim == 0 else {shards[0].params[rel]}
+                rows.append(sum(tensors[chunk].shape[0] for chunk in chunks))
+    if not rows:
+        raise ArtifactError("artifact: no embed task looks up input_ids in a weight table, so token ids cannot be bounded")
+    return min(rows)
+
+
+def _token_tables(program: Program, task: Task) -> list[str]:
+    """The parameters ``program`` gathers rows of by token id (indices computed from the
+    ``input_ids`` pipeline value, e.g. shifted into a vocab-parallel shard)."""
+    derived = {spec.name for spec, value in zip(program.inputs, task.inputs) if value == "input_ids"}
+    tables = []
+    for inst in program.instructions:
+        if inst.op == "gather" and inst.ins[1] in derived and inst.ins[0].startswith("p:"):
+            tables.append(inst.ins[0].removeprefix("p:"))
+        elif any(name in derived for name in inst.ins):
+            derived.update(inst.outs)
+    return tables
+
+
 class NPUSimulator:
     """Programs and weights of one artifact placed on a mesh of simulated PEs.
 
-    ``devices``, ``pipeline_parallel_size`` and ``data_parallel_size`` are the load-time
-    settings (None: the artifact's devices and stages, and as many replicas as the PEs
-    allow); tensor parallelism is fixed by the artifact.
+    ``files`` is the artifact's verified reader (a folder path gets one over the
+    artifact's manifest).  ``devices``, ``pipeline_parallel_size`` and
+    ``data_parallel_size`` are the load-time settings (None: the artifact's devices and
+    stages, and as many replicas as the PEs allow); tensor parallelism is fixed by the
+    artifact.  Loading checks every task's program against the weights it binds, and
+    ``token_rows`` is how many token ids the embedding really holds.
     """
 
     def __init__(
         self,
-        root: Path,
+        files: ArtifactFiles | str | Path,
         artifact: Artifact,
         hw: HardwareSpec = RNGD,
         *,
@@ -153,14 +273,18 @@ class NPUSimulator:
         pipeline_parallel_size: int | None = None,
         data_parallel_size: int | None = None,
     ) -> None:
+        files = files if isinstance(files, ArtifactFiles) else ArtifactFiles(files, artifact.manifest)
         self.artifact = artifact
         self.hw = hw
         self.block_size = artifact.generator_config.paged_attention_config.block_size
         self.layers_per_stage = self._layers_per_stage(pipeline_parallel_size)
         par = artifact.parallel_config
         self.mesh: Mesh = plan_mesh(devices or artifact.devices, par.tensor_parallel_size, len(self.layers_per_stage), data_parallel_size, hw)
+        self.programs = {key: _load_program(files, key) for key in self._program_keys()}
+        tensors = self._read_weights(files)
+        #: How many token ids the embedding holds (``embedding_rows``): the bound on prompt ids.
+        self.token_rows = embedding_rows(artifact, self.programs, tensors)
         self.schedules = {p.name: self._schedule(p) for p in artifact.pipelines}
-        self.programs = {key: self._load_program(root, key) for key in self._program_keys()}
         timing = StepModel(self.programs, hw, self.block_size, artifact.model_metadata.weight_dtype, artifact.generator_config.kv_cache_dtype)
         #: Modelled latency of one step of each bucket's pipeline (``timing.py``).
         self.step_seconds = {
@@ -171,7 +295,7 @@ class NPUSimulator:
         self.pes: dict[str, PE] = {}
         self.stats: Counter[str] = Counter()  # collectives run, transfers and bytes moved
         self._widened: dict[str, np.ndarray] = {}  # f32 views of weights, shared by replicas
-        self._load_weights(root)
+        self._place_weights(tensors)
         self._allocate_kv_cache()
 
     # -- layout ----------------------------------------------------------------------------
@@ -212,21 +336,25 @@ class NPUSimulator:
     def _program_keys(self) -> list[str]:
         return sorted({t.program for p in self.artifact.pipelines for t in p.tasks})
 
-    @staticmethod
-    def _load_program(root: Path, key: str) -> Program:
-        return Program.model_validate(json.loads((root / "programs" / f"{key}.json").read_text()))
-
     def pe(self, name: str) -> PE:
         if name not in self.pes:
             self.pes[name] = PE(name, self.hw.pe_hbm_bytes)
         return self.pes[name]
 
     # -- loading ---------------------------------------------------------------------------
-    def _load_weights(self, root: Path) -> None:
-        """Every PE stores exactly the tensors its tasks bind (its shards, or whole tensors)."""
+    def _read_weights(self, files: ArtifactFiles) -> dict[str, np.ndarray]:
+        """The tensors of every param file, once every task is known to agree with them
+        (checked before anything else looks at the tasks)."""
         tensors: dict[str, np.ndarray] = {}
         for rel in self.artifact.param_files:
-            tensors.update(load_file(root / rel))
+            tensors.update(_load_tensors(files, rel))
+        for pipeline in self.artifact.pipelines:
+            for task in pipeline.tasks:
+                check_task(pipeline, task, self.programs[task.program], tensors)
+        return tensors
+
+    def _place_weights(self, tensors: dict[str, np.ndarray]) -> None:
+        """Every PE stores exactly the tensors its tasks bind (its shards, or whole tensors)."""
         for task, pe in self._placements():
             for tensor in task.params.values():
                 pe.load_weight(tensor, tensors[tensor])

@@ -15,7 +15,7 @@ emitting half of a multi-byte character.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +27,9 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerError", "validate_messages"]
+from furiosa_runtime.artifact import TOKENIZER_FILES
+
+__all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerError", "require_tokenizer", "validate_messages"]
 
 # Special-token attributes transformers knows, in its order.
 SPECIAL_TOKEN_KEYS = (
@@ -120,19 +122,19 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+def _json_object(data: bytes | None) -> dict[str, Any]:
+    """A JSON file's object, {} for an absent file."""
+    value = {} if data is None else json.loads(data.decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
-def _read_chat_template(directory: Path, config: dict[str, Any]) -> Any:
+def _chat_template(files: dict[str, bytes | None], config: dict[str, Any]) -> Any:
     """The chat template: standalone files win over tokenizer_config.json, as in HF."""
-    jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    json_file = _read_json(directory / "chat_template.json")
+    if files["chat_template.jinja"] is not None:
+        return files["chat_template.jinja"].decode("utf-8")
+    json_file = _json_object(files["chat_template.json"])
     if "chat_template" in json_file:
         return json_file["chat_template"]
     return config.get("chat_template")
@@ -158,7 +160,7 @@ def _merge_special_tokens(config: dict[str, Any], special_map: dict[str, Any]) -
 class Tokenizer:
     """Encode, decode and chat-format text for one model, without transformers.
 
-    Build it with `Tokenizer.from_dir(path)`; `config` is the parsed
+    Build it with `Tokenizer.from_dir(path)` (or `from_files`); `config` is the parsed
     `tokenizer_config.json` (special tokens as strings or AddedToken dicts,
     `chat_template`, optional `add_bos_token` / `add_eos_token`).
     """
@@ -183,23 +185,42 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load the tokenizer files of a Hugging Face model folder or an artifact.
+        """Load the tokenizer files of a Hugging Face model folder.
 
         A missing or unreadable file is a one-line `TokenizerError` naming it, not the
-        JSON or Rust error from deep inside.
+        JSON or Rust error from deep inside.  (An artifact's tokenizer is read through
+        its verified reader instead: `from_files`.)
         """
         directory = Path(path)
-        tokenizer_file = directory / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise TokenizerNotFoundError(f"tokenizer: tokenizer.json not found in {directory}")
+
+        def read(name: str) -> bytes | None:
+            file = directory / name
+            try:
+                return file.read_bytes() if file.is_file() else None
+            except OSError as err:
+                raise TokenizerError(f"tokenizer: cannot read {file} ({err.strerror})") from None
+
+        return cls.from_files(read, str(directory))
+
+    @classmethod
+    def from_files(cls, read: Callable[[str], bytes | None], where: str) -> Tokenizer:
+        """Build the tokenizer from file contents: ``read(name)`` returns the bytes of
+        ``tokenizer.json``, ``tokenizer_config.json``, ... or None when there is no such file.
+
+        Nothing is opened here, so the caller decides what may be read (an artifact hands
+        in its manifest-checked reader); ``where`` names the source in errors.
+        """
+        files = {name: read(name) for name in TOKENIZER_FILES}
+        if files["tokenizer.json"] is None:
+            raise TokenizerNotFoundError(f"tokenizer: tokenizer.json not found in {where}")
         try:
-            config = _read_json(directory / "tokenizer_config.json")
-            special_tokens_map = _read_json(directory / "special_tokens_map.json")
-            chat_template = _read_chat_template(directory, config)
-            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-        except Exception as err:  # JSON, UTF-8, OS and the Rust library's own errors
+            config = _json_object(files["tokenizer_config.json"])
+            special_tokens_map = _json_object(files["special_tokens_map.json"])
+            chat_template = _chat_template(files, config)
+            backend = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as err:  # JSON, UTF-8 and the Rust library's own errors
             line = " ".join(str(err).split())
-            raise TokenizerError(f"tokenizer: cannot read the tokenizer files in {directory} ({line})") from None
+            raise TokenizerError(f"tokenizer: cannot read the tokenizer files in {where} ({line})") from None
         return cls(backend, config=config, special_tokens_map=special_tokens_map, chat_template=chat_template)
 
     # -- special tokens ---------------------------------------------------------------
@@ -360,6 +381,14 @@ class Tokenizer:
                 "chat_template: this tokenizer has none; pass chat_template=... explicitly"
             )
         return template
+
+
+def require_tokenizer(tokenizer: Tokenizer | None, what: str) -> Tokenizer:
+    """``tokenizer``, or a one-line ValueError naming ``what`` needed one: an artifact
+    built without tokenizer files takes token-id prompts only."""
+    if tokenizer is None:
+        raise ValueError(f"{what}: this artifact has no tokenizer; pass token ids ({{'prompt_token_ids': [...]}})")
+    return tokenizer
 
 
 def validate_messages(messages: Any, name: str = "messages") -> None:
