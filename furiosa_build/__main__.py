@@ -5,17 +5,31 @@
     python -m furiosa_build -m model=tiny-llama,tiny-gpt2 buckets=tiny   # one artifact per job
 
 Before Hydra runs anything, ``main`` composes and validates every job of the command
-(every point of a ``-m`` sweep), so a typo or an unsupported option ends with one line
-``error: ...`` on stderr and exit status 2, with no traceback and nothing written.  Then
-Hydra takes over as usual (``@hydra.main``), so launcher and sweeper plugins still work.
+(every point of a ``-m`` sweep) and checks its output paths, so a typo, an unsupported
+option or an unwritable folder ends with one line ``error: ...`` on stderr and exit
+status 2, with no traceback and nothing written.  Then Hydra takes over as usual
+(``@hydra.main``), so launcher and sweeper plugins still work; the task function reports
+the failures found later (a model whose config does not fit the buckets, a full disk) the
+same way.  Ctrl-C ends with one line and status 130.
 
 In a sweep, a job without an explicit ``build.save_dir`` writes to
-``artifacts/<model.name>/<its overrides>`` so that jobs never share a directory.
+``<hydra.sweep.dir>/<its overrides>``, i.e. ``artifacts/multirun/<date>_<time>/<overrides>``
+(one timestamp per sweep), so that jobs never share a folder and never land inside the
+folder of a single build (``artifacts/<model.name>``).  Overrides that do not change the
+artifact (``NON_SEMANTIC_KEYS``: progress, cache, workers, backend, dry run) are left out
+of the folder name.
+
+With the default buckets config (``buckets`` and ``buckets.decode`` not chosen on the
+command line), an encoder (``model.task`` ``embed`` or resolved to it from ``auto``)
+drops the default decode buckets and keeps the prefill ones; decode buckets given by the
+user are refused for an encoder with the hint ``model.task=embed buckets=embed``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -31,10 +45,26 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from furiosa_build.config import USER_ERRORS, BuildSpec, ConfigError, allowed_keys, load_spec
+from furiosa_build.config import (
+    USER_ERRORS,
+    BuildSpec,
+    ConfigError,
+    allowed_keys,
+    check_creatable,
+    check_output_paths,
+    load_spec,
+)
+from furiosa_build.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, io_error, path_error
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
+DEFAULT_BUCKETS = "default"  # the buckets option conf/config.yaml picks
+
+#: Overrides that change how a build runs, not what it builds: left out of sweep folder names.
+NON_SEMANTIC_KEYS = frozenset({
+    "build.progress", "build.cache_dir", "build.num_pipeline_builder_workers", "build.num_compile_workers",
+    "build.backend", "build.dry_run",
+})  # fmt: skip
 
 
 class UsageError(Exception):
@@ -47,11 +77,14 @@ class UsageError(Exception):
 def run(spec: BuildSpec) -> int:
     """Build (or with ``build.dry_run`` only plan) one artifact; return the exit status.
 
-    User errors (``USER_ERRORS``) are printed as ``error: <one line>`` and give 2.
+    User errors (``USER_ERRORS``) and any OSError (a full disk, a read-only or unwritable
+    folder...) are printed as ``error: <one line>`` and give 2; Ctrl-C gives 130.
     """
-    from furiosa_build.builder import ArtifactBuilder
-
+    doing = f"{'planning' if spec.build.dry_run else 'building'} {spec.build.save_dir}"
     try:
+        check_output_paths(spec)
+        from furiosa_build.builder import ArtifactBuilder
+
         builder = ArtifactBuilder.from_spec(spec)
         if spec.build.dry_run:
             print(builder.plan().render())
@@ -59,7 +92,13 @@ def run(spec: BuildSpec) -> int:
             builder.build_from_spec()
     except USER_ERRORS as exc:
         report_error(exc)
-        return 2
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        report_error(io_error(exc, doing))
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        report_error(f"interrupted while {doing}")
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -72,6 +111,17 @@ def report_error(exc: BaseException | str) -> None:
 # --------------------------------------------------------------------------- sweep job placement
 
 
+def _override_key(override: str) -> str:
+    """``+build.x=1`` -> ``build.x``; ``~model.pooling`` -> ``model.pooling``."""
+    return override.lstrip("~+").partition("=")[0].strip()
+
+
+def override_dirname(overrides: Sequence[str]) -> str:
+    """Hydra's ``override_dirname`` of a job (its overrides, sorted, comma-joined), without
+    the overrides in NON_SEMANTIC_KEYS."""
+    return ",".join(sorted(o for o in overrides if _override_key(o) not in NON_SEMANTIC_KEYS))
+
+
 def job_dir_name(override_dirname: str, job_num: int) -> str:
     """A directory name for one sweep job, made from its overrides (``job<N>`` if it has none)."""
     slug = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname).strip("_")
@@ -80,12 +130,28 @@ def job_dir_name(override_dirname: str, job_num: int) -> str:
     return slug or f"job{job_num}"
 
 
-def place_sweep_job(data: dict[str, Any], override_dirname: str, job_num: int) -> None:
-    """Give a sweep job its own default save_dir: ``artifacts/<model.name>/<overrides>``."""
+def place_sweep_job(data: dict[str, Any], overrides: Sequence[str], job_num: int, sweep_dir: str) -> None:
+    """Give a sweep job its own default save_dir: ``<sweep_dir>/<its overrides>``."""
     build = data.setdefault("build", {})
-    name = (data.get("model") or {}).get("name")
-    if isinstance(build, dict) and build.get("save_dir") is None and isinstance(name, str):
-        build["save_dir"] = f"{BuildSpec.DEFAULT_ARTIFACTS_DIR}/{name}/{job_dir_name(override_dirname, job_num)}"
+    if isinstance(build, dict) and build.get("save_dir") is None:
+        build["save_dir"] = f"{sweep_dir}/{job_dir_name(override_dirname(overrides), job_num)}"
+
+
+def decode_buckets_are_defaults(choices: Any, overrides: Sequence[str]) -> bool:
+    """True when ``buckets.decode`` comes from the default buckets config, not from the user."""
+    touched = {_override_key(o) for o in overrides}
+    return choices.get("buckets") == DEFAULT_BUCKETS and not touched & {"buckets", "buckets.decode"}
+
+
+def _spec_of_job(cfg: DictConfig, hydra_cfg: Any) -> BuildSpec:
+    """The BuildSpec of one composed job (``hydra_cfg``: its ``hydra`` section)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        place_sweep_job(data, overrides, hydra_cfg.job.num, str(hydra_cfg.sweep.dir))
+    return load_spec(data, decode_buckets_are_defaults=decode_buckets_are_defaults(hydra_cfg.runtime.choices, overrides))
 
 
 # --------------------------------------------------------------------------- pre-validation
@@ -121,51 +187,69 @@ def _job_overrides(overrides: list[str], multirun: bool, compose_base) -> list[l
     return BasicSweeper.split_arguments(_parse_overrides(from_config + list(overrides)), None)[0]
 
 
-def _job_spec(cfg: DictConfig, multirun: bool, job_num: int) -> BuildSpec:
-    """Validate one composed job exactly as the Hydra task function will."""
+def _job_spec(cfg: DictConfig, multirun: bool, job_num: int, sweep_dir: list[str]) -> BuildSpec:
+    """Validate one composed job exactly as the Hydra task function will, and its output paths.
+
+    ``sweep_dir`` holds the sweep folder once the first job resolved it: Hydra stamps it
+    once per sweep, so every job of this validation must see the same one.
+    """
     with open_dict(cfg):
         cfg.hydra.job.num = job_num
         cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+        if multirun and sweep_dir:
+            cfg.hydra.sweep.dir = sweep_dir[0]
     HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} interpolations resolve
-    data = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
-    if multirun:
-        place_sweep_job(data, cfg.hydra.job.override_dirname, job_num)
-    return load_spec(data)
+    if multirun and not sweep_dir:  # Hydra creates the sweep folder before the first job runs
+        sweep_dir.append(str(cfg.hydra.sweep.dir))
+        check_creatable("hydra.sweep.dir", Path(sweep_dir[0]), Path(sweep_dir[0]))
+    spec = _spec_of_job(cfg, cfg.hydra)
+    check_output_paths(spec)
+    return spec
 
 
 def prevalidate(overrides: list[str], multirun: bool = False, config_name: str = CONFIG_NAME,
-                extra_config_dir: Path | None = None) -> list[BuildSpec]:
+                extra_config_dir: Path | None = None, config_dir: Path = CONF_DIR) -> list[BuildSpec]:
     """Compose and validate every job; raise UsageError with one line for the first bad one.
 
-    ``extra_config_dir`` is Hydra's ``--config-dir``: one more place to look for configs.
+    ``extra_config_dir`` is Hydra's ``--config-dir``: one more place to look for configs;
+    ``config_dir`` the primary config folder (``--config-path``).
     """
     from hydra import compose, initialize_config_dir
 
     search = [f"hydra.searchpath=[file://{extra_config_dir}]"] if extra_config_dir else []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         def compose_job(job: list[str]) -> DictConfig:
             return compose(config_name, overrides=[*job, *search], return_hydra_config=True)
 
         jobs = _with_one_line(lambda: _job_overrides(overrides, multirun, compose_job), None)
-        specs = []
+        specs: list[BuildSpec] = []
+        sweep_dir: list[str] = []
         for num, job in enumerate(jobs):
             where = f"job {num} ({' '.join(job) or 'no overrides'}): " if multirun and len(jobs) > 1 else ""
-            specs.append(_with_one_line(lambda: _job_spec(compose_job(job), multirun, num), where))
+            specs.append(_with_one_line(lambda: _job_spec(compose_job(job), multirun, num, sweep_dir), where))
     _check_distinct_save_dirs(specs)
     return specs
 
 
+def _artifact_of(spec: BuildSpec) -> dict[str, Any]:
+    """What a spec builds: everything but the NON_SEMANTIC_KEYS (how the build runs)."""
+    data = spec.model_dump()
+    for key in NON_SEMANTIC_KEYS:
+        data["build"].pop(key.partition(".")[2], None)
+    return data
+
+
 def _check_distinct_save_dirs(specs: list[BuildSpec]) -> None:
+    """Two jobs may share a folder only if they build the same artifact (they differ in
+    NON_SEMANTIC_KEYS alone, e.g. a sweep over build.num_compile_workers)."""
     seen: dict[str, int] = {}
     for num, spec in enumerate(specs):
         save_dir = str(spec.build.save_dir)
-        if save_dir in seen:
+        if save_dir in seen and _artifact_of(specs[seen[save_dir]]) != _artifact_of(spec):
             raise UsageError(f"build.save_dir: sweep jobs {seen[save_dir]} and {num} would both write to "
                              f"{save_dir!r}; leave build.save_dir unset in sweeps (each job then gets "
-                             "artifacts/<model.name>/<its overrides>)")
-        seen[save_dir] = num
+                             "artifacts/multirun/<date>_<time>/<its overrides>)")
+        seen.setdefault(save_dir, num)
 
 
 def _with_one_line(action, where: str | None):
@@ -176,6 +260,8 @@ def _with_one_line(action, where: str | None):
         raise UsageError(f"{where or ''}{exc}") from None
     except (*USER_ERRORS, HydraException, OmegaConfBaseException) as exc:
         raise UsageError(f"{where or ''}{one_line(exc)}") from None
+    except OSError as exc:  # reading a config file
+        raise UsageError(f"{where or ''}{io_error(exc, 'reading the config')}") from None
 
 
 def one_line(exc: BaseException) -> str:
@@ -213,18 +299,25 @@ def _first_line(exc: BaseException) -> str:
 # module is imported (console script, tests) rather than run as a file.
 @hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def hydra_task(cfg: DictConfig) -> None:
-    """Hydra's task function: config -> BuildSpec -> run (one call per sweep job)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(data, dict)
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        place_sweep_job(data, hydra_cfg.job.override_dirname, hydra_cfg.job.num)
+    """Hydra's task function: config -> BuildSpec -> run (one call per sweep job).
+
+    Every failure a user can cause ends here with one line and ``sys.exit`` (2, or 130
+    for Ctrl-C): a SystemExit passes through Hydra's own error report, which would
+    otherwise print a stack and exit with 1.
+    """
     try:
-        spec = load_spec(data)
-    except USER_ERRORS as exc:
-        report_error(exc)
-        sys.exit(2)
-    status = run(spec)
+        try:
+            spec = _spec_of_job(cfg, HydraConfig.get())
+        except USER_ERRORS as exc:
+            report_error(exc)
+            sys.exit(EXIT_USER_ERROR)
+        except OSError as exc:  # reading the model's folder
+            report_error(io_error(exc, "reading the config"))
+            sys.exit(EXIT_USER_ERROR)
+        status = run(spec)
+    except KeyboardInterrupt:
+        report_error("interrupted")
+        status = EXIT_INTERRUPTED
     if status:
         sys.exit(status)
 
@@ -232,21 +325,49 @@ def hydra_task(cfg: DictConfig) -> None:
 def _hydra_args(argv: list[str]) -> Any:
     from hydra._internal.utils import get_args_parser
 
-    return get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+
+    def error(message: str) -> None:  # argparse's usage block + message -> one line
+        report_error(f"{' '.join(message.split())} (see python -m furiosa_build --help)")
+        sys.exit(EXIT_USER_ERROR)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_args(argv)
+
+
+def _primary_config_dir(config_path: str | None) -> Path | None:
+    """The folder ``--config-path`` names, when it can be checked here (an absolute path);
+    None for Hydra's relative or ``pkg://`` forms, which Hydra resolves itself."""
+    if not config_path:
+        return CONF_DIR
+    if config_path.startswith("pkg://") or not os.path.isabs(config_path):
+        return None
+    if not os.path.isdir(config_path):
+        raise UsageError(str(path_error(errno.ENOTDIR, "--config-path", config_path, "is not a folder")))
+    return Path(config_path)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Validate the whole command line first, then let Hydra run the job(s)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        report_error("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _main(argv: list[str]) -> None:
     args = _hydra_args(argv)
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
-    if not (informational or args.experimental_rerun or args.config_path):
+    if not (informational or args.experimental_rerun):
         extra_dir = Path(args.config_dir).resolve() if args.config_dir else None
         try:
-            prevalidate(args.overrides, args.multirun, args.config_name or CONFIG_NAME, extra_dir)
+            config_dir = _primary_config_dir(args.config_path)
+            if config_dir is not None:
+                prevalidate(args.overrides, args.multirun, args.config_name or CONFIG_NAME, extra_dir, config_dir)
         except UsageError as exc:
             report_error(exc)
-            sys.exit(2)
+            sys.exit(EXIT_USER_ERROR)
     saved = sys.argv
     sys.argv = [saved[0] if saved else "furiosa_build", *argv]
     try:

@@ -8,7 +8,8 @@
 
 Options are the ``ArtifactBuilder`` parameters (see furiosa_build.config); the command
 builds the same BuildSpec as ``python -m furiosa_build`` and runs it the same way.
-Usage and configuration errors print one line and exit with status 2.
+Usage and configuration errors, unusable output paths and file-system failures print one
+line ``error: ...`` and exit with status 2 (no traceback); Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -28,6 +29,7 @@ from furiosa_build.config import (
     ConfigError,
     spec_from_builder_args,
 )
+from furiosa_build.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, io_error
 
 # CLI destination -> ArtifactBuilder parameter, for the options that map one to one.
 _INIT_OPTIONS = (
@@ -106,9 +108,17 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", default=None, help="print the build plan and stop")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``error: ... (see PROG --help)``) instead of
+    the whole usage block; still exit status 2.  Subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
     """``furiosa-llm`` with its ``build`` subcommand."""
-    parser = argparse.ArgumentParser(prog="furiosa-llm", description="Build model artifacts for the (simulated) NPU.")
+    parser = _Parser(prog="furiosa-llm", description="Build model artifacts for the (simulated) NPU.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build = commands.add_parser("build", help="build a model artifact",
                                 description="Build a model artifact (furiosa-llm build compatible).")
@@ -145,17 +155,25 @@ def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``furiosa-llm build ...``; returns the exit status (2 for usage and configuration errors)."""
+    """``furiosa-llm build ...``; returns the exit status (2 for usage and configuration
+    errors, 130 when interrupted); argparse's usage errors exit with 2 directly."""
     from furiosa_build.__main__ import report_error, run
 
-    parser = make_parser()
-    args = parser.parse_args(argv)
     try:
-        spec = spec_from_args(args, args.command_parser)
-    except USER_ERRORS as exc:
-        report_error(exc)
-        return 2
-    return run(spec)
+        parser = make_parser()
+        args = parser.parse_args(argv)
+        try:
+            spec = spec_from_args(args, args.command_parser)
+        except USER_ERRORS as exc:
+            report_error(exc)
+            return EXIT_USER_ERROR
+        except OSError as exc:
+            report_error(io_error(exc, "reading the command line's paths"))
+            return EXIT_USER_ERROR
+        return run(spec)
+    except KeyboardInterrupt:
+        report_error("interrupted")
+        return EXIT_INTERRUPTED
 
 
 __all__ = ["main", "make_parser", "spec_from_args"]

