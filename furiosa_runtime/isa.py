@@ -15,6 +15,11 @@ Opcodes (ins -> outs, attrs):
   matmul          a[..., M, K], b[..., K, N] -> c                  batched, broadcasting
   rms_norm        x, w -> y                                        eps, weight_offset
   layer_norm      x, w, b -> y                                     eps
+  norm_partials   x[..., D] -> the row sums a norm needs: [sum x^2] (kind "rms") or
+                  [sum x, sum x^2] (kind "layer"), shape [..., 1 or 2]       kind
+  norm_apply      x, sums, w (, b) -> y: RMSNorm / LayerNorm of x from row sums over
+                  ``count`` elements (a distributed norm: x is one PE's slice of the row and
+                  the sums were all-reduced over the group)     kind, eps, count, weight_offset
   rotary          x[B,H,S,D], cos, sin -> y                        rotate-half RoPE
   gated_act       gate, up -> act(gate) * up                       act
   topk            x -> values, indices of the k largest along the last dim   k
@@ -23,7 +28,8 @@ Opcodes (ins -> outs, attrs):
   paged_attention q, k, v, positions, slot_mapping, block_tables -> o[B,S,H,D]
                   scale, causal, sliding_window, softcap; writes k/v into the bound KV cache
   all_reduce      x -> sum of x over the tensor-parallel group      group (collective)
-  all_gather      x -> concatenation of x over the group along dim  group, dim (collective)
+  all_gather      x -> concatenation of x over the group along dim  group, dim (, segments)
+                  (collective; see ``_all_gather`` for chunks held by several PEs and fused segments)
   unary / binary  elementwise math                                 fn (, scalar)
   reduce          x -> reduction over dims                         fn, dims, keepdim
   softmax         x -> softmax along dim                           dim
@@ -119,16 +125,25 @@ class ParamShard(_Strict):
 
     ``dim`` is split into ``parts`` equal chunks (``parts`` < group size means chunks are
     replicated, e.g. KV heads of GQA); with ``segments`` > 1 the dim is first cut into that
-    many equal segments (fused QKV) and each segment is split the same way.
+    many equal segments (fused QKV) and each segment is split the same way.  ``fused``
+    gives segments of different widths instead, each with its own number of parts (Phi-3's
+    ``[q | k | v]`` under GQA: k and v have fewer heads, split over fewer PEs); ``parts``
+    is then the largest of them, and a segment of ``p`` parts gives chunk ``c`` its part
+    ``c * p // parts``.
     """
 
     dim: int
     parts: int
     segments: int = 1
+    fused: tuple[tuple[int, int], ...] = ()  # (full width, parts) of each segment, when they differ
 
     def chunk(self, rank: int, size: int) -> int:
         """The chunk held by ``rank`` of a group of ``size``."""
         return rank * self.parts // size
+
+    def widths(self, full: int) -> list[tuple[int, int]]:
+        """(full width, parts) of every segment of a dim of size ``full``."""
+        return list(self.fused) or [(full // self.segments, self.parts)] * self.segments
 
 
 class TensorParallel(_Strict):
@@ -137,6 +152,7 @@ class TensorParallel(_Strict):
     size: int
     rank: int
     params: dict[str, ParamShard] = Field(default_factory=dict)  # program param (without "p:") -> layout
+    notes: tuple[str, ...] = ()  # instructions the compiler could not split: all-gathered, computed whole
 
 
 class Program(_Strict):
@@ -231,6 +247,35 @@ def _layer_norm(ins, attrs, ctx):
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
     y = (x - mean) / np.sqrt(var + np.float32(attrs["eps"]))
     return ((y * _f32(w) + _f32(b)).astype(np.float32),)
+
+
+@kernel("norm_partials")
+def _norm_partials(ins, attrs, ctx):
+    """The row sums of the last dim a norm is computed from: sum(x^2) for RMSNorm, and
+    (sum(x), sum(x^2)) for LayerNorm.  Sums, not means, so that the partial sums of the
+    slices of a row held by different PEs add up (by ``all_reduce``) to the row's sums."""
+    x = _f32(ins[0])
+    squares = np.sum(np.square(x), axis=-1, keepdims=True)
+    if attrs["kind"] == "rms":
+        return (squares,)
+    return (np.concatenate([np.sum(x, axis=-1, keepdims=True), squares], axis=-1),)
+
+
+@kernel("norm_apply")
+def _norm_apply(ins, attrs, ctx):
+    """RMSNorm or LayerNorm of ``x`` given the row sums of ``norm_partials`` over ``count``
+    elements: with ``count`` the full row length and ``x`` a slice of the row, this is the
+    slice of the norm of the whole row (``w`` and ``b`` are the matching slices)."""
+    x, sums, w, *bias = ins
+    count, eps = np.float32(attrs["count"]), np.float32(attrs["eps"])
+    if attrs["kind"] == "rms":
+        y = x * (1.0 / np.sqrt(sums[..., :1] / count + eps))
+        y *= _f32(w) + np.float32(attrs.get("weight_offset", 0.0))
+        return (_f32(y),)
+    mean = sums[..., :1] / count
+    var = np.maximum(sums[..., 1:2] / count - mean * mean, np.float32(0))  # E[x^2] - E[x]^2
+    y = (x - mean) / np.sqrt(var + eps) * _f32(w) + _f32(bias[0])
+    return (_f32(y),)
 
 
 @kernel("rotary")
@@ -477,7 +522,23 @@ def _all_reduce(parts: list[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
 
 @collective("all_gather")
 def _all_gather(parts: list[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
-    return np.concatenate(parts, axis=attrs["dim"])
+    """The whole value from the chunks of every PE, concatenated along ``dim`` in rank order.
+
+    ``segments`` (optional) describes each PE's chunk as ``[[width, distinct], ...]``: the
+    chunk is that many fused segments of the given widths (``[q_r | k_r | v_r]``), and the
+    result is reassembled segment by segment (``[q0 q1 .. | k0 k1 .. | v0 v1 ..]``).  A
+    segment with fewer distinct chunks than PEs is held by ``group / distinct`` neighbouring
+    PEs each (KV heads replicated under GQA) and taken once.  Without ``segments`` every PE
+    holds a distinct chunk of one segment.
+    """
+    dim = attrs["dim"]
+    layout = attrs.get("segments") or [[parts[0].shape[dim], len(parts)]]
+    pieces = [np.split(chunk, np.cumsum([width for width, _ in layout])[:-1], axis=dim) for chunk in parts]
+    gathered = []
+    for segment, (_, distinct) in enumerate(layout):
+        holders = range(0, len(parts), max(1, len(parts) // distinct))  # the first PE holding each distinct chunk
+        gathered += [pieces[rank][segment] for rank in holders]
+    return np.concatenate(gathered, axis=dim)
 
 
 #: Rows attended together: rows of similar context length share one gather of KV blocks.

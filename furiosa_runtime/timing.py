@@ -41,7 +41,9 @@ class Cost:
 
 def collective_seconds(op: str, nbytes: int, group: int, hw: HardwareSpec) -> float:
     """A ring collective over ``group`` PEs: all-reduce moves 2(g-1)/g of the buffer per PE,
-    all-gather (g-1)/g of the gathered result."""
+    all-gather (g-1)/g of the gathered result.  A distributed norm all-reduces only its row
+    sums (``norm_partials``: one or two numbers per row), which is what makes it cheaper than
+    all-gathering the rows."""
     if group == 1:
         return 0.0
     share = (2 if op == "all_reduce" else 1) * (group - 1) / group
@@ -105,6 +107,10 @@ class StepModel:
         if inst.op == "moe_experts":  # every routed (token, slot) runs one expert's gate/up and down GEMMs
             _, gate_up_rows, hidden = specs[inst.ins[3]].shape
             return 2.0 * math.prod(specs[inst.ins[1]].shape) * hidden * (gate_up_rows + specs[inst.ins[4]].shape[-1])
+        if inst.op == "norm_partials":  # a square and an add per element (LayerNorm: one more add)
+            return (2.0 if inst.attrs["kind"] == "rms" else 3.0) * math.prod(specs[inst.ins[0]].shape)
+        if inst.op == "norm_apply":  # scale and weight per element (LayerNorm: also centre and shift)
+            return (2.0 if inst.attrs["kind"] == "rms" else 4.0) * math.prod(out)
         return float(math.prod(out))  # elementwise and data movement: one operation per element
 
     def _kv_bytes(self, inst: Instruction, specs: dict[str, TensorSpec]) -> float:

@@ -11,15 +11,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from furiosa_build.compiler.fuse import LINEAR_PASSES, fuse
-from furiosa_build.compiler.lower import LoweringError, constant_specs, lower
+from furiosa_build.compiler.lower import Lowered, LoweringError, constant_specs, lower
 from furiosa_build.compiler.memory import plan_memory
 from furiosa_build.compiler.shard import ShardSpec, shard
 from furiosa_runtime.isa import Program
 
-COMPILER_VERSION = "0.1.0"
+COMPILER_VERSION = "0.2.0"
 DEFAULT_OPTIONS: dict[str, Any] = {"fuse": True}
 
-__all__ = ["COMPILER_VERSION", "DEFAULT_OPTIONS", "LoweringError", "ShardSpec", "compile_graph"]
+__all__ = ["COMPILER_VERSION", "DEFAULT_OPTIONS", "LoweringError", "ShardSpec", "compile_graph", "compile_lowered"]
 
 
 def compile_graph(
@@ -35,6 +35,11 @@ def compile_graph(
         fuse(lowered)
     elif tp is not None:
         fuse(lowered, LINEAR_PASSES)  # sharding splits linear instructions
+    return compile_lowered(lowered, name, tp)
+
+
+def compile_lowered(lowered: Lowered, name: str, tp: ShardSpec | None = None) -> Program:
+    """The passes after fusion: tensor-parallel sharding (for rank ``tp.rank``) and the memory plan."""
     layout = shard(lowered, tp, name) if tp is not None else None
     instructions, plan = plan_memory(lowered)
     names = {n for inst in instructions for n in (*inst.ins, *inst.outs)} | set(lowered.outputs)

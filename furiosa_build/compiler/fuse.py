@@ -265,4 +265,18 @@ def fuse(lowered: Lowered, passes: list[Rewrite] = PASSES) -> Lowered:
     _dead_code(lowered)
     for rewrite in passes:
         _apply(lowered, rewrite)
+    _linear_shapes(lowered)
     return lowered
+
+
+def _linear_shapes(lowered: Lowered) -> None:
+    """A linear fed the unflattened input (``fuse_linear`` absorbed the flattening reshape)
+    yields ``x.shape[:-1] + (N,)``: record that shape, not the flattened one of the matmul it
+    replaced (the sharding pass addresses dims by their place in the recorded shape)."""
+    values = lowered.values
+    for inst in lowered.instructions:
+        if inst.op == "linear":
+            out = values[inst.outs[0]]
+            shape = (*values[inst.ins[0]].shape[:-1], out.shape[-1])
+            if shape != out.shape:
+                values[out.name] = out.model_copy(update={"shape": shape})

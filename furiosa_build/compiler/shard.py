@@ -15,10 +15,21 @@ The pass walks the fused instruction list once and tracks which values are *spli
 * split values flow through reshapes, permutes, elementwise ops, norms over another dim,
   rotary embedding and paged attention (heads are split; with fewer KV heads than PEs the
   KV heads are replicated, ``ShardSpec.kv_parts`` distinct chunks over the group).
+* distributed norm: an RMSNorm or LayerNorm over the split dim (OLMo2's q/k norm over the
+  whole projection output) becomes ``norm_partials`` (this PE's row sums), an ``all_reduce``
+  of those few numbers per row, and ``norm_apply`` of this PE's slice with its slice of the
+  weight; a sum or mean over the split dim (the unfused form) is reduced locally and
+  all-reduced the same way.
 * mixture-of-experts: every expert is split on its intermediate features, like a gated
   MLP, and the routed partial sums are all-reduced (the router stays replicated).
 * a split program output (the head's logits) is ``all_gather``-ed, so every value that
   crosses a program boundary is replicated.
+* fallback: an instruction no rule above splits is computed whole on every PE: its split
+  operands are all-gathered first, and its result is cut back to this PE's chunk when it
+  keeps the split dim, so what follows sees the layout it expects.  Each fallback is a
+  note in ``TensorParallel.notes`` (the build report prints them).  A rule raises
+  ``ShardingError`` to say it does not apply; since any split value can be gathered back
+  whole, the pass itself refuses nothing.
 
 Parameters get a ``ParamShard`` layout recorded in the program; the builder cuts the
 weight file's tensors accordingly, so each PE stores only its chunk.
@@ -26,12 +37,13 @@ weight file's tensors accordingly, so each PE stores only its chunk.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from furiosa_build.compiler.lower import LoweringError, Lowered
-from furiosa_runtime.isa import Instruction, ParamShard, TensorParallel, TensorSpec
+from furiosa_runtime.isa import Instruction, ParamShard, Program, TensorParallel, TensorSpec
 
 #: Linear layers split by output features, by the end of their module path ->
 #: (a key/value projection, whose split follows the KV heads?; fused segments).
@@ -43,16 +55,24 @@ COLUMN_PARALLEL: dict[str, tuple[bool, int]] = {
     "up_proj": (False, 1),
     "c_attn": (False, 3),  # GPT-2: one projection producing [q | k | v]
     "c_fc": (False, 1),
+    "gate_up_proj": (False, 2),  # Phi-3: [gate | up]
+    "query_key_value": (False, 1),  # GPT-NeoX, Bloom: [q k v] per head, so a chunk of rows is a chunk of heads
+    "dense_h_to_4h": (False, 1),
+    "fc1": (False, 1),  # OPT, Phi
     "attention.self.query": (False, 1),  # BERT
     "attention.self.key": (True, 1),
     "attention.self.value": (True, 1),
     "intermediate.dense": (False, 1),
 }
+#: Fused [q | k | v] projections whose k and v segments follow the KV heads, so they may be
+#: narrower than q and split over fewer PEs: the widths are read off the slices that take
+#: the projection's output apart.
+FUSED_QKV = ("qkv_proj",)  # Phi-3
 ELEMENTWISE = frozenset({"unary", "binary", "where", "cast", "copy", "rotary", "gated_act"})
 
 
 class ShardingError(LoweringError):
-    """The graph has a form the tensor-parallel pass cannot split."""
+    """A sharding rule does not apply to an instruction (the pass then falls back)."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +90,22 @@ def shard(lowered: Lowered, spec: ShardSpec, kind: str) -> TensorParallel:
     return _Sharder(lowered, spec, kind).run()
 
 
+def fallback_notes(programs: Iterable[Program | bytes | str]) -> list[str]:
+    """The fallbacks of a build's programs, once each (ranks and buckets repeat them)."""
+    notes: dict[str, None] = {}
+    for program in programs:
+        if not isinstance(program, Program):
+            program = Program.model_validate_json(program)
+        if program.tensor_parallel is not None:
+            notes.update(dict.fromkeys(f"{program.name}: {note}" for note in program.tensor_parallel.notes))
+    return list(notes)
+
+
 def cut(array: np.ndarray, layout: ParamShard, chunk: int) -> np.ndarray:
     """Chunk ``chunk`` of a full tensor under ``layout`` (each fused segment cut alike)."""
-    segments = np.split(array, layout.segments, axis=layout.dim)
-    return np.concatenate([np.split(s, layout.parts, axis=layout.dim)[chunk] for s in segments], axis=layout.dim)
+    widths = layout.widths(array.shape[layout.dim])
+    segments = np.split(array, np.cumsum([w for w, _ in widths])[:-1], axis=layout.dim)
+    return np.concatenate([np.split(s, p, axis=layout.dim)[chunk * p // layout.parts] for s, (_, p) in zip(segments, widths)], axis=layout.dim)
 
 
 class _Sharder:
@@ -84,7 +116,10 @@ class _Sharder:
         self.split: dict[str, ParamShard] = {}
         self.layouts: dict[str, ParamShard] = {}  # "p:<param>" -> layout
         self.full: dict[str, tuple[int, ...]] = {}  # full shapes of localised values
+        self.whole: dict[str, str] = {}  # split value -> a replicated copy of all of it
+        self.read_whole: set[str] = set()  # parameters some instruction reads unsplit
         self.out: list[Instruction] = []
+        self.notes: list[str] = []
 
     def run(self) -> TensorParallel:
         for inst in self.low.instructions:
@@ -93,7 +128,8 @@ class _Sharder:
         self.low.instructions = self.out
         self.low.params = [self.low.values[p.name] for p in self.low.params]
         params = {name[2:]: layout for name, layout in sorted(self.layouts.items())}
-        return TensorParallel(size=self.spec.size, rank=self.spec.rank, params=params)
+        notes = tuple(dict.fromkeys(self.notes))
+        return TensorParallel(size=self.spec.size, rank=self.spec.rank, params=params, notes=notes)
 
     # -- values ---------------------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:
@@ -103,10 +139,11 @@ class _Sharder:
         """Record that ``name`` is split and give it its per-PE shape."""
         spec = self.low.values[name]
         full = self.full.setdefault(name, spec.shape)
-        if full[split.dim] % (split.parts * split.segments):
+        widths = split.widths(full[split.dim])
+        if sum(w for w, _ in widths) != full[split.dim] or any(w % p for w, p in widths):
             raise ShardingError(f"{name}: dim {split.dim} of size {full[split.dim]} does not split {split.parts} ways")
         local = list(full)
-        local[split.dim] //= split.parts
+        local[split.dim] = sum(w // p for w, p in widths)
         self.low.values[name] = spec.model_copy(update={"shape": tuple(local)})
         self.split[name] = split
 
@@ -121,13 +158,15 @@ class _Sharder:
     def shard_param(self, name: str, layout: ParamShard) -> None:
         if self.layouts.get(name, layout) != layout:
             raise ShardingError(f"parameter {name[2:]} is needed with two different tensor-parallel layouts")
+        if name in self.read_whole:
+            raise ShardingError(f"parameter {name[2:]} is also read whole")
         if name not in self.layouts:
             self.layouts[name] = layout
             self.localise(name, layout)
 
     def chunk_of(self, name: str, dim: int, split: ParamShard) -> str:
         """A replicated operand cut to this PE's chunk of ``dim``, as ``split`` cuts its partner."""
-        layout = ParamShard(dim=dim, parts=split.parts, segments=split.segments)
+        layout = split.model_copy(update={"dim": dim})
         if name.startswith("p:"):
             self.shard_param(name, layout)
             return name
@@ -147,6 +186,28 @@ class _Sharder:
 
     # -- dispatch --------------------------------------------------------------------------
     def visit(self, inst: Instruction) -> None:
+        """Rewrite one instruction; if no rule can split it, compute it whole (``fallback``)."""
+        saved = self.checkpoint()
+        try:
+            self.dispatch(inst)
+        except ShardingError as error:
+            self.restore(saved)
+            self.fallback(inst, str(error))
+        for emitted in self.out[saved[0] :]:
+            self.read_whole.update(n for n in emitted.ins if n.startswith("p:") and n not in self.split)
+
+    def checkpoint(self) -> tuple:
+        """The pass's state, so that a rule that gives up half-way leaves no trace."""
+        low = self.low
+        return (len(self.out), dict(self.split), dict(self.layouts), dict(self.full), dict(low.values), dict(low.constants), dict(self.whole))
+
+    def restore(self, saved: tuple) -> None:
+        emitted, split, layouts, full, values, constants, whole = saved
+        del self.out[emitted:]
+        self.split, self.layouts, self.full, self.whole = split, layouts, full, whole
+        self.low.values, self.low.constants = values, constants
+
+    def dispatch(self, inst: Instruction) -> None:
         if inst.op == "linear":
             return self.linear(inst)
         if inst.op == "gather" and self.vocab_parallel(inst.ins[0]):
@@ -158,7 +219,7 @@ class _Sharder:
             return self.out.append(inst)
         handler = self.elementwise if inst.op in ELEMENTWISE else getattr(self, f"op_{inst.op}", None)
         if handler is None:
-            raise ShardingError(f"tensor parallelism: cannot split a {inst.op} instruction ({inst.outs[0]})")
+            raise ShardingError(f"no rule splits a {inst.op}")
         handler(inst)
 
     def keep(self, inst: Instruction, split: ParamShard, attrs: dict | None = None) -> None:
@@ -181,25 +242,41 @@ class _Sharder:
             return self.row_parallel(inst, x_split, k_dim)
         if x_split is not None:
             raise ShardingError(f"linear {inst.outs[0]}: input split on a batch dim")
-        column = self.column_layout(w, n_dim)
+        column = self.column_layout(w, n_dim, inst.outs[0])
         if column is None:
             return self.out.append(inst)
         self.shard_param(w, column)
         for b in bias:
-            self.shard_param(b, ParamShard(dim=0, parts=column.parts, segments=column.segments))
-        self.keep(inst, ParamShard(dim=len(self.shape(inst.outs[0])) - 1, parts=column.parts, segments=column.segments))
+            self.shard_param(b, column.model_copy(update={"dim": 0}))
+        self.keep(inst, column.model_copy(update={"dim": len(self.shape(inst.outs[0])) - 1}))
 
-    def column_layout(self, weight: str, n_dim: int) -> ParamShard | None:
+    def column_layout(self, weight: str, n_dim: int, out: str) -> ParamShard | None:
         """The split of a column-parallel weight, or None for a replicated linear."""
         if self.kind == "head":
             vocab = self.shape(weight)[n_dim] == self.spec.vocab_size
             return ParamShard(dim=n_dim, parts=self.spec.size) if vocab else None
         module = f".{weight.rsplit('.', 1)[0]}"
-        names = [name for name in COLUMN_PARALLEL if module.endswith(f".{name}")]
+        names = [name for name in (*COLUMN_PARALLEL, *FUSED_QKV) if module.endswith(f".{name}")]
         if self.kind != "block" or not names:
             return None
+        if names[0] in FUSED_QKV:
+            return self.fused_qkv_layout(out, n_dim)
         kv, segments = COLUMN_PARALLEL[names[0]]
         return ParamShard(dim=n_dim, parts=self.spec.kv_parts if kv else self.spec.size, segments=segments)
+
+    def fused_qkv_layout(self, out: str, n_dim: int) -> ParamShard | None:
+        """[q | k | v] with q split over every PE and k, v like the KV heads; the segment
+        widths are those of the three slices of ``out`` along its features that follow."""
+        width, last = self.shape(out)[-1], len(self.shape(out)) - 1
+        cuts = sorted({(i.attrs["start"], min(i.attrs["end"], width)) for i in self.low.instructions
+                       if i.op == "slice" and i.ins[0] == out and i.attrs["dim"] == last and i.attrs["step"] == 1})  # fmt: skip
+        if len(cuts) != 3 or [a for a, _ in cuts] != [0, *(b for _, b in cuts[:-1])] or cuts[-1][1] != width:
+            self.notes.append(f"linear {out} kept whole: its [q | k | v] segments are not sliced apart")
+            return None
+        (q, k, v), size, kv = [b - a for a, b in cuts], self.spec.size, self.spec.kv_parts
+        if q == k == v and kv == size:
+            return ParamShard(dim=n_dim, parts=size, segments=3)
+        return ParamShard(dim=n_dim, parts=size, segments=3, fused=((q, size), (k, kv), (v, kv)))
 
     def row_parallel(self, inst: Instruction, x_split: ParamShard, k_dim: int) -> None:
         """x[..., K/tp] @ w[K/tp] gives partial sums: all-reduce them, then add the bias."""
@@ -260,25 +337,64 @@ class _Sharder:
 
     def replicate_output(self, name: str) -> str:
         """Program outputs cross to other tasks replicated: all-gather a split one."""
-        split = self.split.get(name)
-        if split is None:
-            return name
-        if split.parts != self.spec.size or split.segments != 1:
-            raise ShardingError(f"output {name}: cannot all-gather a replicated or fused split")
-        spec = self.low.values[name]
-        gathered = self.new_value(name, "gathered", self.full[name], spec.dtype)
-        self.emit("all_gather", (name,), gathered, {"group": "tp", "dim": split.dim})
-        return gathered
+        return self.gathered(name) if name in self.split else name
+
+    def gathered(self, name: str) -> str:
+        """The whole of split value ``name`` on every PE: an ``all_gather`` of the chunks
+        (once; a value computed whole by a fallback is reused as it is)."""
+        if name not in self.whole:
+            split = self.split[name]
+            # a parameter's gathered copy is a computed value: no "p:" (that marks a weight in HBM)
+            whole = self.new_value(name.removeprefix("p:"), "gathered", self.full[name], self.low.values[name].dtype)
+            attrs = {"group": "tp", "dim": split.dim}
+            widths = split.widths(self.full[name][split.dim])
+            if len(widths) > 1 or split.parts != self.spec.size:
+                attrs["segments"] = [[w // p, p] for w, p in widths]
+            self.emit("all_gather", (name,), whole, attrs)
+            self.whole[name] = whole
+        return self.whole[name]
+
+    # -- fallback: replicate what cannot be split ----------------------------------------------
+    def fallback(self, inst: Instruction, reason: str) -> None:
+        """Compute ``inst`` whole on every PE: all-gather its split operands, run it unsplit,
+        then give each output this PE's chunk again when it keeps the split dim (the rules
+        downstream were written for split values; the whole copy stays for later fallbacks)."""
+        split_ins = [name for name in inst.ins if name in self.split]
+        ins = tuple(self.gathered(name) if name in self.split else name for name in inst.ins)
+        cuts = {out: self.resplit_layout(split_ins[0], out) if split_ins else None for out in inst.outs}
+        outs = tuple(out if cuts[out] is None else self.new_value(out, "whole", self.shape(out), self.low.values[out].dtype) for out in inst.outs)
+        self.out.append(inst.model_copy(update={"ins": ins, "outs": outs}))
+        for out, whole in zip(inst.outs, outs):
+            if cuts[out] is not None:
+                self.resplit(whole, out, cuts[out])
+        self.notes.append(f"{inst.op} {inst.outs[0]} computed whole on every PE ({reason})")
+
+    def resplit_layout(self, source: str, out: str) -> ParamShard | None:
+        """How to cut ``out`` like its split operand ``source``: on the same dim (counted from
+        the last), if ``out`` has it at the same size; None to leave ``out`` replicated."""
+        split, full, shape = self.split[source], self.full[source], self.shape(out)
+        dim = split.dim + len(shape) - len(full)
+        if split.segments != 1 or not 0 <= dim < len(shape) or shape[dim] != full[split.dim]:
+            return None
+        return ParamShard(dim=dim, parts=split.parts)
+
+    def resplit(self, whole: str, out: str, split: ParamShard) -> None:
+        """``out`` = this PE's chunk of the replicated value ``whole``."""
+        size = self.shape(whole)[split.dim] // split.parts
+        chunk = split.chunk(self.spec.rank, self.spec.size)
+        self.emit("slice", (whole,), out, {"dim": split.dim, "start": chunk * size, "end": (chunk + 1) * size, "step": 1})
+        self.localise(out, split)
+        self.whole[out] = whole
 
     # -- ops a split flows through ---------------------------------------------------------
     def elementwise(self, inst: Instruction) -> None:
         """Broadcasting ops: operands full-sized on the split dim are cut to this PE's chunk."""
         ndim = len(self.shape(inst.outs[0]))
-        at = {(s.dim + ndim - len(self.shape(i)), s.parts, s.segments) for i in inst.ins if (s := self.split.get(i))}
+        at = {s.model_copy(update={"dim": s.dim + ndim - len(self.shape(i))}) for i in inst.ins if (s := self.split.get(i))}
         if len(at) != 1:
             raise ShardingError(f"{inst.op} {inst.outs[0]}: operands split differently")
-        ((dim, parts, segments),) = at
-        split = ParamShard(dim=dim, parts=parts, segments=segments)
+        (split,) = at
+        dim = split.dim
         ins = []
         for name in inst.ins:
             own = dim - (ndim - len(self.shape(name)))
@@ -287,12 +403,40 @@ class _Sharder:
         self.keep(inst.model_copy(update={"ins": tuple(ins)}), split)
 
     def op_rms_norm(self, inst: Instruction) -> None:
-        split = self.split[inst.ins[0]]
-        if split.dim == len(self.shape(inst.ins[0])) - 1:
-            raise ShardingError(f"{inst.op} {inst.outs[0]}: normalising over a split dim needs an all-gather")
+        x, *affine = inst.ins
+        split = self.split.get(x)
+        if split is None or any(a in self.split for a in affine):
+            raise ShardingError(f"{inst.op} {inst.outs[0]}: a split weight")
+        if split.dim == len(self.shape(x)) - 1:
+            return self.distributed_norm(inst, split)
         self.keep(inst, split)
 
     op_layer_norm = op_rms_norm
+
+    def distributed_norm(self, inst: Instruction, split: ParamShard) -> None:
+        """A norm over the split dim: each PE sums its slice of every row (``norm_partials``),
+        the sums are all-reduced (a few numbers per row, not the rows), and each PE normalises
+        its slice with its slice of the weight and bias (``norm_apply``).
+
+        The all-reduce adds every rank's sums, so a chunk held by ``size / parts`` PEs (a
+        replicated KV head) is counted that often: the count is the local row length times
+        the group size, which is the full row length times that same factor."""
+        if split.segments != 1:
+            raise ShardingError(f"{inst.op} {inst.outs[0]}: normalising over fused segments")
+        x, *affine = inst.ins
+        kind = "rms" if inst.op == "rms_norm" else "layer"
+        row = self.shape(x)
+        out = inst.outs[0]
+        partial = self.new_value(out, "partial_sums", (*row[:-1], 1 if kind == "rms" else 2), "f32")
+        self.emit("norm_partials", (x,), partial, {"kind": kind})
+        sums = self.new_value(out, "sums", self.shape(partial), "f32")
+        self.emit("all_reduce", (partial,), sums, {"group": "tp"})
+        ins = [x, sums] + [self.chunk_of(a, 0, split) if len(self.shape(a)) == 1 and self.shape(a)[0] != 1 else a for a in affine]
+        attrs = {"kind": kind, "eps": inst.attrs["eps"], "count": row[-1] * self.spec.size}
+        if kind == "rms":
+            attrs["weight_offset"] = inst.attrs.get("weight_offset", 0.0)
+        self.emit("norm_apply", tuple(ins), out, attrs)
+        self.localise(out, ParamShard(dim=len(row) - 1, parts=split.parts))
 
     def op_softmax(self, inst: Instruction) -> None:
         split = self.split[inst.ins[0]]
@@ -304,22 +448,45 @@ class _Sharder:
         split = self.split[inst.ins[0]]
         dims = inst.attrs["dims"]
         if dims is None or split.dim in dims:
-            raise ShardingError(f"reduce {inst.outs[0]}: over a split dim needs an all-reduce")
+            return self.distributed_reduce(inst, split)
         dim = split.dim if inst.attrs["keepdim"] else split.dim - sum(d < split.dim for d in dims)
         self.keep(inst, split.model_copy(update={"dim": dim}))
+
+    def distributed_reduce(self, inst: Instruction, split: ParamShard) -> None:
+        """A sum or mean over the split dim: reduce this PE's chunk, all-reduce the partial
+        results (the unfused form of a distributed norm's mean of squares).
+
+        The all-reduce adds ``size / parts`` copies of each chunk's result; a mean of a
+        chunk is the sum over ``1 / parts`` of the elements, so the group's total of the
+        local means is ``size`` times the mean, and its total of local sums ``size / parts``
+        times the sum."""
+        out = inst.outs[0]
+        spec = self.low.values[out]
+        if inst.attrs["fn"] not in ("sum", "mean") or split.segments != 1 or spec.dtype != "f32":
+            raise ShardingError(f"reduce {inst.outs[0]}: a {inst.attrs['fn']} over a split dim")
+        scale = self.spec.size if inst.attrs["fn"] == "mean" else self.spec.size // split.parts
+        partial = self.new_value(out, "partial", spec.shape, spec.dtype)
+        self.out.append(inst.model_copy(update={"outs": (partial,)}))
+        summed = self.new_value(out, "sum", spec.shape, spec.dtype) if scale != 1 else out
+        self.emit("all_reduce", (partial,), summed, {"group": "tp"})
+        if scale != 1:
+            self.emit("binary", (summed,), out, {"fn": "div", "scalar": float(scale)})
 
     def op_reshape(self, inst: Instruction) -> None:
         """The split dim keeps its place when the dims before it have the same product."""
         split = self.split[inst.ins[0]]
-        before = int(np.prod(self.full[inst.ins[0]][: split.dim]))
+        full = self.full[inst.ins[0]]
+        before = int(np.prod(full[: split.dim]))
         shape = list(inst.attrs["shape"])
         for dim, size in enumerate(shape):
             if int(np.prod(shape[:dim])) == before and size != 1:
                 break
         else:
             raise ShardingError(f"reshape {inst.outs[0]}: moves the split dim")
+        if split.segments != 1 and (shape[dim], int(np.prod(shape[dim + 1 :]))) != (full[split.dim], int(np.prod(full[split.dim + 1 :]))):
+            raise ShardingError(f"reshape {inst.outs[0]}: regroups fused segments")
         local = list(shape)
-        local[dim] //= split.parts
+        local[dim] = local[dim] // split.parts if split.segments == 1 else self.shape(inst.ins[0])[split.dim]
         self.keep(inst, split.model_copy(update={"dim": dim}), {"shape": local})
 
     def op_permute(self, inst: Instruction) -> None:
@@ -330,7 +497,7 @@ class _Sharder:
         split = self.split[inst.ins[0]]
         dim = split.dim + len(inst.attrs["shape"]) - len(self.shape(inst.ins[0]))
         local = list(inst.attrs["shape"])
-        local[dim] //= split.parts
+        local[dim] = self.shape(inst.ins[0])[split.dim]  # the split dim is not expanded
         self.keep(inst, split.model_copy(update={"dim": dim}), {"shape": local})
 
     def op_slice(self, inst: Instruction) -> None:
@@ -339,13 +506,14 @@ class _Sharder:
         attrs = inst.attrs
         if attrs["dim"] != split.dim:
             return self.keep(inst, split)
-        width = self.full[inst.ins[0]][split.dim] // split.segments
-        segment, offset = divmod(attrs["start"], width)
-        if split.segments == 1 or offset or attrs["end"] - attrs["start"] != width or attrs["step"] != 1:
-            raise ShardingError(f"slice {inst.outs[0]}: of a split dim")
-        local = width // split.parts
-        bounds = {"start": segment * local, "end": (segment + 1) * local}
-        self.keep(inst, ParamShard(dim=split.dim, parts=split.parts), bounds)
+        full = self.full[inst.ins[0]][split.dim]
+        start = local_start = 0
+        for width, parts in split.widths(full):
+            if split.segments > 1 and (attrs["start"], min(attrs["end"], full), attrs["step"]) == (start, start + width, 1):
+                bounds = {"start": local_start, "end": local_start + width // parts}
+                return self.keep(inst, ParamShard(dim=split.dim, parts=parts), bounds)
+            start, local_start = start + width, local_start + width // parts
+        raise ShardingError(f"slice {inst.outs[0]}: of a split dim")
 
     def op_select(self, inst: Instruction) -> None:
         split = self.split[inst.ins[0]]

@@ -8,7 +8,9 @@ and ``num_blocks_per_pp_stage`` put decoder layers on stages with recorded trans
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,11 @@ import pytest
 from safetensors.numpy import load_file
 
 from furiosa_build import __main__ as entry
+from furiosa_build import compile as compile_stage
 from furiosa_build.builder import ArtifactBuilder
 from furiosa_build.compiler.shard import cut
 from furiosa_build.config import ConfigError
+from furiosa_runtime import LLM, SamplingParams
 from furiosa_runtime.artifact import Artifact, load_artifact
 from furiosa_runtime.isa import ParamShard, Program
 from tests.helpers import build, compose_spec
@@ -99,6 +103,41 @@ def test_every_pe_stores_only_its_shards(tp4) -> None:
     # Replicated: the norms, and half of k/v_proj (2 KV heads over 4 ranks).
     assert weights.replicated < 0.1 * weights.total
     assert "weights per PE" in report.render() and "tp=4" in report.render()
+
+
+def test_olmo2_norms_over_the_split_heads_become_distributed_norms(tmp_path, cache_dir) -> None:
+    """OLMo2 normalises q and k over the whole projection output, which tp splits by heads:
+    each rank sums its slice, the row sums are all-reduced, each rank scales its slice."""
+    root = tmp_path / "olmo2"
+    report = build(["model=tiny-olmo2", "buckets=tiny", *TP4], root, cache_dir)
+    for task in _tasks(load_artifact(root), "block.0"):
+        program = _program(root, task.program)
+        ops = program.op_histogram()
+        assert ops["norm_partials"] == ops["norm_apply"] == 2 and "all_gather" not in ops
+        assert ops["all_reduce"] == 4  # the q and k norms' row sums, after o_proj and after down_proj
+        layouts = program.tensor_parallel.params
+        assert layouts["0.self_attn.q_norm.weight"] == ParamShard(dim=0, parts=4)  # cut like q
+        assert layouts["0.self_attn.k_norm.weight"] == ParamShard(dim=0, parts=2)  # like k: 2 KV heads over 4 ranks
+    assert report.sharding == [] and "computed whole" not in report.render()
+
+
+def test_an_instruction_without_a_split_rule_is_computed_whole_and_reported(monkeypatch, tp4, tmp_path, cache_dir) -> None:
+    """Without its rule, rotary embedding falls back: q and k are all-gathered, rotated whole
+    on every rank and cut back for attention.  Same tokens; one report line says so."""
+    shard = importlib.import_module("furiosa_build.compiler.shard")  # the package's ``shard`` is the function
+    monkeypatch.setattr(shard, "ELEMENTWISE", shard.ELEMENTWISE - {"rotary"})
+    monkeypatch.setattr(compile_stage, "COMPILER_VERSION", "test-without-a-rotary-rule")  # its programs cached apart
+    root = tmp_path / "fallback"
+    report = build([*LLAMA, *TP4, "build.backend=sequential"], root, cache_dir)  # compiled in this process
+    assert len(report.sharding) == 2  # q and k, once for all ranks, layers and buckets
+    assert all(re.fullmatch(r"block: rotary \S+ computed whole on every PE \(no rule splits a rotary\)", n) for n in report.sharding)
+    assert "tensor parallelism: all-gathered and computed whole on every PE: block: rotary" in report.render()
+    block = _program(root, _tasks(load_artifact(root), "block.0")[1].program)
+    assert block.op_histogram()["all_gather"] == 2 and block.op_histogram()["paged_attention"] == 1
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 17, 33, 101, 7, 9]}]
+    want = LLM(tp4[0]).generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert LLM(root).generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids == want
 
 
 def test_column_chunks_keep_fused_segments_together() -> None:

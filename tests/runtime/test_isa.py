@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from furiosa_runtime.isa import ExecContext, Instruction, KVCacheLayer, execute
+from furiosa_runtime.isa import COLLECTIVES, ExecContext, Instruction, KVCacheLayer, execute
 
 
 def _attend(q, k, v, scale):
@@ -105,3 +105,32 @@ def test_rms_norm_rotary_and_gated_activation():
 
     (g,) = execute(Instruction(op="gated_act", ins=("a", "b"), outs=("g",), attrs={"act": "silu"}), [x, w * x], ExecContext())
     np.testing.assert_allclose(g, x / (1 + np.exp(-x)) * (w * x), rtol=1e-5)
+
+
+def test_a_norm_from_the_summed_partials_of_row_slices_is_the_norm_of_the_whole_row():
+    """The distributed norm: each PE's ``norm_partials`` of its slice, added up (the
+    all-reduce), let ``norm_apply`` normalise each slice exactly as the whole row would be."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 12)).astype(np.float32) + 2.0
+    w, b = rng.standard_normal(12).astype(np.float32), rng.standard_normal(12).astype(np.float32)
+    slices = np.split(x, 3, axis=-1)
+    for kind, norm, affine, attrs in [("rms", "rms_norm", [w], {"eps": 1e-6, "weight_offset": 1.0}), ("layer", "layer_norm", [w, b], {"eps": 1e-5})]:
+        (whole,) = execute(Instruction(op=norm, ins=("x", *"wb"[: len(affine)]), outs=("y",), attrs=attrs), [x, *affine], ExecContext())
+        partials = [execute(Instruction(op="norm_partials", ins=("x",), outs=("s",), attrs={"kind": kind}), [s], ExecContext())[0] for s in slices]
+        assert partials[0].shape == (2, 3, 1 if kind == "rms" else 2)
+        sums = COLLECTIVES["all_reduce"](partials, {})
+        apply = Instruction(op="norm_apply", ins=("x", "s", *"wb"[: len(affine)]), outs=("y",), attrs={"kind": kind, "count": 12, **attrs})
+        pieces = [execute(apply, [s, sums, *(np.split(a, 3)[i] for a in affine)], ExecContext())[0] for i, s in enumerate(slices)]
+        np.testing.assert_allclose(np.concatenate(pieces, axis=-1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_all_gather_takes_shared_chunks_once_and_reassembles_fused_segments():
+    whole = np.arange(12).reshape(1, 12)
+    assert (COLLECTIVES["all_gather"](np.split(whole, 4, axis=1), {"dim": 1}) == whole).all()
+    # 2 distinct chunks over 4 PEs (a KV head per pair of PEs): each taken once
+    pairs = [np.split(whole, 2, axis=1)[r * 2 // 4] for r in range(4)]
+    assert (COLLECTIVES["all_gather"](pairs, {"dim": 1, "segments": [[6, 2]]}) == whole).all()
+    # [q | k | v] = [0..5 | 6..8 | 9..11] over 2 PEs: q split in 2, k and v shared (one KV head)
+    q, k, v = whole[:, :6], whole[:, 6:9], whole[:, 9:]
+    per_pe = [np.concatenate([np.split(q, 2, axis=1)[r], k, v], axis=1) for r in range(2)]
+    assert (COLLECTIVES["all_gather"](per_pe, {"dim": 1, "segments": [[3, 2], [3, 1], [3, 1]]}) == whole).all()

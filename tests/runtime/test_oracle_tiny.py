@@ -14,6 +14,7 @@ from tests.helpers import build, hf_greedy, hf_random_model, npu_greedy
 ARCHS = [
     "tiny-llama", "tiny-qwen3", "tiny-mistral", "tiny-gemma", "tiny-gpt2", "tiny-qwen2", "tiny-phi3", "tiny-gemma2",
     "tiny-gemma3", "tiny-mixtral", "tiny-stablelm", "tiny-gpt-neox", "tiny-opt", "tiny-olmo", "tiny-starcoder2", "tiny-granite",
+    "tiny-olmo2",
 ]  # fmt: skip
 PROMPTS = [[5, 17, 33, 101, 7, 9], [300, 2, 44], [11] * 20 + [400, 401], [7]]
 NEW_TOKENS = 8

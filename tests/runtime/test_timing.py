@@ -8,7 +8,7 @@ import pytest
 
 from furiosa_runtime import LLM, SamplingParams
 from furiosa_runtime.hardware import RNGD
-from furiosa_runtime.isa import Instruction, MemoryPlan, Program, TensorSpec
+from furiosa_runtime.isa import Instruction, MemoryPlan, Program, TensorParallel, TensorSpec
 from furiosa_runtime.model_runner import smallest_bucket
 from furiosa_runtime.timing import StepModel, collective_seconds, transfer_seconds
 
@@ -76,3 +76,27 @@ def test_a_mixture_of_experts_reads_only_the_experts_its_tokens_are_routed_to() 
     one_token, many = model.program_cost(moe(1)), model.program_cost(moe(64))
     assert one_token.hbm_bytes == all_experts * 2 // experts and many.hbm_bytes == all_experts
     assert one_token.flops == 2 * 2 * hidden * 3 * inner  # two routed experts, gate/up and down each
+
+
+def test_a_distributed_norm_moves_row_sums_where_an_all_gather_would_move_rows() -> None:
+    rows, width, group = 4096, 4096, 4
+
+    def norm(kind: str) -> Program:
+        spec = lambda name, *shape: TensorSpec(name=name, shape=shape, dtype="f32")  # noqa: E731
+        sums = 1 if kind == "rms" else 2
+        values = [spec("x", rows, width // group), spec("s", rows, sums), spec("t", rows, sums), spec("y", rows, width // group)]
+        code = (Instruction(op="norm_partials", ins=("x",), outs=("s",), attrs={"kind": kind}),
+                Instruction(op="all_reduce", ins=("s",), outs=("t",), attrs={"group": "tp"}),
+                Instruction(op="norm_apply", ins=("x", "t", "p:w"), outs=("y",), attrs={"kind": kind, "eps": 1e-6, "count": width}))
+        return Program(name="norm", inputs=values[:1], params=(spec("p:w", width // group),), outputs=("y",),
+                       values={v.name: v for v in values}, instructions=code, memory_plan=MemoryPlan(arena_bytes=0, offsets={}),
+                       tensor_parallel=TensorParallel(size=group, rank=0))  # fmt: skip
+
+    model = StepModel({}, RNGD, block_size=16, weight_dtype="bf16", kv_dtype="f32")
+    rms, layer = model.program_cost(norm("rms")), model.program_cost(norm("layer"))
+    local = rows * width // group
+    assert rms.flops == 2 * local + 2 * local  # square and add, then scale and weight (a collective computes nothing)
+    assert layer.flops == 3 * local + 4 * local and rms.hbm_bytes == width // group * 2  # its slice of the bf16 weight
+    all_reduce = collective_seconds("all_reduce", rows * 4, group, RNGD)  # one f32 per row
+    assert rms.seconds == pytest.approx(3 * DISPATCH + all_reduce + 4 * local / RNGD.pe_flops)
+    assert all_reduce < collective_seconds("all_gather", rows * width * 4, group, RNGD) / 50  # the rows themselves
