@@ -184,7 +184,7 @@ class CompileCache:
         self._reads = True  # False once the layout above the shards is unusable
         self._writes = True  # False once a write failed
         self._warned = False  # one cache-level warning per instance
-        self._swept: set[Path] = set()  # shard folders already cleaned of dead builds' scratch files
+        self._swept = False  # shard folders cleaned of dead builds' scratch files yet?
 
     @property
     def enabled(self) -> bool:
@@ -217,6 +217,7 @@ class CompileCache:
         is damaged too, e.g. an entry written by another program under a valid header.
         """
         _check_key(key)
+        self._sweep_once()
         value = self._read_verified(key, decode) if self.root is not None and self._reads else None
         if value is None:
             self.stats.misses += 1
@@ -248,7 +249,7 @@ class CompileCache:
     # -- internals --------------------------------------------------------------------------
 
     def _make_shard(self, key: str, shard: Path) -> None:
-        """Create ``programs/ab`` (replacing a file found there) and sweep dead builds' litter once."""
+        """Create ``programs/ab`` (replacing a file found there)."""
         try:
             shard.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -256,9 +257,20 @@ class CompileCache:
                 raise
             self._discard(key, shard, f"{_rel(shard, self.root)} is a file, not a folder")
             shard.mkdir(parents=True, exist_ok=True)
-        if shard not in self._swept:
-            self._swept.add(shard)
-            remove_stale(shard)
+        self._sweep_once()
+
+    def _sweep_once(self) -> None:
+        """Remove, from every shard folder, the scratch files of builds that died while
+        writing (whatever keys this build touches); once per instance."""
+        if self._swept or self.root is None:
+            return
+        self._swept = True
+        try:
+            shards = [entry.path for entry in os.scandir(self.root / "programs") if entry.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for shard in shards:
+            remove_stale(Path(shard))
 
     def _read_verified(self, key: str, decode: Callable[[bytes], Any] | None) -> Any:
         """Read and verify the entry of ``key``; None when absent, unreadable or damaged."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from furiosa_build.cache import CompileCache, cache_key, canonical_json
 from furiosa_build.compiler import COMPILER_VERSION, ShardSpec, compile_graph
-from furiosa_build.pool import run_pool
+from furiosa_build.pool import PoolRun, run_pool
 from furiosa_runtime.isa import Program
 
 
@@ -50,6 +50,7 @@ class CompileStats:
 class CompileResult:
     programs: dict[str, bytes] = field(default_factory=dict)
     stats: CompileStats = field(default_factory=CompileStats)
+    pool: PoolRun = field(default_factory=PoolRun)  # how many compile workers ran
 
 
 def compile_unit(unit: CompileUnit) -> bytes:
@@ -86,7 +87,7 @@ def compile_all(
         else:
             result.programs[key] = payload
     result.stats.cached = len(unique) - len(todo)
-    for unit, payload in run_pool(compile_unit, todo, workers, backend, "compile", progress):
+    for unit, payload in run_pool(compile_unit, todo, workers, backend, "compile", progress, run=result.pool):
         cache.put(unit.key, payload)
         result.programs[unit.key] = payload
     result.stats.compiled = len(todo)

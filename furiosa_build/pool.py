@@ -8,10 +8,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import psutil
 from joblib import Parallel, delayed
+from joblib.parallel import LokyBackend, MultiprocessingBackend, ParallelBackendBase
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -101,9 +102,9 @@ def run_pool(
         run.used, run.note = plan_workers(workers, len(items) - 1, time.perf_counter() - start, cost)
         items = items[1:]
     n_jobs = min(run.used, len(items))
-    task = _DiesWithParent(fn, os.getpid())
     streaming = "list" if backend in _NO_GENERATOR else "generator"
-    results = Parallel(n_jobs=n_jobs, backend=backend, return_as=streaming)(delayed(task)(item) for item in items)
+    parallel = Parallel(n_jobs=n_jobs, backend=_backend(backend, n_jobs), return_as=streaming)
+    results = parallel(delayed(fn)(item) for item in items)
     for item, result in zip(items, results, strict=True):
         yield item, result
         bar.update()
@@ -112,30 +113,18 @@ def run_pool(
         _release_loky_workers()
 
 
-@dataclass(frozen=True)
-class _DiesWithParent(Generic[T, R]):
-    """``fn`` wrapped so that a worker process started by the build exits as soon as the
-    build process is gone (killed, or ended without shutting its pool down); otherwise
-    idle loky workers holding torch would outlive it by minutes."""
-
-    fn: Callable[[T], R]
-    parent: int
-
-    def __call__(self, item: T) -> R:
-        if os.getppid() == self.parent and os.getpid() != self.parent:
-            _watch_parent(self.parent)
-        return self.fn(item)
+def _backend(name: str, n_jobs: int) -> str | ParallelBackendBase:
+    """The joblib backend; local process pools get workers that die with the build."""
+    if name not in _LOCAL_PROCESSES or n_jobs == 1:
+        return name
+    kind = LokyBackend if name == "loky" else MultiprocessingBackend
+    return kind(initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
-_watching: int | None = None
-
-
-def _watch_parent(parent: int) -> None:
-    """Start (once per process) a thread that ends this process when ``parent`` is gone."""
-    global _watching
-    if _watching == os.getpid():
-        return
-    _watching = os.getpid()
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this process as soon as the build process ``parent`` is
+    gone (killed, or ended without shutting its pool down); otherwise idle workers holding
+    torch would outlive it by minutes."""
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -34,6 +34,16 @@ KILL_POINTS = {
                 die()
         st.save_file = save_file
     """,
+    # one bucket's capture is in the cache, the others are not
+    "capture": """
+        from furiosa_build.cache import CompileCache
+        real = CompileCache.put
+        def put(self, *a, **k):
+            real(self, *a, **k)
+            if self.root is not None and self.root.name == "captures":
+                die()
+        CompileCache.put = put
+    """,
     # one compiled program is in the cache, the others are not
     "compile": """
         from furiosa_build.cache import CompileCache
@@ -137,6 +147,8 @@ def test_killing_a_build_ends_its_worker_processes(tmp_path):
     child.wait(timeout=30)
     _, alive = psutil.wait_procs(everyone, timeout=15)
     assert alive == [], [(p.pid, _cmdline(p)) for p in alive]
+    build(TINY, out, cache)
+    assert litter(tmp_path) == []
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
