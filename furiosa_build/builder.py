@@ -12,24 +12,26 @@ import json
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 
 from furiosa_build import supertask as capture_stage
 from furiosa_build.cache import CompileCache
 from furiosa_build.compile import CompileStats, CompileUnit, compile_all, plan_units
 from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS, ShardSpec
-from furiosa_build.compiler.shard import cut
-from furiosa_build.config import BuildSpec, check_model_fit, spec_from_builder_args
-from furiosa_build.load import LoadedModel, LoadRequest, load, load_config, load_pooling
+from furiosa_build.compiler.shard import cut, fallback_notes
+from furiosa_build.config import BuildSpec, fit_to_model, spec_from_builder_args
+from furiosa_build.errors import io_error
+from furiosa_build.load import LoadedModel, LoadRequest, load, load_pooling
 from furiosa_build.package import check_param_file, prepare_save_dir, write_artifact, write_param_file
 from furiosa_build.partition import Placement, ProgramParams, TensorSlice, build_pipeline
-from furiosa_build.pool import run_pool
+from furiosa_build.pool import CAPTURE_WORKER, PoolRun, run_pool
+from furiosa_build.safetensors_file import TensorSpec
 from furiosa_build.sources import resolve_source
 from furiosa_runtime.artifact import Bucket, GeneratorConfig, ModelMetadata, Pipeline
 from furiosa_runtime.hardware import RNGD
@@ -50,6 +52,8 @@ class BuildReport:
     artifact_bytes: int = 0
     weights: WeightReport | None = None
     step_seconds: list[tuple[Bucket, float]] = field(default_factory=list)  # modelled NPU latency per bucket
+    sharding: list[str] = field(default_factory=list)  # tensor-parallel fallbacks (compiler/shard.py)
+    pools: dict[str, PoolRun] = field(default_factory=dict)  # workers each stage ran with
 
     def render(self) -> str:
         stats = self.compile
@@ -60,8 +64,13 @@ class BuildReport:
             f"{stats.compiled} compiled, {stats.cached} served from cache",
             "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()) + f", total {sum(self.seconds.values()):.2f}",
         ]
+        if self.pools:
+            lines.append("workers: " + ", ".join(f"{stage} {run.used}" for stage, run in self.pools.items()))
+            lines += [f"  {stage}: {run.note}" for stage, run in self.pools.items() if run.note]
         if self.weights is not None:
             lines.append(self.weights.render())
+        if self.sharding:
+            lines.append("tensor parallelism: all-gathered and computed whole on every PE: " + "; ".join(self.sharding))
         if self.step_seconds:
             lines.append("modelled step latency on the NPU (one replica; an estimate, see furiosa_runtime/timing.py):")
             lines += [_latency_line(bucket, seconds) for bucket, seconds in self.step_seconds]
@@ -80,14 +89,16 @@ class WeightReport:
     tensor_parallel_size: int
 
     @classmethod
-    def of(cls, pipelines: list[Pipeline], slices: list[TensorSlice], tensors: dict[str, np.ndarray], tp: int) -> WeightReport:
+    def of(cls, pipelines: list[Pipeline], slices: list[TensorSlice], specs: dict[str, TensorSpec], tp: int) -> WeightReport:
+        """From the specs of the artifact's tensors (nothing read): bytes are dtype size x shape."""
         held: dict[str, set[str]] = {}
         for task in (t for p in pipelines for t in p.tasks):
             held.setdefault(task.device, set()).update(task.params.values())
-        chunk = {s.source: tensors[s.name].nbytes for s in slices}
+        nbytes = {name: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for name, (dtype, shape) in specs.items()}
+        chunk = {s.source: nbytes[s.name] for s in slices}
         full = {s.source: chunk[s.source] * (s.layout.parts if s.layout else 1) for s in slices}
         replicated = sum(chunk[source] - full[source] / tp for source in full)
-        per_pe = {pe: sum(tensors[name].nbytes for name in names) for pe, names in sorted(held.items())}
+        per_pe = {pe: sum(nbytes[name] for name in names) for pe, names in sorted(held.items())}
         return cls(per_pe, sum(full.values()), int(replicated), tp)
 
     def render(self) -> str:
@@ -135,17 +146,26 @@ class ArtifactBuilder:
 
     def __init__(self, model_id_or_path: str | None, devices: str = "npu:0", name: str = "", **kwargs: Any) -> None:
         self.spec = spec_from_builder_args(model_id_or_path, devices, name, kwargs, {})
+        self.pools: dict[str, PoolRun] = {}  # how each stage's worker pool ran, for the report
 
     @classmethod
     def from_spec(cls, spec: BuildSpec) -> ArtifactBuilder:
         builder = cls.__new__(cls)
         builder.spec = spec
+        builder.pools = {}
         return builder
 
     def build(self, save_dir: str | Path, **kwargs: Any) -> BuildReport:
-        """Build into ``save_dir``; keyword arguments are those of the reference's ``build()``."""
-        spec = spec_from_builder_args(None, "", "", {}, {**kwargs, "save_dir": str(save_dir)}, base=self.spec)
-        return ArtifactBuilder.from_spec(spec).build_from_spec()
+        """Build into ``save_dir``; keyword arguments are those of the reference's ``build()``.
+
+        A mistake raises ConfigError (a ValueError), a file-system failure BuildIOError (an
+        OSError); either message is one line naming the field or path.
+        """
+        spec = spec_from_builder_args(None, "", "", {}, {**kwargs, "save_dir": save_dir}, base=self.spec)
+        try:
+            return ArtifactBuilder.from_spec(spec).build_from_spec()
+        except OSError as exc:  # disk full, read-only, permissions...: one line naming the path
+            raise io_error(exc, f"building {spec.build.save_dir}") from None
 
     # -- stages ------------------------------------------------------------------------------
     @property
@@ -184,14 +204,15 @@ class ArtifactBuilder:
             for bucket in self._buckets()
         ]  # fmt: skip
         with _timed(stage_times, "capture"):
-            store = self._cache("captures")
+            store = CompileCache(self._cache("captures").root, label="capture", redo="recapturing")
             keys = [capture_stage.capture_key(u) for u in units]
-            cached = {k: store.get(k) for k in keys}
+            cached = {k: store.get(k, decode=capture_stage.decode_result) for k in keys}
             todo = [u for u, k in zip(units, keys) if cached[k] is None]
             opts = self.spec.build
             if todo and opts.backend == "multiprocessing":
                 import furiosa_build.capture  # noqa: F401  forked workers then share torch's pages
-            jobs = run_pool(_capture_one, todo, opts.num_pipeline_builder_workers, opts.backend, "capture", opts.progress)
+            jobs = run_pool(_capture_one, todo, opts.num_pipeline_builder_workers, opts.backend, "capture", opts.progress,
+                            cost=CAPTURE_WORKER, run=self.pools.setdefault("capture", PoolRun()))
             fresh = {}
             for unit, result in jobs:
                 key = capture_stage.capture_key(unit)
@@ -238,8 +259,7 @@ class ArtifactBuilder:
 
     def plan(self) -> BuildPlan:
         """Capture and hash every program without compiling (``build.dry_run``)."""
-        hf_config = load_config(self._load_request())
-        check_model_fit(self.spec.parallel, self.spec.build.num_blocks_per_supertask, hf_config)
+        self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         captures = self._capture(hf_config, {})
         units, _ = self._compile_units(captures, hf_config)
         unique = plan_units(units)
@@ -260,10 +280,11 @@ class ArtifactBuilder:
         prepare_save_dir(self.save_dir)
         if opts.param_file_path:
             check_param_file(Path(opts.param_file_path).expanduser())
-        check_model_fit(self.spec.parallel, opts.num_blocks_per_supertask, load_config(self._load_request()))
+        self.spec, _ = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         with _timed(times, "load"):
             models = Path(opts.cache_dir).expanduser() / "models" if opts.cache_dir else None
             loaded = load(self._load_request(), models)
+            models = None if loaded.temporary else models  # converted outside the cache: removed below
             if opts.param_file_path:
                 write_param_file(loaded.weights_file, Path(opts.param_file_path).expanduser())
         try:
@@ -279,17 +300,20 @@ class ArtifactBuilder:
         units, roles = self._compile_units(captures, hf_config)
         with _timed(times, "compile"):
             compiled = compile_all(units, self._cache(), opts.num_compile_workers, opts.backend, opts.progress)
+            self.pools["compile"] = compiled.pool
         with _timed(times, "partition"):
             pipelines, slices = self._pipelines(captures, roles, hf_config, compiled.programs)
         with _timed(times, "package"):
             artifact_fields = self._artifact_fields(hf_config, pipelines, loaded)
             used = {key for p in pipelines for key in (t.program for t in p.tasks)}
             programs = {k: v for k, v in compiled.programs.items() if k in used}
-            tensors = self._tensors(slices, captures, loaded)
-            size = write_artifact(self.save_dir, artifact_fields, programs, tensors, loaded.tokenizer_files())
-        weights = WeightReport.of(pipelines, slices, tensors, self.spec.parallel.tensor_parallel_size)
+            specs, tensor = self._tensors(slices, captures, loaded)
+            size = write_artifact(self.save_dir, artifact_fields, programs, specs, tensor, loaded.tokenizer_files())
+        weights = WeightReport.of(pipelines, slices, specs, self.spec.parallel.tensor_parallel_size)
         report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, size, weights,
                              self._step_seconds(pipelines, programs, artifact_fields))  # fmt: skip
+        report.sharding = fallback_notes(programs.values())
+        report.pools = dict(self.pools)
         if opts.progress:
             print(report.render())
         return report
@@ -309,23 +333,43 @@ class ArtifactBuilder:
             slices.extend(bound)
         return pipelines, list(dict.fromkeys(slices))
 
-    def _tensors(self, slices: list[TensorSlice], captures, loaded: LoadedModel) -> dict[str, np.ndarray]:
-        """Exactly the weights and constants that some task binds, cut into tensor-parallel chunks."""
-        sources = {s.source for s in slices}
+    def _tensors(self, slices: list[TensorSlice], captures, loaded: LoadedModel) -> tuple[dict[str, TensorSpec], Callable[[str], np.ndarray]]:
+        """Exactly the weights and constants that some task binds, cut into tensor-parallel
+        chunks: the spec of each (chunk shapes from the layout, nothing read) and a function
+        making one at a time.  It reads a source tensor when first asked for one of its
+        tensors and keeps it (one tensor) while its chunks, adjacent in name order
+        (``name``, ``name@tpR/N``), are cut; captured constants (small) stay in memory."""
         constants = {f"const:{k}": v for cap in captures for k, v in cap.constants.items()}
-        full = {name: constants[name] for name in sources if name in constants}
-        with safe_open(str(loaded.weights_file), framework="numpy") as f:
-            available = set(f.keys())
-            for name in sorted(sources - full.keys()):
-                if name not in available:
-                    raise ValueError(f"weight {name} needed by the compiled graph is missing from the model")
-                full[name] = f.get_tensor(name)
-        tensors: dict[str, np.ndarray] = {}
-        layouts: dict[str, ParamShard | None] = {}
+        source = loaded.weights()
+        available = source.specs()
+        full: dict[str, TensorSpec] = {}
+        for name in sorted({s.source for s in slices}):
+            if name in constants:
+                full[name] = (constants[name].dtype, tuple(constants[name].shape))
+            elif name in available:
+                full[name] = available[name]
+            else:
+                raise ValueError(f"weight {name} needed by the compiled graph is missing from the model")
+        specs: dict[str, TensorSpec] = {}
+        parts: dict[str, TensorSlice] = {}
         for s in slices:
-            assert layouts.setdefault(s.name, s.layout) == s.layout, f"{s.name} is cut two ways"
-            tensors[s.name] = full[s.source] if s.layout is None else np.ascontiguousarray(cut(full[s.source], s.layout, s.chunk))
-        return tensors
+            assert parts.setdefault(s.name, s).layout == s.layout, f"{s.name} is cut two ways"
+            dtype, shape = full[s.source]
+            specs[s.name] = (dtype, shape if s.layout is None else _chunk_shape(shape, s.layout))
+        memo: dict[str, np.ndarray] = {}  # the last source tensor read
+
+        def tensor(name: str) -> np.ndarray:
+            s = parts[name]
+            if s.source in constants:
+                whole = constants[s.source]
+            else:
+                if s.source not in memo:
+                    memo.clear()
+                    memo[s.source] = source.tensor(s.source)
+                whole = memo[s.source]
+            return whole if s.layout is None else np.ascontiguousarray(cut(whole, s.layout, s.chunk))
+
+        return specs, tensor
 
     def _step_seconds(self, pipelines: list[Pipeline], programs: dict[str, bytes], fields: dict[str, Any]) -> list[tuple[Bucket, float]]:
         """The modelled NPU latency of one step of every bucket, where the build placed it."""
@@ -380,6 +424,12 @@ class ArtifactBuilder:
             "scheduler_config": spec.scheduler.model_dump(),
             "pipelines": [p.model_dump(mode="json") for p in pipelines],
         }
+
+
+def _chunk_shape(shape: tuple[int, ...], layout: ParamShard) -> tuple[int, ...]:
+    """The shape of one chunk :func:`cut` makes under ``layout`` (every segment split alike)."""
+    width = sum(w // p for w, p in layout.widths(shape[layout.dim]))
+    return (*shape[: layout.dim], width, *shape[layout.dim + 1 :])
 
 
 def _program_params(payload: bytes) -> ProgramParams:

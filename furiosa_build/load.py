@@ -3,17 +3,42 @@
 Sources are a Hugging Face folder, a GGUF file, or a config with random weights from
 ``seed_for_random_weight``.  ``task`` picks the model class: a causal LM for
 ``generate``, the bare encoder (``AutoModel``) for ``embed``, whose pooling comes from the
-model's sentence-transformers files (``load_pooling``).  The result is written once as a
-bf16 safetensors file plus tokenizer files in a folder keyed by the content hash of the
-source and the options, so a second build (or a dry run) never converts the model again.
+model's sentence-transformers files (``load_pooling``).
 
-The model cache, ``<cache_dir>/models/<key>/``, holds ``config.json``, the weights, the
-tokenizer files and ``entry.json``: the sha256 and size of every other file, written last.
-An entry is converted in a scratch folder beside it (:mod:`furiosa_build.scratch`) and
-renamed into place whole, and it is verified on every read: a damaged, incomplete or
-mistyped entry is reported in one warning line, removed and converted again.  When the
-cache cannot be used (a file where a folder should be, read-only, full) the model is
-converted into a scratch folder under the system temp dir instead, which the build removes.
+Weights stream: memory is bounded by one tensor, never by the model.  The model's
+names, shapes and tied parameters come from an instance on the meta device (no memory);
+a safetensors checkpoint (one file or sharded with an index) is read one tensor at a time
+and renamed by transformers' own rules; a GGUF file is de-quantised tensor by tensor with
+transformers' GGUF name map and tensor processors (q/k ``reverse_permute``...), large
+tensors a block of rows at a time.  Each tensor is rounded to bfloat16 as torch's
+``.to(torch.bfloat16)`` would, and written into ``model.safetensors`` as it comes
+(:func:`furiosa_build.safetensors_file.write_safetensors`, which hashes as it writes).
+Checkpoints only transformers can convert (``.bin`` files, fused-expert conversions, MoE
+GGUF files) are loaded whole by transformers, as before, then written one tensor at a time.
+
+Random weights (:data:`RANDOM_RULE`) are a pure function of the user's seed and each
+tensor's name, so they do not depend on the order tensors are made in nor on the
+framework's init: tensor ``name`` holds the first ``size`` draws of
+``Generator(PCG64(int(sha256(f"{seed}:{canonical}"), little-endian)))).random(dtype=float32)``
+in C order, mapped to ``center + (u - 0.5) * 0.02 * sqrt(12)`` in float32 (uniform, standard
+deviation 0.02) and truncated to bfloat16 (the upper 16 bits).  ``canonical`` is the first
+name of a tied parameter (``lm_head.weight`` tied to the embedding draws the embedding's
+values); ``center`` is the constant the framework initialises a normalisation layer's
+parameter to (1 for norm weights, 0 for biases and for Gemma's ``(1 + weight)`` norms) and
+0 for everything else.  ``seed_for_random_weight`` on a real model follows the same rule.
+Random weights are generated on demand, a block of rows at a time, and never stored: the
+cache entry of a random model holds ``random_weights.json`` (seed, rule, and every
+tensor's shape, centre and canonical name) instead of ``model.safetensors``.
+
+The model cache, ``<cache_dir>/models/<key>/``, holds ``config.json``, the weights
+(``model.safetensors``, or ``random_weights.json``), the tokenizer files and
+``entry.json``: the sha256 and size of every other file, written last (the weights'
+digest is the one computed while writing them).  An entry is converted in a scratch
+folder beside it (:mod:`furiosa_build.scratch`) and renamed into place whole, and it is
+verified on every read: a damaged, incomplete or mistyped entry is reported in one
+warning line, removed and converted again.  When the cache cannot be used (a file where a
+folder should be, read-only, full) the model is converted into a scratch folder under the
+system temp dir instead, which the build removes.
 
 Every error met while reading the user's model (transformers, safetensors, gguf,
 tokenizers, JSON, the OS) is a one-line :class:`LoadError` naming the file or the field.
@@ -23,25 +48,36 @@ from __future__ import annotations
 
 import difflib
 import errno
+import hashlib
 import json
 import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import ml_dtypes
+import numpy as np
+
 from furiosa_build.cache import canonical_json, first_line, first_non_folder, reason
 from furiosa_build.errors import BuildIOError, io_error
+from furiosa_build.safetensors_file import SafetensorsFormatError, StoredTensor, TensorSpec, read_header, read_tensor, write_safetensors
 from furiosa_build.scratch import atomic_write, make_scratch, remove, remove_stale, temp_root
 from furiosa_build.sources import ModelSource
 from furiosa_runtime.artifact import PoolingConfig, sha256_file
 
-LOADER_VERSION = "2"  # 2: entries carry entry.json and live in <cache_dir>/models/<key>
+LOADER_VERSION = "3"  # 2: entries carry entry.json and live in <cache_dir>/models/<key>; 3: streamed, random weights by rule
 WEIGHTS_FILE = "model.safetensors"
+RANDOM_FILE = "random_weights.json"
+RANDOM_RULE = "furiosa-random/1"  # see the module docstring; a new rule needs a new name (and LOADER_VERSION)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+_FLOAT8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 ENTRY_FILE = "entry.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # Files a tokenizer can be made from; a model folder with none of them builds without one.
@@ -97,7 +133,8 @@ class LoadRequest:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A converted model on disk: ``folder`` holds config.json, weights and tokenizer files.
+    """A converted model on disk: ``folder`` holds config.json, the weights
+    (``model.safetensors``, or ``random_weights.json`` for random weights) and tokenizer files.
 
     ``temporary`` models were converted outside the cache, into ``folder.parent`` (a
     scratch folder under the system temp dir) that the build removes when it is done.
@@ -107,12 +144,154 @@ class LoadedModel:
     hf_config: dict[str, Any]
     temporary: bool = False
 
-    @property
+    def weights(self) -> WeightSource:
+        """The model's bf16 weights: every tensor's spec at once, the tensors one at a time."""
+        if (self.folder / RANDOM_FILE).is_file():
+            return RandomWeights.from_file(self.folder / RANDOM_FILE)
+        return StoredWeights(self.folder / WEIGHTS_FILE)
+
+    @cached_property
     def weights_file(self) -> Path:
-        return self.folder / WEIGHTS_FILE
+        """A safetensors file of the weights (``build.param_file_path`` copies it).  Random
+        weights are not stored, so they are written out here, on first use, into a scratch
+        folder under the system temp dir that goes away with this object (or, after a
+        crash, with the next build's sweep of dead builds' scratch)."""
+        if not (self.folder / RANDOM_FILE).is_file():
+            return self.folder / WEIGHTS_FILE
+        parent = temp_root()
+        remove_stale(parent)
+        root = make_scratch(parent, "furiosa-weights")
+        root.mkdir()
+        weakref.finalize(self, remove, root)
+        source = self.weights()
+        write_safetensors(root / WEIGHTS_FILE, source.specs(), source.tensor)
+        return root / WEIGHTS_FILE
 
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / n for n in (*TOKENIZER_FILES, "generation_config.json") if (self.folder / n).is_file()]
+
+
+# --------------------------------------------------------------------------- weight sources
+
+
+class WeightSource:
+    """A model's weights, converted to bfloat16: :meth:`specs` gives the dtype and shape of
+    every tensor without reading any, :meth:`tensor` one tensor on demand."""
+
+    def specs(self) -> dict[str, TensorSpec]:
+        raise NotImplementedError
+
+    def tensor(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+
+class StoredWeights(WeightSource):
+    """A safetensors file (a model cache entry's bf16 ``model.safetensors``), read one tensor at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._header: dict[str, StoredTensor] | None = None
+
+    @property
+    def header(self) -> dict[str, StoredTensor]:
+        if self._header is None:
+            self._header = read_header(self.path)
+        return self._header
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: (entry.dtype, entry.shape) for name, entry in self.header.items()}
+
+    def tensor(self, name: str) -> np.ndarray:
+        return read_tensor(self.path, self.header[name])
+
+
+@dataclass(frozen=True)
+class RandomTensor:
+    """One tensor of a random-weight model: its shape, centre and the name its values are keyed by."""
+
+    shape: tuple[int, ...]
+    center: float
+    canonical: str
+
+
+class RandomWeights(WeightSource):
+    """Random weights by :data:`RANDOM_RULE`, generated when asked for (never stored)."""
+
+    def __init__(self, seed: int, tensors: dict[str, RandomTensor]) -> None:
+        self.seed = seed
+        self.tensors = tensors
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: (BF16, t.shape) for name, t in self.tensors.items()}
+
+    def tensor(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        return random_tensor(self.seed, t.canonical, t.shape, t.center)
+
+    def to_json(self) -> bytes:
+        tensors = {name: {"shape": list(t.shape), "center": t.center, "canonical": t.canonical} for name, t in self.tensors.items()}
+        return json.dumps({"rule": RANDOM_RULE, "seed": self.seed, "tensors": tensors}, indent=1, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_file(cls, path: Path) -> RandomWeights:
+        """Read ``random_weights.json``; ValueError when it is not one of this rule."""
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("rule") != RANDOM_RULE or type(data.get("seed")) is not int:
+            raise ValueError(f"not a {RANDOM_RULE} recipe")
+        tensors = data.get("tensors")
+        if not isinstance(tensors, dict):
+            raise ValueError("no tensors")
+        plan = {}
+        for name, t in tensors.items():
+            try:
+                shape = tuple(t["shape"])
+                center, canonical = t["center"], t["canonical"]
+            except (KeyError, TypeError):
+                raise ValueError(f"{name}: not a tensor entry") from None
+            if (not all(type(d) is int and d >= 0 for d in shape) or type(center) not in (int, float)
+                    or not isinstance(canonical, str) or canonical not in tensors):  # fmt: skip
+                raise ValueError(f"{name}: not a tensor entry")
+            plan[name] = RandomTensor(shape, float(center), canonical)
+        return cls(data["seed"], plan)
+
+
+_RANDOM_BLOCK = 1 << 20  # float32 draws per block: the only temporary a random tensor needs
+_RANDOM_WIDTH = np.float32(0.02 * 12**0.5)  # uniform on (-w/2, w/2) has standard deviation 0.02
+
+
+def random_tensor(seed: int, name: str, shape: tuple[int, ...], center: float = 0.0) -> np.ndarray:
+    """The bf16 values :data:`RANDOM_RULE` gives tensor ``name`` (its canonical name) of a
+    model with ``seed_for_random_weight=seed``: made a block of draws at a time, straight
+    into the bf16 result."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+    out = np.empty(shape, BF16)
+    bits = out.reshape(-1).view(np.uint16)
+    buffer = np.empty(min(_RANDOM_BLOCK, bits.size), np.float32)
+    center32 = np.float32(center)
+    for lo in range(0, bits.size, _RANDOM_BLOCK):
+        block = buffer[: min(_RANDOM_BLOCK, bits.size - lo)]
+        rng.random(out=block, dtype=np.float32)
+        block -= np.float32(0.5)
+        block *= _RANDOM_WIDTH
+        if center32:
+            block += center32
+        np.right_shift(block.view(np.uint32), 16, out=block.view(np.uint32))  # truncate to the upper 16 bits
+        bits[lo : lo + block.size] = block.view(np.uint32)
+    return out
+
+
+def random_weight_plan(hf_config: dict[str, Any], task: str = "generate") -> dict[str, RandomTensor]:
+    """Every floating tensor a random-weight model of ``hf_config`` has, with what
+    :data:`RANDOM_RULE` draws for it (needs torch and transformers; allocates no weights)."""
+    config = _config_for_model(hf_config, "model.hf_config")
+    return _random_plan(_meta_model(auto_model_class(task), config, hf_config))
+
+
+def random_state_dict(hf_config: dict[str, Any], seed: int, task: str = "generate") -> dict[str, np.ndarray]:
+    """The whole random-weight state dict (bf16) of ``hf_config``: for oracles of small models."""
+    source = RandomWeights(seed, random_weight_plan(hf_config, task))
+    return {name: source.tensor(name) for name in source.specs()}
 
 
 # --------------------------------------------------------------------------- config
@@ -227,9 +406,9 @@ class _ModelCache:
         if scratch is None:
             return None
         try:
-            config = _convert(request, scratch)
-            _write_entry(scratch, key)
-            return self._publish(scratch, folder, key, config)
+            converted = _convert(request, scratch)
+            _write_entry(scratch, key, converted.digests)
+            return self._publish(scratch, folder, key, converted.config)
         except _WriteError as exc:
             remove(scratch)
             self._unusable(f"cannot be written ({exc.path.name}: {exc.why})")
@@ -331,9 +510,10 @@ def _check_entry(folder: Path, key: str) -> dict[str, Any]:
     if (not isinstance(files, dict) or manifest.get("key") != key or manifest.get("version") != LOADER_VERSION
             or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("size"), int) for v in files.values())):  # fmt: skip
         raise _Damaged(f"{ENTRY_FILE} is not the manifest of this entry")
-    for name in (WEIGHTS_FILE, "config.json"):
-        if name not in files:
-            raise _Damaged(f"{ENTRY_FILE} does not list {name}")
+    if "config.json" not in files:
+        raise _Damaged(f"{ENTRY_FILE} does not list config.json")
+    if (WEIGHTS_FILE in files) == (RANDOM_FILE in files):
+        raise _Damaged(f"{ENTRY_FILE} does not list the weights ({WEIGHTS_FILE} or {RANDOM_FILE}, one of them)")
     for name, entry in sorted(found.items()):
         if name == ENTRY_FILE:
             continue
@@ -355,15 +535,22 @@ def _check_entry(folder: Path, key: str) -> dict[str, Any]:
         raise _Damaged("config.json is not valid JSON") from None
     if not isinstance(config, dict):
         raise _Damaged("config.json is not a JSON object")
+    if RANDOM_FILE in files:
+        try:
+            RandomWeights.from_file(folder / RANDOM_FILE)
+        except ValueError as exc:  # JSON or recipe
+            raise _Damaged(f"{RANDOM_FILE} is not a random-weight recipe ({first_line(exc)})") from None
     return config
 
 
-def _write_entry(folder: Path, key: str) -> None:
-    """Write ``entry.json``, the manifest of every file of a finished conversion (last)."""
+def _write_entry(folder: Path, key: str, digests: dict[str, str]) -> None:
+    """Write ``entry.json``, the manifest of every file of a finished conversion (last);
+    ``digests`` are the sha256 of files hashed while they were written (the weights)."""
     files = {}
     for path in sorted(folder.iterdir()):
         assert path.is_file() and not path.is_symlink(), f"{path}: a model cache entry holds only files"
-        files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        digest = digests.get(path.name) or sha256_file(path)
+        files[path.name] = {"sha256": digest, "size": path.stat().st_size}
     document = {"key": key, "version": LOADER_VERSION, "files": files}
     with _writing(folder / ENTRY_FILE):
         atomic_write(folder / ENTRY_FILE, json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
@@ -377,7 +564,7 @@ def _load_temporary(request: LoadRequest, key: str) -> LoadedModel:
     try:
         root.mkdir()
         (root / key).mkdir()
-        config = _convert(request, root / key)
+        config = _convert(request, root / key).config
     except _WriteError as exc:
         remove(root)
         raise exc.io_error("converting the model") from None
@@ -564,49 +751,65 @@ def _has_tokenizer_sources(folder: Path) -> bool:
 # --------------------------------------------------------------------------- conversion
 
 
-def _convert(request: LoadRequest, out: Path) -> dict[str, Any]:
-    import torch
+@dataclass(frozen=True)
+class _Converted:
+    """What :func:`_convert` wrote: the config, and the sha256 of files it hashed as it wrote them."""
 
+    config: dict[str, Any]
+    digests: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """Weights to write: the spec of every tensor, one bf16 tensor produced at a time."""
+
+    specs: dict[str, TensorSpec]
+    tensor: Callable[[str], np.ndarray]
+
+
+def _convert(request: LoadRequest, out: Path) -> _Converted:
+    """Convert the model of ``request`` into the folder ``out`` (config.json, tokenizer
+    files, and the weights: ``model.safetensors`` written one tensor at a time, or the
+    ``random_weights.json`` recipe)."""
     source = request.source
     model_class = auto_model_class(request.task)
     config_dict = load_config(request)
     config = _config_for_model(config_dict, "model.hf_config")
+    model = _meta_model(model_class, config, config_dict)  # names, shapes and ties; no weights
+    random = source.kind == "config" or request.seed_for_random_weight is not None
     if source.kind == "config":
-        torch.manual_seed(request.seed_for_random_weight or 0)
-        model = _from_config(model_class, config, config_dict)
-        source_dtype = str(config_dict.get("dtype") or config_dict.get("torch_dtype") or "bfloat16")
         with _writing(out / "tokenizer.json"):
             _write_random_tokenizer(out, int(config_dict["vocab_size"]), config_dict)
-    else:
-        overrides = {"num_hidden_layers": config.num_hidden_layers}
-        try:
-            model = model_class.from_pretrained(
-                str(_folder(source)), **_gguf_kwargs(source), dtype="auto",
-                trust_remote_code=request.trust_remote_code, **overrides,
-            )  # fmt: skip
-        except Exception as exc:  # safetensors, torch.load, gguf, transformers
-            raise _source_failure(source, exc, "cannot load the weights") from None
-        source_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        if source.kind == "gguf" or _has_tokenizer_sources(_folder(source)):
-            _save_tokenizer(request, out)
-        if getattr(model, "generation_config", None) is not None and source.kind == "folder":
-            with _writing(out / "generation_config.json"):
-                model.generation_config.save_pretrained(out)
+    elif source.kind == "gguf" or _has_tokenizer_sources(_folder(source)):
+        _save_tokenizer(request, out)
     _check_vocab(out / "tokenizer.json", config_dict, source)
+    stream = None
+    if random:
+        plan = _random_plan(model)
+        source_dtype = _source_dtype(request, config_dict)
+    else:
+        stream = _gguf_stream(source.path, model, config_dict) if source.kind == "gguf" else _folder_stream(source, model)
+        source_dtype = _source_dtype(request, config_dict)
+        if stream is None:  # a checkpoint only transformers can convert (see _whole_model_stream)
+            model, stream, source_dtype = _whole_model_stream(request, model_class, config)
+    if source.kind == "folder":
+        _save_generation_config(_folder(source), model, out)
     if source_dtype not in ALLOWED_DTYPES and not request.auto_bfloat16_cast:
         raise LoadError(
             f"model.auto_bfloat16_cast: the model's weights are {source_dtype}; builds use bfloat16, "
             "so set auto_bfloat16_cast=true to allow the cast"
         )
-    if request.seed_for_random_weight is not None and source.kind != "config":
-        torch.manual_seed(request.seed_for_random_weight)
-        model = _from_config(model_class, model.config, config_dict)
+    digests = {}
+    if stream is None:
+        with _writing(out / RANDOM_FILE):
+            (out / RANDOM_FILE).write_bytes(RandomWeights(request.seed_for_random_weight or 0, plan).to_json())
+    else:
+        with _writing(out / WEIGHTS_FILE):
+            digests[WEIGHTS_FILE] = write_safetensors(out / WEIGHTS_FILE, stream.specs, stream.tensor)
     config_dict["dtype"] = "bfloat16"
-    with _writing(out / WEIGHTS_FILE):
-        _save_bf16(model, out / WEIGHTS_FILE)
     with _writing(out / "config.json"):
         (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-    return config_dict
+    return _Converted(config_dict, digests)
 
 
 def _from_config(model_class: type, config, config_dict: dict[str, Any]):
@@ -620,6 +823,364 @@ def _from_config(model_class: type, config, config_dict: dict[str, Any]):
         kind = model_class.__name__
         raise LoadError(f"model.hf_config.model_type: {config_dict.get('model_type')!r} cannot be built as "
                         f"{kind} ({first_line(exc)})") from None  # fmt: skip
+
+
+def _meta_model(model_class: type, config, config_dict: dict[str, Any]):
+    """The model of ``config`` on the meta device: parameter names, shapes and ties, no memory."""
+    import torch
+
+    with torch.device("meta"):
+        return _from_config(model_class, config, config_dict)
+
+
+def _aliases(model) -> dict[str, str]:
+    """Every parameter name -> the first name of the same tensor (tied weights share one)."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _float_entries(model) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every floating-point tensor of the model's state dict (what is converted)."""
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if t.is_floating_point()}
+
+
+def _source_dtype(request: LoadRequest, config_dict: dict[str, Any]) -> str:
+    """The dtype the model's weights come in, as transformers' ``dtype="auto"`` would load
+    them: the config's dtype, else the checkpoint's first floating tensor (GGUF: float32)."""
+    source = request.source
+    if source.kind == "config":
+        return str(config_dict.get("dtype") or config_dict.get("torch_dtype") or "bfloat16")
+    if source.kind == "gguf":
+        return "float32"  # transformers de-quantises GGUF tensors to float32
+    if config_dict.get("dtype"):
+        return str(config_dict["dtype"]).removeprefix("torch.")
+    files = _checkpoint_files(_folder(source))
+    for file in files or ():
+        try:
+            stored = read_header(file)
+        except (OSError, SafetensorsFormatError):
+            break  # the conversion reports the file
+        for name in sorted(stored):
+            if stored[name].dtype.kind == "f" or stored[name].dtype == BF16:
+                return _dtype_name(stored[name].dtype)
+    return "float32"
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype == BF16 else np.dtype(dtype).name
+
+
+# ---- safetensors folders
+
+
+def _checkpoint_files(folder: Path) -> list[Path] | None:
+    """The safetensors files transformers would read from ``folder`` (a sharded index, or
+    ``model.safetensors``); None when the weights are not safetensors (``.bin``)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = _read_json(index, {})
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LoadError(f"{SOURCE_FIELD}: {index}: not a safetensors index (no weight_map of file names)")
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / WEIGHTS_FILE
+    return [single] if single.is_file() else None
+
+
+def _folder_stream(source: ModelSource, model) -> _Stream | None:
+    """Stream a safetensors checkpoint tensor by tensor, renamed the way transformers
+    renames checkpoint keys for this model; None when only transformers can convert it
+    (``.bin`` weights, many-to-one conversions such as fused experts, missing or
+    mismatched tensors, which transformers fills or reports)."""
+    folder = _folder(source)
+    files = _checkpoint_files(folder)
+    if files is None:
+        return None
+    stored: dict[str, tuple[Path, StoredTensor]] = {}
+    for file in files:
+        try:
+            header = read_header(file)
+        except OSError as exc:
+            raise _unreadable(file, exc) from None
+        except SafetensorsFormatError as exc:
+            raise LoadError(f"{SOURCE_FIELD}: {file}: truncated or not a safetensors file ({exc})") from None
+        stored.update((name, (file, entry)) for name, entry in header.items())
+    found = _checkpoint_names(model, list(stored))
+    if found is None:
+        return None
+    aliases = _aliases(model)
+    plan: dict[str, tuple[Path, StoredTensor]] = {}
+    for name, shape in _float_entries(model).items():
+        key = found.get(aliases.get(name, name))
+        if key is None:
+            return None
+        file, entry = stored[key]
+        if entry.shape != shape or not (entry.dtype.kind == "f" or entry.dtype in _FLOAT8):
+            return None
+        plan[name] = (file, entry)
+
+    def tensor(name: str) -> np.ndarray:
+        file, entry = plan[name]
+        try:
+            return _read_bf16(file, entry)
+        except OSError as exc:
+            raise _unreadable(file, exc) from None
+        except SafetensorsFormatError as exc:
+            raise LoadError(f"{SOURCE_FIELD}: {file}: truncated or not a safetensors file ({exc})") from None
+
+    return _Stream({name: (BF16, entry.shape) for name, (_, entry) in plan.items()}, tensor)
+
+
+def _checkpoint_names(model, keys: list[str]) -> dict[str, str] | None:
+    """Model tensor name -> checkpoint key, by transformers' own renaming rules for the
+    model (legacy names, base-model prefix); None when a key needs a conversion beyond a
+    rename."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = model.state_dict()
+    prefix = model.base_model_prefix
+    found: dict[str, str] = {}
+    for key in keys:
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if target not in meta and key in meta:
+            target, pattern = rename_source_key(key, [], [], prefix, meta)
+        if target not in meta:
+            continue  # not a tensor of this model (layers beyond num_hidden_layers, an unused head)
+        if pattern is not None or target in found:
+            return None
+        found[target] = key
+    return found
+
+
+def _read_bf16(file: Path, entry: StoredTensor) -> np.ndarray:
+    if entry.dtype == BF16:
+        return read_tensor(file, entry)
+    return read_tensor(file, entry, convert=_to_bf16, dtype=BF16)
+
+
+def _to_bf16(source: np.ndarray, out: np.ndarray) -> None:
+    """Round ``source`` to bfloat16 into ``out``, as torch's ``.to(torch.bfloat16)`` does."""
+    import torch
+
+    if source.dtype in (np.float16, np.float32, np.float64):
+        if not source.flags.writeable:  # a view of a memory-mapped file, which torch will not wrap
+            source = source.copy()
+        out.reshape(-1).view(np.int16)[:] = torch.from_numpy(source.reshape(-1)).to(torch.bfloat16).view(torch.int16).numpy()
+    else:  # float8 (exact in bfloat16) and bfloat16
+        out[...] = source.astype(BF16).reshape(out.shape)
+
+
+# ---- GGUF
+
+#: GGUF tensor processors of transformers that keep every tensor's name and work on one
+#: tensor alone; the others (MoE expert merges, GPT-2, T5) go through transformers whole.
+_GGUF_STREAMING = frozenset({"TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor",
+                             "NemotronTensorProcessor", "BloomTensorProcessor"})  # fmt: skip
+_GGUF_BLOCK_ELEMENTS = 1 << 22  # rows de-quantised at a time for a large tensor the processor leaves alone
+
+
+def _gguf_stream(path: Path, model, config_dict: dict[str, Any]) -> _Stream | None:
+    """De-quantise a GGUF file tensor by tensor with the same name map and per-tensor
+    processing as transformers' ``load_gguf_checkpoint``; None when its processor needs
+    several tensors at once (then transformers converts the model whole)."""
+    try:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field
+
+        reader = GGUFReader(str(path))  # memory-mapped: tensors are read when de-quantised
+        architecture = read_field(reader, "general.architecture")[0]
+        processor_class = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+        if processor_class.__name__ not in _GGUF_STREAMING:
+            return None
+        processor = processor_class(config=config_dict)
+        with _cached_gguf_name_maps():
+            mapping = get_gguf_hf_weights_map(model, processor)  # GGUF name -> model name
+    except LoadError:
+        raise
+    except Exception as exc:  # gguf / numpy errors on a damaged file
+        raise _source_failure(ModelSource("gguf", path), exc, "cannot read the weights") from None
+    by_name: dict[str, Any] = {}
+    for tensor in reader.tensors:
+        target = mapping.get(tensor.name)
+        if target is None:
+            continue  # a tensor this model does not have (layers beyond num_hidden_layers...)
+        if target in by_name:
+            return None
+        by_name[target] = tensor
+    aliases = _aliases(model)
+    plan = {}
+    for name, shape in _float_entries(model).items():
+        tensor = by_name.get(aliases.get(name, name))
+        if tensor is None or tuple(int(d) for d in reversed(tensor.shape.tolist())) != shape:
+            return None  # missing or reshaped: transformers decides
+        plan[name] = tensor
+
+    def produce(name: str) -> np.ndarray:
+        try:
+            return _gguf_bf16(plan[name], processor, _float_shape(plan[name]))
+        except LoadError:
+            raise
+        except Exception as exc:
+            raise LoadError(f"{SOURCE_FIELD}: {path}: cannot de-quantise {plan[name].name} ({first_line(exc)})") from None
+
+    return _Stream({name: (BF16, _float_shape(t)) for name, t in plan.items()}, produce)
+
+
+@contextmanager
+def _cached_gguf_name_maps() -> Iterator[None]:
+    """``get_gguf_hf_weights_map`` walks every submodule and builds gguf's tensor name map
+    of the architecture anew for each (seconds per model); the map depends only on its
+    arguments, so let the walk build it once."""
+    import functools
+
+    import gguf
+
+    real = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(real)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = real
+
+
+def _float_shape(tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _gguf_bf16(tensor, processor, shape: tuple[int, ...]) -> np.ndarray:
+    """One GGUF tensor de-quantised, processed like transformers does, rounded to bfloat16.
+    A large tensor the processor leaves untouched is de-quantised a block of rows at a
+    time, so its float32 form is never whole."""
+    from gguf.quants import dequantize
+
+    data = tensor.data
+    elements = int(np.prod(shape, dtype=np.int64))
+    if data.ndim > 1 and elements > _GGUF_BLOCK_ELEMENTS:
+        probe = dequantize(data[:1], tensor.tensor_type)
+        result = processor.process(weights=probe, name=tensor.name)
+        if result.weights is probe and result.name == tensor.name:
+            out = np.empty(shape, BF16)
+            flat = out.reshape(-1)
+            per_row = elements // data.shape[0]
+            step = max(1, _GGUF_BLOCK_ELEMENTS // per_row)
+            for lo in range(0, data.shape[0], step):
+                block = dequantize(data[lo : lo + step], tensor.tensor_type)
+                _to_bf16(np.ascontiguousarray(block), flat[lo * per_row : lo * per_row + block.size])
+            return out
+    result = processor.process(weights=dequantize(data, tensor.tensor_type), name=tensor.name)
+    if result.name != tensor.name:
+        raise LoadError(f"{SOURCE_FIELD}: GGUF tensor {tensor.name} is renamed by transformers' processor; not supported")
+    weights = np.ascontiguousarray(result.weights)
+    if weights.shape != shape:
+        raise LoadError(f"{SOURCE_FIELD}: GGUF tensor {tensor.name} has shape {weights.shape}, the model expects {shape}")
+    out = np.empty(shape, BF16)
+    _to_bf16(weights, out)
+    return out
+
+
+# ---- what only transformers can convert
+
+
+def _whole_model_stream(request: LoadRequest, model_class: type, config) -> tuple[Any, _Stream, str]:
+    """The model loaded whole by transformers (``.bin`` weights, fused-expert checkpoints,
+    MoE GGUF files): memory grows with the model here, as before streaming; the weights
+    are still written one tensor at a time."""
+    import torch
+
+    source = request.source
+    try:
+        model = model_class.from_pretrained(
+            str(_folder(source)), **_gguf_kwargs(source), dtype="auto",
+            trust_remote_code=request.trust_remote_code, num_hidden_layers=config.num_hidden_layers,
+        )  # fmt: skip
+    except Exception as exc:  # safetensors, torch.load, gguf, transformers
+        raise _source_failure(source, exc, "cannot load the weights") from None
+    source_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    state = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+
+    def tensor(name: str) -> np.ndarray:
+        return state[name].detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(BF16)
+
+    return model, _Stream({name: (BF16, tuple(t.shape)) for name, t in state.items()}, tensor), source_dtype
+
+
+def _save_generation_config(folder: Path, model, out: Path) -> None:
+    """The generation config a folder model loads with: its generation_config.json, else
+    the one transformers derives from the model config."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None:
+        return
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        try:
+            generation = GenerationConfig.from_pretrained(str(folder))
+        except Exception as exc:
+            raise LoadError(f"{SOURCE_FIELD}: {folder / 'generation_config.json'}: {first_line(exc)}") from None
+    with _writing(out / "generation_config.json"):
+        generation.save_pretrained(out)
+
+
+# ---- random weights
+
+
+def _random_plan(model) -> dict[str, RandomTensor]:
+    """What :data:`RANDOM_RULE` draws for every floating tensor of ``model`` (a meta-device
+    model): its shape, its centre and the canonical name its stream is keyed by."""
+    aliases = _aliases(model)
+    centers = _norm_centers(model)
+    plan = {}
+    for name, shape in _float_entries(model).items():
+        if name not in aliases:
+            raise LoadError(f"model.seed_for_random_weight: {name} is a buffer of the model, which random weights cannot fill")
+        canonical = aliases[name]
+        plan[name] = RandomTensor(shape, centers.get(canonical, 0.0), canonical)
+    return plan
+
+
+def _is_norm(module) -> bool:
+    """A normalisation layer, found by type the way transformers' ``_init_weights`` does."""
+    from torch import nn
+
+    kind = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)) or "LayerNorm" in kind or "RMSNorm" in kind
+
+
+def _norm_centers(model) -> dict[str, float]:
+    """Parameter name -> the constant the framework initialises a normalisation layer's
+    parameter to (1 for a weight, 0 for a bias; 0 for Gemma's ``(1 + weight)`` norms),
+    found by running the model's own ``_init_weights`` on an empty CPU copy of the layer."""
+    import copy
+
+    import torch
+
+    centers: dict[str, float] = {}
+    for prefix, module in model.named_modules():
+        own = [name for name, _ in module.named_parameters(recurse=False)]
+        if not own or not _is_norm(module):
+            continue
+        values: dict[str, Any] = {}
+        try:
+            probe = copy.deepcopy(module).to_empty(device="cpu")
+            with torch.no_grad():
+                for p in probe.parameters(recurse=False):
+                    p.fill_(float("nan"))
+            model._init_weights(probe)
+            values = {name: p.detach().reshape(-1) for name, p in probe.named_parameters(recurse=False)}
+        except Exception:  # a layer the model cannot initialise alone: the usual constants
+            pass
+        for name in own:
+            full = f"{prefix}.{name}" if prefix else name
+            value = values.get(name)
+            if value is not None and value.numel() and bool(torch.isfinite(value[0])) and bool((value == value[0]).all()):
+                centers[full] = float(value[0])
+            else:
+                centers[full] = 1.0 if name == "weight" else 0.0
+    return centers
 
 
 def _check_vocab(tokenizer_file: Path, config: dict[str, Any], source: ModelSource) -> None:
@@ -640,19 +1201,6 @@ def _check_vocab(tokenizer_file: Path, config: dict[str, Any], source: ModelSour
     if size > vocab:
         raise LoadError(f"{SOURCE_FIELD}: {source.path}: the tokenizer has {size} tokens but the model's vocab_size "
                         f"is {vocab} (ids {vocab}..{size - 1} have no embedding row)")  # fmt: skip
-
-
-def _save_bf16(model, path: Path) -> None:
-    import ml_dtypes
-    import torch
-    from safetensors.numpy import save_file
-
-    tensors = {
-        name: t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        for name, t in model.state_dict().items()
-        if t.is_floating_point()
-    }
-    save_file(tensors, str(path))
 
 
 def _save_tokenizer(request: LoadRequest, out: Path) -> None:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from furiosa_build.config import ConfigError
 from furiosa_build.errors import io_error
-from furiosa_build.safetensors_file import specs_of, write_safetensors
+from furiosa_build.safetensors_file import TensorSpec, write_safetensors
 from furiosa_build.scratch import ScratchName, make_scratch, remove, remove_stale, scratch_dir
 from furiosa_runtime.artifact import ARTIFACT_FILE, Artifact, sha256_file
 
@@ -40,15 +40,19 @@ def write_artifact(
     save_dir: Path,
     fields: Mapping[str, Any],
     programs: Mapping[str, bytes],
-    tensors: Mapping[str, np.ndarray],
+    specs: Mapping[str, TensorSpec],
+    tensor: Callable[[str], np.ndarray],
     extra_files: list[Path],
 ) -> int:
-    """Write a complete artifact to ``save_dir`` (replacing an older one) and return its size in bytes."""
+    """Write a complete artifact to ``save_dir`` (replacing an older one) and return its size in bytes.
+
+    The weights are the tensors ``specs`` describes; ``tensor(name)`` produces each in turn
+    (in name order) while ``params.safetensors`` is written, so only one is held at a time."""
     save_dir = Path(os.path.abspath(save_dir))
     try:
         save_dir.parent.mkdir(parents=True, exist_ok=True)
         with scratch_dir(save_dir.parent, save_dir.name) as staging:
-            size = _fill(staging, fields, programs, tensors, extra_files)
+            size = _fill(staging, fields, programs, specs, tensor, extra_files)
             _install(staging, save_dir)
     except OSError as exc:
         raise io_error(exc, "writing the artifact", save_dir) from None
@@ -135,7 +139,7 @@ def _siblings(path: Path) -> list[Path]:
         return []
 
 
-def _fill(root: Path, fields, programs, tensors, extra_files) -> int:
+def _fill(root: Path, fields, programs, specs, tensor, extra_files) -> int:
     """Write every file into ``root``, then ``artifact.json`` with their digests; return the bytes written."""
     manifest: dict[str, str] = {}
     (root / "programs").mkdir()
@@ -143,7 +147,7 @@ def _fill(root: Path, fields, programs, tensors, extra_files) -> int:
         rel = f"programs/{key}.json"
         (root / rel).write_bytes(payload)
         manifest[rel] = hashlib.sha256(payload).hexdigest()
-    manifest[PARAMS_FILE] = write_safetensors(root / PARAMS_FILE, specs_of(tensors), tensors.__getitem__)
+    manifest[PARAMS_FILE] = write_safetensors(root / PARAMS_FILE, specs, tensor)
     for file in extra_files:
         shutil.copyfile(file, root / file.name)
         manifest[file.name] = sha256_file(root / file.name)

@@ -38,15 +38,20 @@ def build(overrides: list[str], out: Path, cache: Path | None):
     return ArtifactBuilder.from_spec(spec).build_from_spec()
 
 
-def hf_random_model(hf_config: dict, seed: int):
-    """The oracle for random-weight configs: transformers' own init under the same seed,
-    rounded to bf16 and computed in fp32."""
+def hf_random_model(hf_config: dict, seed: int, task: str = "generate"):
+    """The oracle for random-weight configs: a transformers model holding the weights the
+    build's random-weight rule gives every tensor name (``furiosa_build.load.random_tensor``),
+    bf16 values computed in fp32."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config), dtype=torch.float32)
-    return model.to(torch.bfloat16).float().eval()
+    from furiosa_build.load import auto_model_class, random_state_dict
+
+    model = auto_model_class(task).from_config(AutoConfig.for_model(**hf_config), dtype=torch.float32)
+    weights = {name: torch.from_numpy(t.astype(np.float32)) for name, t in random_state_dict(hf_config, seed, task).items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and not [n for n in missing if model.state_dict()[n].is_floating_point()], (missing, unexpected)
+    return model.eval()
 
 
 def hf_gguf_model(gguf: Path):

@@ -4,7 +4,10 @@ and turns into the same artifact as a clean build; plus caches that cannot be wr
 (a file as cache_dir, read-only, full) and the scratch litter of killed builds.
 
 One clean build per module gives the reference manifest and a golden cache; each case
-copies the golden cache (half a megabyte), damages it and builds ``tiny-llama``.
+copies the golden cache (half a megabyte), damages it and builds ``tiny-llama``.  Its
+random weights are not stored: the model entry holds the recipe ``random_weights.json``.
+A second golden builds the same model from a Hugging Face folder, whose entry holds the
+converted ``model.safetensors`` (written as it streams, its digest computed on the way).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from furiosa_build.scratch import ScratchName, make_scratch
 from tests.helpers import build
 
 TINY = ["model=tiny-llama", "buckets=tiny"]
+RECIPE = "random_weights.json"
 CACHE_WARNING = re.compile(r"^(model|compile|capture) cache ")
 
 
@@ -37,17 +41,18 @@ class Golden:
     cache: Path
     manifest: dict[str, str]
     unique_programs: int
+    overrides: tuple[str, ...] = tuple(TINY)
 
 
 def _manifest(artifact: Path) -> dict[str, str]:
     return json.loads((artifact / "artifact.json").read_text())["manifest"]
 
 
-def _build(cache: Path | None, out: Path):
+def _build(cache: Path | None, out: Path, overrides: tuple[str, ...] = tuple(TINY)):
     """Build tiny-llama; return the report and the cache warnings (one line each)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = build(TINY, out, cache)
+        report = build(list(overrides), out, cache)
     lines = [str(w.message) for w in caught if CACHE_WARNING.match(str(w.message))]
     assert all("\n" not in line for line in lines), lines
     return report, lines
@@ -61,10 +66,40 @@ def golden(tmp_path_factory) -> Golden:
     return Golden(root / "cache", _manifest(root / "artifact"), report.compile.unique)
 
 
+@pytest.fixture(scope="module")
+def folder_golden(tmp_path_factory) -> Golden:
+    """tiny-llama's random weights saved as a Hugging Face folder, built from the folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from furiosa_build.load import _write_random_tokenizer, random_state_dict
+    from tests.helpers import compose_spec
+
+    root = tmp_path_factory.mktemp("golden-folder")
+    spec = compose_spec(TINY)
+    hf_config = spec.model.hf_config
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config), dtype=torch.bfloat16)
+    model.load_state_dict({k: torch.from_numpy(v.view("int16")).view(torch.bfloat16) for k, v in random_state_dict(hf_config, 0).items()})
+    model.save_pretrained(root / "hf")
+    _write_random_tokenizer(root / "hf", hf_config["vocab_size"], hf_config)
+    overrides = (*TINY, f"model.model_id_or_path={root / 'hf'}", "model.hf_config=null", "model.seed_for_random_weight=null")
+    report, lines = _build(root / "cache", root / "artifact", overrides)
+    assert lines == []
+    assert (_model(root / "cache") / "model.safetensors").is_file()
+    return Golden(root / "cache", _manifest(root / "artifact"), report.compile.unique, overrides)
+
+
 @pytest.fixture
 def cache(golden: Golden, tmp_path: Path) -> Path:
     """A private copy of the golden cache."""
     shutil.copytree(golden.cache, tmp_path / "cache", symlinks=True)
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def folder_cache(folder_golden: Golden, tmp_path: Path) -> Path:
+    """A private copy of the folder golden's cache."""
+    shutil.copytree(folder_golden.cache, tmp_path / "cache", symlinks=True)
     return tmp_path / "cache"
 
 
@@ -122,12 +157,26 @@ def _lie_in_entry_json(cache: Path, edit: Callable[[dict], None]) -> None:
     path.write_text(json.dumps(manifest))
 
 
-def _garbage_config_with_consistent_manifest(cache: Path) -> None:
-    entry = _model(cache)
-    garbage = b"{this is not json"
-    (entry / "config.json").write_bytes(garbage)
+def _consistent(cache: Path, name: str, payload: bytes) -> None:
+    """Replace a file of the model entry and make entry.json agree with it."""
+    (_model(cache) / name).write_bytes(payload)
     _lie_in_entry_json(cache, lambda m: m["files"].update(
-        {"config.json": {"sha256": hashlib.sha256(garbage).hexdigest(), "size": len(garbage)}}))  # fmt: skip
+        {name: {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}}))  # fmt: skip
+
+
+def _garbage_config_with_consistent_manifest(cache: Path) -> None:
+    _consistent(cache, "config.json", b"{this is not json")
+
+
+def _recipe_of_another_rule(cache: Path) -> None:
+    recipe = json.loads((_model(cache) / RECIPE).read_text())
+    _consistent(cache, RECIPE, json.dumps({**recipe, "rule": "torch-init"}).encode())
+
+
+def _recipe_with_a_bad_tensor(cache: Path) -> None:
+    recipe = json.loads((_model(cache) / RECIPE).read_text())
+    recipe["tensors"]["lm_head.weight"]["shape"] = [-1, 64]
+    _consistent(cache, RECIPE, json.dumps(recipe).encode())
 
 
 # ------------------------------------------------------------------ the catalogue
@@ -163,18 +212,23 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, bool]] = {
     "capture-entry-is-a-folder": (lambda c: _to_folder(_capture(c)), r"capture cache entry \w+ is corrupted \(it is a folder", True),
     "capture-shard-is-a-file": (lambda c: _to_file(_capture(c).parent), r"capture cache entry \w+ is corrupted \(programs/\w\w is a file", True),
     "captures-folder-is-a-file": (lambda c: _to_file(c / "captures"), r"^capture cache .+ is unusable \(.+/captures is not a folder\)", False),
-    # model cache: models/<key>/{entry.json, config.json, model.safetensors, tokenizer*.json}
-    "model-weights-bit-flipped": (lambda c: _flip(_model(c) / "model.safetensors", -100, 0x04), r"^model cache entry .+ is corrupted \(model.safetensors sha256 mismatch\); converting the model again$", True),
-    "model-weights-truncated": (lambda c: _truncate(_model(c) / "model.safetensors"), r"model.safetensors is \d+ bytes, entry.json says \d+", True),
-    "model-weights-deleted": (lambda c: (_model(c) / "model.safetensors").unlink(), r"model.safetensors is missing", True),
+    # model cache: models/<key>/{entry.json, config.json, random_weights.json, tokenizer*.json}
+    "model-weights-bit-flipped": (lambda c: _flip(_model(c) / RECIPE, -100, 0x04), r"^model cache entry .+ is corrupted \(random_weights.json sha256 mismatch\); converting the model again$", True),
+    "model-weights-truncated": (lambda c: _truncate(_model(c) / RECIPE), r"random_weights.json is \d+ bytes, entry.json says \d+", True),
+    "model-weights-deleted": (lambda c: (_model(c) / RECIPE).unlink(), r"random_weights.json is missing", True),
+    "model-recipe-garbage-consistent-manifest": (lambda c: _consistent(c, RECIPE, b"[not a recipe"), r"random_weights.json is not a random-weight recipe", True),
+    "model-recipe-of-another-rule-consistent-manifest": (_recipe_of_another_rule, r"random_weights.json is not a random-weight recipe \(not a furiosa-random/1 recipe\)", True),
+    "model-recipe-bad-shape-consistent-manifest": (_recipe_with_a_bad_tensor, r"random_weights.json is not a random-weight recipe \(lm_head.weight: not a tensor entry\)", True),
+    "model-entry-json-lists-no-weights": (
+        lambda c: _lie_in_entry_json(c, lambda m: m["files"].pop(RECIPE)), r"entry.json does not list the weights", True),
     "model-config-garbage": (lambda c: (_model(c) / "config.json").write_text("{garbage"), r"config.json is \d+ bytes, entry.json says", True),
     "model-config-garbage-consistent-manifest": (_garbage_config_with_consistent_manifest, r"config.json is not valid JSON", True),
     "model-tokenizer-garbage": (lambda c: _flip(_model(c) / "tokenizer.json", 10, 0x20), r"tokenizer.json sha256 mismatch", True),
     "model-entry-json-missing": (lambda c: (_model(c) / "entry.json").unlink(), r"entry.json is missing", True),
     "model-entry-json-garbage": (lambda c: (_model(c) / "entry.json").write_bytes(b"\xff\xfe garbage"), r"entry.json is not valid JSON", True),
     "model-entry-json-lies-digest": (
-        lambda c: _lie_in_entry_json(c, lambda m: m["files"]["model.safetensors"].update(sha256="0" * 64)),
-        r"model.safetensors sha256 mismatch", True),
+        lambda c: _lie_in_entry_json(c, lambda m: m["files"][RECIPE].update(sha256="0" * 64)),
+        r"random_weights.json sha256 mismatch", True),
     "model-entry-json-of-another-key": (
         lambda c: _lie_in_entry_json(c, lambda m: m.update(key="f" * 64)), r"entry.json is not the manifest of this entry", True),
     "model-extra-unexpected-file": (lambda c: (_model(c) / "pytorch_model.bin").write_bytes(b"x"), r"unexpected file pytorch_model.bin", True),
@@ -185,8 +239,22 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, bool]] = {
 }  # fmt: skip
 
 
+# The same for an entry holding converted weights (a model from a Hugging Face folder).
+STORED_CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, bool]] = {
+    "stored-weights-bit-flipped": (lambda c: _flip(_model(c) / "model.safetensors", -100, 0x04), r"^model cache entry .+ is corrupted \(model.safetensors sha256 mismatch\); converting the model again$", True),
+    "stored-weights-truncated": (lambda c: _truncate(_model(c) / "model.safetensors"), r"model.safetensors is \d+ bytes, entry.json says \d+", True),
+    "stored-weights-deleted": (lambda c: (_model(c) / "model.safetensors").unlink(), r"model.safetensors is missing", True),
+    "stored-entry-json-lies-digest": (
+        lambda c: _lie_in_entry_json(c, lambda m: m["files"]["model.safetensors"].update(sha256="0" * 64)),
+        r"model.safetensors sha256 mismatch", True),
+    "stored-weights-beside-a-recipe": (
+        lambda c: _consistent(c, RECIPE, b"{}"), r"entry.json does not list the weights \(model.safetensors or random_weights.json, one of them\)", True),
+}  # fmt: skip
+
+
 def test_the_catalogue_is_large_enough() -> None:
     assert len(CORRUPTIONS) >= 20
+    assert len(CORRUPTIONS) + len(STORED_CORRUPTIONS) >= 40
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
@@ -208,6 +276,22 @@ def test_a_damaged_cache_warns_once_rebuilds_and_gives_the_same_artifact(name: s
         assert report.compile.cached == golden.unique_programs
     else:
         assert len(lines) == 1
+
+
+@pytest.mark.parametrize("name", list(STORED_CORRUPTIONS))
+def test_a_damaged_entry_of_converted_weights_warns_once_and_converts_again(name: str, folder_golden: Golden, folder_cache: Path, tmp_path: Path) -> None:
+    damage, expected, _ = STORED_CORRUPTIONS[name]
+    damage(folder_cache)
+
+    _, lines = _build(folder_cache, tmp_path / "a", folder_golden.overrides)
+
+    assert len(lines) == 1, lines
+    assert re.search(expected, lines[0]), lines[0]
+    assert _manifest(tmp_path / "a") == folder_golden.manifest
+    assert not _scratch_names(folder_cache)
+    report, lines = _build(folder_cache, tmp_path / "b", folder_golden.overrides)
+    assert lines == [] and report.compile.cached == folder_golden.unique_programs
+    assert _manifest(tmp_path / "b") == folder_golden.manifest
 
 
 def test_compile_cache_damage_is_counted_and_repaired(golden: Golden, cache: Path, tmp_path: Path) -> None:
@@ -283,10 +367,14 @@ def test_a_filled_read_only_cache_serves_every_entry_silently(golden: Golden, tm
     assert _manifest(tmp_path / "a") == golden.manifest
 
 
-def test_a_full_cache_disk_warns_once_per_cache_and_leaves_no_scratch(golden: Golden, tmp_path: Path) -> None:
-    # ~500 KB would hold the whole cache; 160 KB holds the captures but not the model.
-    with _tmpfs(tmp_path / "full", "160k") as cache:
-        _, lines = _build(cache, tmp_path / "a")
+@pytest.mark.parametrize("which", ["random", "folder"])
+def test_a_full_cache_disk_warns_once_per_cache_and_leaves_no_scratch(which: str, request, tmp_path: Path) -> None:
+    # Random weights: the entry (config, recipe, tokenizer: ~40 KB of tmpfs pages) does not
+    # fit in 24 KB, nor does anything else.  Folder: ~500 KB would hold the whole cache;
+    # 160 KB holds the captures but not the converted weights, which fail mid-stream.
+    golden = request.getfixturevalue("golden" if which == "random" else "folder_golden")
+    with _tmpfs(tmp_path / "full", "24k" if which == "random" else "160k") as cache:
+        _, lines = _build(cache, tmp_path / "a", golden.overrides)
         counts = _by_cache(lines)
         assert set(counts.values()) == {1} and "model" in counts, lines
         assert any("no space left on device" in line for line in lines), lines

@@ -24,15 +24,14 @@ TINY = ["model=tiny-llama", "buckets=tiny"]
 # Each stage names the function that the build calls at that point; the child process
 # runs the real function (or part of it) and then kills itself with SIGKILL.
 KILL_POINTS = {
-    # the converted model is half written into its scratch folder in the model cache
+    # the converted model is written into its scratch folder in the model cache, but not
+    # its entry.json (random weights: config, recipe and tokenizer; no weights file)
     "load": """
-        import safetensors.numpy as st
-        real = st.save_file
-        def save_file(tensors, path, *a, **k):
-            real(tensors, path, *a, **k)
-            if "models" in str(path):
-                die()
-        st.save_file = save_file
+        from furiosa_build import load
+        def write_entry(folder, *a, **k):
+            assert (folder / load.RANDOM_FILE).is_file() and "models" in str(folder)
+            die()
+        load._write_entry = write_entry
     """,
     # one bucket's capture is in the cache, the others are not
     "capture": """

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.numpy import load_file
 
 from furiosa_build import package
 from furiosa_build.config import ConfigError
+from furiosa_build.load import StoredWeights
 from furiosa_build.package import check_save_dir, prepare_save_dir, recover, write_artifact
 from furiosa_build.scratch import make_scratch
 from furiosa_runtime.artifact import load_artifact
@@ -146,7 +146,8 @@ def test_the_swap_exchanges_so_the_path_is_never_empty(artifact, monkeypatch):
     for key in ("manifest", "param_files", "format_version"):
         fields.pop(key)
     programs = {p.stem: p.read_bytes() for p in (artifact / "programs").iterdir()}
-    write_artifact(artifact, fields, programs, load_file(artifact / "params.safetensors"), [])
+    params = StoredWeights(artifact / "params.safetensors")
+    write_artifact(artifact, fields, programs, params.specs(), params.tensor, [])
     assert seen == [old_id]
     assert load_artifact(artifact, verify=False).metadata.artifact_id == "new"
     assert sorted(p.name for p in artifact.parent.iterdir()) == ["tiny"]

@@ -139,7 +139,8 @@ def test_each_task_refuses_the_other_api(minilm, tiny_llama_artifact) -> None:
 def test_random_bert_with_cls_pooling_matches_transformers(tmp_path_factory, cache_dir) -> None:
     """A random-weight BERT, CLS pooling without normalisation: exactly transformers' first-token state."""
     import torch
-    from transformers import AutoConfig, AutoModel
+
+    from tests.helpers import hf_random_model
 
     out = tmp_path_factory.mktemp("embed") / "tiny-bert"
     overrides = [
@@ -152,9 +153,8 @@ def test_random_bert_with_cls_pooling_matches_transformers(tmp_path_factory, cac
     build(overrides, out, cache_dir)
     prompts = [[5, 17, 33, 101, 7, 9], [300, 2, 44], [11] * 20 + [400, 401], [7]]
     got = LLM(out).encode([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
-    torch.manual_seed(0)
     hf_config = json.loads((Path(out) / "artifact.json").read_text())["hf_config"]
-    oracle = AutoModel.from_config(AutoConfig.for_model(**hf_config), dtype=torch.float32).to(torch.bfloat16).float().eval()
+    oracle = hf_random_model(hf_config, seed=0, task="embed")  # the build's random-weight rule, bf16 values in fp32
     for prompt, output in zip(prompts, got):
         with torch.no_grad():
             want = oracle(torch.tensor([prompt])).last_hidden_state[0, 0].numpy()
