@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from furiosa_build.package import check_param_file, prepare_save_dir, write_arti
 from furiosa_build.partition import Placement, ProgramParams, TensorSlice, build_pipeline
 from furiosa_build.pool import CAPTURE_WORKER, PoolRun, run_pool
 from furiosa_build.safetensors_file import TensorSpec
+from furiosa_build.source_memo import SourceMemo
 from furiosa_build.sources import resolve_source
 from furiosa_runtime.artifact import Bucket, GeneratorConfig, ModelMetadata, Pipeline
 from furiosa_runtime.hardware import RNGD
@@ -181,7 +183,12 @@ class ArtifactBuilder:
         m = self.spec.model
         source = resolve_source(m.model_id_or_path, m.hf_config is not None)
         return LoadRequest(source, m.hf_config, m.num_hidden_layers, m.seed_for_random_weight, m.auto_bfloat16_cast,
-                           m.trust_remote_code, m.task, m.pooling)  # fmt: skip
+                           m.trust_remote_code, m.task, m.pooling, self._source_memo)  # fmt: skip
+
+    @cached_property
+    def _source_memo(self) -> SourceMemo:
+        """Config reads and source hashes remembered in the cache (``source_memo.py``)."""
+        return SourceMemo(self._cache("sources").root)
 
     def _buckets(self) -> list[Bucket]:
         buckets = [*self.spec.buckets.prefill_buckets(), *self.spec.buckets.decode_buckets()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 from furiosa_build.cache import CompileCache, cache_key, canonical_json
@@ -30,7 +31,7 @@ class CompileUnit:
     salt: str = ""  # distinguishes per-layer programs when blockwise compile is off
     tp: ShardSpec | None = None  # the tensor-parallel PE this program is for
 
-    @property
+    @cached_property
     def key(self) -> str:
         program_input: dict[str, Any] = {"kind": self.kind, "graph": self.graph, "salt": self.salt}
         if self.tp is not None:  # single-PE keys stay what they were

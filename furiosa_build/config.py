@@ -97,6 +97,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
@@ -266,6 +267,24 @@ _SCALED_ROPE = frozenset({"linear", "dynamic", "yarn", "longrope", "llama3"})
 _COMMON_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2", "opt", "bert")
 
 
+@cache
+def _transformers_model_types() -> frozenset[str]:
+    """The model types transformers knows, read from its generated name table without
+    importing transformers (whose import alone costs most of a cached rebuild)."""
+    spec = importlib.util.find_spec("transformers")
+    table = Path(next(iter(spec.submodule_search_locations or [])), "models", "auto", "auto_mappings.py") if spec else None
+    if table is None or not table.is_file():
+        return frozenset()
+    module_spec = importlib.util.spec_from_file_location("_transformers_auto_mappings", table)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        return frozenset(module.CONFIG_MAPPING_NAMES)
+    except Exception:  # a transformers whose table looks different: ask transformers itself
+        return frozenset()
+
+
 def _size_problem(key: str, value: Any) -> str | None:
     """Why ``value`` cannot be the size ``key`` (None if it can, or ``key`` is not a size)."""
     if key not in _SIZE_KEYS or value is None or isinstance(value, (list, tuple)):
@@ -279,11 +298,7 @@ def _size_problem(key: str, value: Any) -> str | None:
 
 def _model_type_problem(model_type: str) -> str | None:
     """Why transformers cannot build ``model_type`` (None if it can, or transformers is missing)."""
-    try:  # the names alone, without importing torch (transformers >= 5)
-        from transformers.models.auto.auto_mappings import CONFIG_MAPPING_NAMES as names
-    except ImportError:
-        names = {}
-    if model_type in names:
+    if model_type in _transformers_model_types():
         return None
     try:
         from transformers import CONFIG_MAPPING

@@ -57,7 +57,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +69,7 @@ from furiosa_build.cache import canonical_json, first_line, first_non_folder, re
 from furiosa_build.errors import BuildIOError, io_error
 from furiosa_build.safetensors_file import SafetensorsFormatError, StoredTensor, TensorSpec, read_header, read_tensor, write_safetensors
 from furiosa_build.scratch import atomic_write, make_scratch, remove, remove_stale, temp_root
+from furiosa_build.source_memo import SourceMemo
 from furiosa_build.sources import ModelSource
 from furiosa_runtime.artifact import PoolingConfig, sha256_file
 
@@ -101,11 +102,31 @@ class LoadRequest:
     trust_remote_code: bool
     task: Literal["generate", "embed"] = "generate"
     pooling: PoolingConfig | None = None  # overrides the sentence-transformers files for "embed"
+    memo: SourceMemo | None = field(default=None, compare=False)  # remembers config reads and source hashes
 
     def key(self) -> str:
         """Content hash of the source plus every option that changes the loaded weights."""
-        import hashlib
+        digest = hashlib.sha256()
+        digest.update(self._source_digest().encode())
+        options = {
+            "hf_config": self.hf_config,
+            "layers": self.num_hidden_layers,
+            "seed": self.seed_for_random_weight,
+            "cast": self.auto_bfloat16_cast,
+            "version": LOADER_VERSION,
+        }
+        if self.task != "generate":  # keys of generate models stay as they were, so their caches remain valid
+            options["task"] = self.task
+        digest.update(canonical_json(options))
+        return digest.hexdigest()
 
+    def _source_digest(self) -> str:
+        """sha256 over the source files' names and contents (remembered by ``memo``)."""
+        if self.memo is not None:
+            return self.memo.get("content", self.source, {}, self._hash_source)
+        return self._hash_source()
+
+    def _hash_source(self) -> str:
         digest = hashlib.sha256()
         if self.source.path is not None:
             path = self.source.path
@@ -118,16 +139,6 @@ class LoadRequest:
                     digest.update(file.name.encode() + sha256_file(file).encode())
                 except OSError as exc:
                     raise _unreadable(file, exc) from None
-        options = {
-            "hf_config": self.hf_config,
-            "layers": self.num_hidden_layers,
-            "seed": self.seed_for_random_weight,
-            "cast": self.auto_bfloat16_cast,
-            "version": LOADER_VERSION,
-        }
-        if self.task != "generate":  # keys of generate models stay as they were, so their caches remain valid
-            options["task"] = self.task
-        digest.update(canonical_json(options))
         return digest.hexdigest()
 
 
@@ -298,7 +309,15 @@ def random_state_dict(hf_config: dict[str, Any], seed: int, task: str = "generat
 
 
 def load_config(request: LoadRequest) -> dict[str, Any]:
-    """The Hugging Face config alone (cheap: no weights), with overrides applied."""
+    """The Hugging Face config alone (cheap: no weights), with overrides applied; read
+    once per unchanged source when the request has a ``memo``."""
+    if request.memo is None:
+        return _read_config(request)
+    options = {"hf_config": request.hf_config, "layers": request.num_hidden_layers, "remote": request.trust_remote_code}
+    return request.memo.get("config", request.source, options, lambda: _read_config(request))
+
+
+def _read_config(request: LoadRequest) -> dict[str, Any]:
     from transformers import AutoConfig
 
     if request.source.kind == "config":
