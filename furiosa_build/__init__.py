@@ -19,14 +19,14 @@ __all__ = ["ArtifactBuilder", "BuildIOError", "BuildSpec", "ConfigError"]
 _EXPORTS = {
     "ArtifactBuilder": "furiosa_build.builder",
     "BuildSpec": "furiosa_build.config",
-    "ConfigError": "furiosa_build.config",
+    "ConfigError": "furiosa_build.errors",
     "BuildIOError": "furiosa_build.errors",
 }
 
 if TYPE_CHECKING:
     from furiosa_build.builder import ArtifactBuilder
-    from furiosa_build.config import BuildSpec, ConfigError
-    from furiosa_build.errors import BuildIOError
+    from furiosa_build.config import BuildSpec
+    from furiosa_build.errors import BuildIOError, ConfigError
 
 
 def __getattr__(name: str) -> Any:

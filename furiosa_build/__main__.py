@@ -50,11 +50,10 @@ from furiosa_build.config import (
     BuildSpec,
     ConfigError,
     allowed_keys,
-    check_creatable,
-    check_output_paths,
     load_spec,
 )
 from furiosa_build.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, io_error, path_error
+from furiosa_build.output_paths import check_creatable, check_output_paths
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"

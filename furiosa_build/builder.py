@@ -267,6 +267,7 @@ class ArtifactBuilder:
     def plan(self) -> BuildPlan:
         """Capture and hash every program without compiling (``build.dry_run``)."""
         self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
+        self._source_memo.flush()
         captures = self._capture(hf_config, {})
         units, _ = self._compile_units(captures, hf_config)
         unique = plan_units(units)
@@ -288,9 +289,11 @@ class ArtifactBuilder:
         if opts.param_file_path:
             check_param_file(Path(opts.param_file_path).expanduser())
         self.spec, _ = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
+        self._source_memo.flush()
         with _timed(times, "load"):
             models = Path(opts.cache_dir).expanduser() / "models" if opts.cache_dir else None
             loaded = load(self._load_request(), models)
+            self._source_memo.flush()
             models = None if loaded.temporary else models  # converted outside the cache: removed below
             if opts.param_file_path:
                 write_param_file(loaded.weights_file, Path(opts.param_file_path).expanduser())

@@ -30,7 +30,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from furiosa_build import attention
 from furiosa_build.compiler.lower import LoweringError
 from furiosa_build.graph_ir import build_graph_ir
-from furiosa_build.load import auto_model_class
+from furiosa_build.hf_model import auto_model_class
 from furiosa_build.supertask import (
     CARRY,
     USER_INPUTS,

@@ -1,8 +1,9 @@
 """Errors the build reports to the user in one line.
 
-Configuration problems are :class:`furiosa_build.config.ConfigError` (a ``ValueError``);
-problems with the file system are :class:`BuildIOError` (an ``OSError``), whose message
-names what the build was doing, the path, and the reason, e.g.
+Configuration problems are :class:`ConfigError` (a ``ValueError``, which
+``furiosa_build.config`` exports too), their values spelled as the user typed them
+(:func:`show_value`); problems with the file system are :class:`BuildIOError` (an
+``OSError``), whose message names what the build was doing, the path, and the reason, e.g.
 ``writing the artifact: /mnt/full/out: no space left on device``.
 
 The command lines print either as ``error: <message>`` and exit with status 2
@@ -13,11 +14,26 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "BuildIOError", "io_error", "path_error"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "BuildIOError", "ConfigError", "io_error", "path_error", "show_value"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class ConfigError(ValueError):
+    """A build configuration that cannot be used, as one line: ``<dotted.field>: <problem>``."""
+
+
+def show_value(value: Any) -> str:
+    """A value as a user typed it (YAML spelling for booleans and null), kept short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(list(value)) if isinstance(value, tuple) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class BuildIOError(OSError):

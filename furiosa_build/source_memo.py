@@ -32,6 +32,14 @@ class SourceMemo:
 
     def __init__(self, root: Path | None) -> None:
         self.store = CompileCache(root, label="source memo", redo="reading the source again")
+        self._pending: dict[str, bytes] = {}  # computed, not stored until the build accepts the model
+
+    def flush(self) -> None:
+        """Store what was computed since the last flush.  Called once the model has passed
+        the build's checks, so a refused build writes nothing into the cache."""
+        for key, payload in self._pending.items():
+            self.store.put(key, payload)
+        self._pending.clear()
 
     def get(self, what: str, source: ModelSource, options: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
         """``compute()``, or what it returned before for the same files and options."""
@@ -40,11 +48,13 @@ class SourceMemo:
             return compute()
         document = {"what": what, "files": fingerprint, "options": options, "versions": _versions()}
         key = hashlib.sha256(canonical_json(document)).hexdigest()
+        if key in self._pending:
+            return _value(self._pending[key])["value"]
         known = self.store.get(key, decode=_value)
         if known is not None:
             return known["value"]
         value = compute()
-        self.store.put(key, canonical_json({"value": value}))
+        self._pending[key] = canonical_json({"value": value})
         return value
 
 
@@ -72,7 +82,7 @@ def _value(payload: bytes) -> dict[str, Any]:
 @cache
 def _versions() -> dict[str, str]:
     """Versions of what computes the remembered facts (read without importing it)."""
-    from furiosa_build.load import LOADER_VERSION
+    from furiosa_build.model_cache import LOADER_VERSION
 
     found = {"loader": LOADER_VERSION}
     for package in ("transformers", "gguf", "tokenizers"):

@@ -40,12 +40,13 @@ def build(overrides: list[str], out: Path, cache: Path | None):
 
 def hf_random_model(hf_config: dict, seed: int, task: str = "generate"):
     """The oracle for random-weight configs: a transformers model holding the weights the
-    build's random-weight rule gives every tensor name (``furiosa_build.load.random_tensor``),
+    build's random-weight rule gives every tensor name (``furiosa_build.weight_sources.random_tensor``),
     bf16 values computed in fp32."""
     import torch
     from transformers import AutoConfig
 
-    from furiosa_build.load import auto_model_class, random_state_dict
+    from furiosa_build.hf_model import auto_model_class
+    from furiosa_build.load import random_state_dict
 
     model = auto_model_class(task).from_config(AutoConfig.for_model(**hf_config), dtype=torch.float32)
     weights = {name: torch.from_numpy(t.astype(np.float32)) for name, t in random_state_dict(hf_config, seed, task).items()}

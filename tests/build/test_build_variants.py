@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from furiosa_build import load as load_stage
+from furiosa_build import model_cache
 from furiosa_runtime import LLM, SamplingParams
 from furiosa_runtime.artifact import load_artifact
 from tests.helpers import build, hf_greedy, hf_random_model
@@ -73,6 +73,6 @@ def test_a_converted_model_is_not_converted_again(tmp_path, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the model was converted again")
 
-    monkeypatch.setattr(load_stage, "_convert", no_conversion)
+    monkeypatch.setattr(model_cache, "convert_model", no_conversion)
     report = build([*TINY, "buckets.decode=[[1,64]]"], tmp_path / "b", tmp_path / "cache")
     assert report.pipelines == 3

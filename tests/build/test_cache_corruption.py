@@ -72,7 +72,8 @@ def folder_golden(tmp_path_factory) -> Golden:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from furiosa_build.load import _write_random_tokenizer, random_state_dict
+    from furiosa_build.convert import _write_random_tokenizer
+    from furiosa_build.load import random_state_dict
     from tests.helpers import compose_spec
 
     root = tmp_path_factory.mktemp("golden-folder")
@@ -447,14 +448,14 @@ def test_a_build_without_cache_cleans_its_temporary_model_and_dead_ones(golden: 
 
 
 def test_a_model_conversion_that_fails_leaves_no_scratch(cache: Path, tmp_path: Path, monkeypatch) -> None:
-    from furiosa_build import load as load_stage
+    from furiosa_build import model_cache
 
     def half_then_crash(request, out: Path):
         (out / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("killed")
 
     shutil.rmtree(_model(cache))
-    monkeypatch.setattr(load_stage, "_convert", half_then_crash)
+    monkeypatch.setattr(model_cache, "convert_model", half_then_crash)
     with pytest.raises(RuntimeError, match="killed"):
         build(TINY, tmp_path / "a", cache)
     assert list((cache / "models").iterdir()) == []

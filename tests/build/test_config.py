@@ -25,15 +25,14 @@ from furiosa_build.config import (
     BUILDER_PARAM_LOCATION,
     BuildSpec,
     ConfigError,
-    ConfigOrigin,
     SchedulerSpec,
     allowed_keys,
     check_model_fit,
     fit_to_model,
     load_spec,
-    position_limit,
     spec_from_builder_args,
 )
+from furiosa_build.model_checks import ConfigOrigin, position_limit
 from furiosa_runtime.artifact import Bucket
 
 REPO = Path(__file__).resolve().parents[2]
@@ -272,9 +271,9 @@ def test_random_weights_need_a_seed(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cluster_backend_is_refused_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import furiosa_build.config as config
+    import furiosa_build.config_sections as config_sections
 
-    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(config_sections.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"^build.backend: 'ray' is not installed"):
         compose_spec("build.backend=ray")
 

@@ -27,11 +27,12 @@ KILL_POINTS = {
     # the converted model is written into its scratch folder in the model cache, but not
     # its entry.json (random weights: config, recipe and tokenizer; no weights file)
     "load": """
-        from furiosa_build import load
+        from furiosa_build import model_cache
+        from furiosa_build.weight_sources import RANDOM_FILE
         def write_entry(folder, *a, **k):
-            assert (folder / load.RANDOM_FILE).is_file() and "models" in str(folder)
+            assert (folder / RANDOM_FILE).is_file() and "models" in str(folder)
             die()
-        load._write_entry = write_entry
+        model_cache._write_entry = write_entry
     """,
     # one bucket's capture is in the cache, the others are not
     "capture": """

@@ -11,8 +11,9 @@ import pytest
 
 from furiosa_build import __main__ as entry
 from furiosa_build.builder import ArtifactBuilder
-from furiosa_build.config import ConfigError, fit_to_model, resolve_task, spec_from_builder_args
+from furiosa_build.config import ConfigError, fit_to_model, spec_from_builder_args
 from furiosa_build.load import LoadError, LoadRequest, load_pooling
+from furiosa_build.model_checks import resolve_task
 from furiosa_build.sources import resolve_source
 from furiosa_runtime.artifact import Bucket, PoolingConfig, load_artifact
 from furiosa_runtime.isa import Program

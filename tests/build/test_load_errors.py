@@ -31,7 +31,7 @@ def hf_folder(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from furiosa_build.load import _write_random_tokenizer
+    from furiosa_build.convert import _write_random_tokenizer
 
     folder = tmp_path_factory.mktemp("hf") / "tiny"
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def test_a_folder_without_tokenizer_files_builds_without_a_tokenizer(hf_folder: 
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_one_line(hf_folder: Path, tmp_path: Path) -> None:
-    from furiosa_build.load import _write_random_tokenizer
+    from furiosa_build.convert import _write_random_tokenizer
 
     folder = _variant(hf_folder, tmp_path)
     _write_random_tokenizer(folder, 600, HF_CONFIG)

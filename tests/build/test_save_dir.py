@@ -14,9 +14,9 @@ import pytest
 
 from furiosa_build import package
 from furiosa_build.config import ConfigError
-from furiosa_build.load import StoredWeights
 from furiosa_build.package import check_save_dir, prepare_save_dir, recover, write_artifact
 from furiosa_build.scratch import make_scratch
+from furiosa_build.weight_sources import StoredWeights
 from furiosa_runtime.artifact import load_artifact
 from tests.helpers import REPO, build
 

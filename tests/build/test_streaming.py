@@ -1,7 +1,7 @@
 """Weights stream through load, convert and package: memory is bounded by a tensor, not by
 the model, and what streams is exactly what transformers would load.
 
-* random weights are a pure function of (seed, tensor name) (``furiosa_build.load``'s
+* random weights are a pure function of (seed, tensor name) (``furiosa_build.weight_sources``'s
   ``RANDOM_RULE``): independent of order, of block size and of the framework's init; tied
   parameters draw the same values; a random model's cache entry stores the recipe only;
 * a sharded fp32 safetensors folder and the SmolLM2 GGUF file stream tensor by tensor,
@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from furiosa_build import load as load_stage
+from furiosa_build import convert, weight_sources
 from furiosa_build.builder import ArtifactBuilder
 from furiosa_build.compiler.shard import cut
-from furiosa_build.load import BF16, RANDOM_FILE, LoadRequest, RandomWeights, StoredWeights, random_tensor, random_weight_plan
+from furiosa_build.load import LoadedModel, LoadError, LoadRequest
 from furiosa_build.partition import TensorSlice
 from furiosa_build.safetensors_file import write_safetensors
 from furiosa_build.sources import ModelSource, resolve_source
+from furiosa_build.weight_sources import BF16, RANDOM_FILE, RandomWeights, StoredWeights, WeightSource, random_tensor, random_weight_plan
 from furiosa_runtime.isa import ParamShard
 from tests.helpers import ENGINE_LAYOUTS, build, compose_spec
 
@@ -54,7 +55,7 @@ def test_a_random_tensor_depends_only_on_the_seed_and_its_name(monkeypatch) -> N
     assert np.array_equal(_bits(a), _bits(random_tensor(7, "model.layers.0.mlp.up_proj.weight", (300, 70))))
     assert not np.array_equal(_bits(a), _bits(random_tensor(8, "model.layers.0.mlp.up_proj.weight", (300, 70))))
     assert not np.array_equal(_bits(a), _bits(random_tensor(7, "model.layers.1.mlp.up_proj.weight", (300, 70))))
-    monkeypatch.setattr(load_stage, "_RANDOM_BLOCK", 997)  # generated in other blocks: the same values
+    monkeypatch.setattr(weight_sources, "_RANDOM_BLOCK", 997)  # generated in other blocks: the same values
     assert np.array_equal(_bits(a), _bits(random_tensor(7, "model.layers.0.mlp.up_proj.weight", (300, 70))))
     # the documented formula, whole: uniform draws, centred, scaled to std 0.02, truncated to bf16
     import hashlib
@@ -101,9 +102,9 @@ def test_seed_for_random_weight_on_a_real_model_follows_the_same_rule(tmp_path: 
     hf_config = _hf_config("tiny-llama")
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config), dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
     (tmp_path / "out").mkdir()
-    load_stage._convert(LoadRequest(ModelSource("folder", tmp_path / "hf"), None, None, 5, False, False), tmp_path / "out")
+    convert.convert_model(LoadRequest(ModelSource("folder", tmp_path / "hf"), None, None, 5, False, False), tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
-    source = load_stage.LoadedModel(tmp_path / "out", hf_config).weights()
+    source = LoadedModel(tmp_path / "out", hf_config).weights()
     expected = RandomWeights(5, random_weight_plan(hf_config))
     assert source.specs() == expected.specs()
     assert np.array_equal(_bits(source.tensor("lm_head.weight")), _bits(random_tensor(5, "lm_head.weight", (512, 64))))
@@ -116,9 +117,9 @@ def _converted(request: LoadRequest, out: Path, monkeypatch) -> StoredWeights:
     def whole(*args, **kwargs):
         raise AssertionError("the model was loaded whole instead of streamed")
 
-    monkeypatch.setattr(load_stage, "_whole_model_stream", whole)
+    monkeypatch.setattr(convert, "whole_model_stream", whole)
     out.mkdir()
-    load_stage._convert(request, out)
+    convert.convert_model(request, out)
     return StoredWeights(out / "model.safetensors")
 
 
@@ -156,8 +157,8 @@ def test_a_float32_folder_needs_the_cast_to_be_allowed(tmp_path: Path) -> None:
 
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**_hf_config("tiny-llama")), dtype=torch.float32).save_pretrained(tmp_path / "hf")
     (tmp_path / "out").mkdir()
-    with pytest.raises(load_stage.LoadError, match="the model's weights are float32"):
-        load_stage._convert(LoadRequest(ModelSource("folder", tmp_path / "hf"), None, None, None, False, False), tmp_path / "out")
+    with pytest.raises(LoadError, match="the model's weights are float32"):
+        convert.convert_model(LoadRequest(ModelSource("folder", tmp_path / "hf"), None, None, None, False, False), tmp_path / "out")
 
 
 def test_the_gguf_model_streams_bit_identical_to_transformers(tmp_path: Path, monkeypatch) -> None:
@@ -173,7 +174,7 @@ def test_the_gguf_model_streams_bit_identical_to_transformers(tmp_path: Path, mo
 # ------------------------------------------------------------------ package: chunks from one read, shapes before reading
 
 
-class _CountingSource(load_stage.WeightSource):
+class _CountingSource(WeightSource):
     def __init__(self, tensors: dict[str, np.ndarray]) -> None:
         self.tensors = tensors
         self.reads: list[str] = []
