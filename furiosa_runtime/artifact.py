@@ -459,11 +459,17 @@ class ArtifactFiles:
 
         For large files (weights): the caller reads or maps this same open file, so what it
         loads is what was checked, without holding two copies or opening the path again.
+        A file whose size or modification time changed between the hash and the end of the
+        caller's block (rewritten in place meanwhile) is refused.
         """
         with self._open(self._require_listed(rel)) as f:
+            before = _version(os.fstat(f.fileno()))
             self._check_digest(rel, hashlib.file_digest(f, "sha256").hexdigest())
             f.seek(0)
             yield f
+            if _version(os.fstat(f.fileno())) != before:
+                self._verified.discard(rel)
+                raise ArtifactError(f"artifact: file {rel} changed while it was being read (rewritten in place?)")
 
     def read_description(self) -> bytes:
         """``artifact.json``, confined like every file but unhashed: it holds the manifest."""
@@ -535,6 +541,11 @@ class ArtifactFiles:
             f.close()
             raise ArtifactError(f"artifact: {rel} is not a regular file")
         return f
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when an open file is rewritten in place: its size and times."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _open_no_follow(root: str, parts: list[str]) -> int:

@@ -42,13 +42,15 @@ class EngineCore:
         devices: str | None = None,
         pipeline_parallel_size: int | None = None,
         data_parallel_size: int | None = None,
+        weight_cache_bytes: int | None = None,
     ) -> None:
         self.path = Path(artifact_path)
         self.artifact, files = open_artifact(self.path)
         self.tokenizer: Tokenizer | None = Tokenizer.from_dir(tokenizer) if tokenizer is not None else _artifact_tokenizer(files)
         self.simulator = NPUSimulator(
-            files, self.artifact, devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size
-        )
+            files, self.artifact, devices=devices, pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_size=data_parallel_size, weight_cache_bytes=weight_cache_bytes,
+        )  # fmt: skip
         files.verify_all()  # the listed files nothing above needed: an altered one still refuses the artifact
         paged = self.artifact.generator_config.paged_attention_config
         self.blocks = BlockManager(paged.num_blocks, paged.block_size)

@@ -3,14 +3,18 @@
 Names, defaults, flags and the validation of the experimental JIT settings follow
 furiosa-llm, so ``EngineArgs.add_cli_args(parser)`` gives the same ``--model``,
 ``--devices``, ``--npu-queue-limit``, ... flags.  The scheduler values left as None keep
-the artifact's own scheduler config.
+the artifact's own scheduler config.  ``weight_cache_bytes`` (``--weight-cache-bytes``,
+which also takes sizes such as ``4GiB``) is the simulator's own: how much memory its
+float32 copies of bf16 weights may hold.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import MISSING, dataclass, fields
+from decimal import Decimal
 from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,6 +37,20 @@ def _bool(text: str | bool) -> bool:
     if value not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return value in ("true", "1", "yes")
+
+
+def parse_size(text: str) -> int:
+    """argparse type of byte counts: ``4294967296``, ``4GiB``, ``512MiB``, ``1.5GB``, ``8G``
+    (KiB/MiB/GiB/TiB and K/M/G/T are powers of 1024, KB/MB/GB/TB of 1000; case ignored)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = _SIZE_UNITS.get(match[2].lower()) if match else None
+    if match is None or unit is None:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes such as 4294967296, 4GiB or 512MiB, got {text!r}")
+    return int(Decimal(match[1]) * unit)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
 
 
 def check_int(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
@@ -100,6 +118,8 @@ class EngineArgs:
     jit_threshold: int = DEFAULT_JIT_THRESHOLD
     jit_max_workers: int = DEFAULT_JIT_MAX_WORKERS
     jit_unit_size: int = DEFAULT_JIT_UNIT_SIZE
+    # simulator memory: bytes of float32 copies of bf16 weights kept (None: what fits)
+    weight_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         """Check every value's type and range before any work, one line per mistake.
@@ -114,6 +134,7 @@ class EngineArgs:
         check_int("data_parallel_size", self.data_parallel_size, 1, optional=True)
         check_seed(self.seed)
         check_devices(self.devices)
+        check_int("weight_cache_bytes", self.weight_cache_bytes, 0, optional=True)
         self._check_scheduler_values()
         if not isinstance(self.enable_jit_compilation, bool):
             raise ValueError(f"enable_jit_compilation must be True or False, got {self.enable_jit_compilation!r}")
@@ -148,6 +169,10 @@ class EngineArgs:
         add("--jit-threshold", type=int, default=DEFAULT_JIT_THRESHOLD, help="[EXPERIMENTAL] Requests before triggering JIT compilation.")
         add("--jit-max-workers", type=int, default=DEFAULT_JIT_MAX_WORKERS, help="[EXPERIMENTAL] Maximum concurrent background JIT compilations.")
         add("--jit-unit-size", type=int, default=DEFAULT_JIT_UNIT_SIZE, help="[EXPERIMENTAL] Stages compiled together; must be >= 2.")
+        add("--weight-cache-bytes", type=parse_size, default=None,
+            help="Simulator memory for float32 copies of bf16 weights, least recently used evicted first: bytes or a size "
+                 "such as 4GiB or 512MiB; 0 widens on every use (default: half the available memory left after the "
+                 "mapped weights and KV cache). Outputs do not depend on it.")  # fmt: skip
         return parser
 
     @classmethod
@@ -181,7 +206,8 @@ class EngineArgs:
             base = load_artifact(self.model, verify=False).scheduler_config
             scheduler_config = type(base)(**{**base.model_dump(), **overrides})
         names = ["revision", "pipeline_parallel_size", "data_parallel_size", "tokenizer", "tokenizer_mode", "seed",
-                 "devices", "cache_dir", "enable_jit_compilation", "jit_threshold", "jit_max_workers", "jit_unit_size"]  # fmt: skip
+                 "devices", "cache_dir", "enable_jit_compilation", "jit_threshold", "jit_max_workers", "jit_unit_size",
+                 "weight_cache_bytes"]  # fmt: skip
         return LLM(self.model, scheduler_config=scheduler_config, **{name: getattr(self, name) for name in names})
 
 

@@ -32,7 +32,10 @@ class LLM:
     the remaining PEs when ``data_parallel_size`` is None); ``scheduler_config`` replaces
     the artifact's scheduler config; ``tokenizer`` names a tokenizer folder to use instead
     of the artifact's (an artifact built without tokenizer files takes token-id prompts
-    only, see ``engine.py``).  Settings the simulator cannot honour (a Hub revision, JIT
+    only, see ``engine.py``).  ``weight_cache_bytes`` bounds the float32 copies of bf16
+    weights the simulator keeps (None: what fits this machine, see
+    ``NPUSimulator.default_weight_cache_bytes``; 0 widens on every use); outputs do not
+    depend on it.  Settings the simulator cannot honour (a Hub revision, JIT
     compilation) are refused with a ValueError rather than ignored, and every argument's
     type and range is checked before the artifact is read (one line naming the argument).
     """
@@ -54,6 +57,7 @@ class LLM:
         jit_threshold: int | None = None,
         jit_max_workers: int | None = None,
         jit_unit_size: int | None = None,
+        weight_cache_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(kwargs)
@@ -62,6 +66,7 @@ class LLM:
         _check_load_args(model_id_or_path, tokenizer, cache_dir, seed, devices, scheduler_config)
         check_int("pipeline_parallel_size", pipeline_parallel_size, 1, optional=True)
         check_int("data_parallel_size", data_parallel_size, 1, optional=True)
+        check_int("weight_cache_bytes", weight_cache_bytes, 0, optional=True)
         check_jit(jit_threshold, jit_max_workers, jit_unit_size, optional=True)
         _refuse(revision is not None, "revision", "artifacts are local folders; leave revision unset", revision)
         _refuse(tokenizer_mode not in TOKENIZER_MODES, "tokenizer_mode", "one of auto, slow", tokenizer_mode)
@@ -69,6 +74,7 @@ class LLM:
         self.engine = EngineCore(
             model_id_or_path, seed=seed, scheduler_config=scheduler_config, tokenizer=tokenizer,
             devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
+            weight_cache_bytes=weight_cache_bytes,
         )  # fmt: skip
         self.model_id_or_path = str(model_id_or_path)
         self.model_metadata = self.engine.artifact.model_metadata

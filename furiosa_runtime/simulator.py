@@ -17,15 +17,13 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
 import numpy as np
-import safetensors
 from pydantic import ValidationError
-from safetensors import SafetensorError
 
 from furiosa_runtime.artifact import (
     Artifact,
@@ -44,6 +42,16 @@ from furiosa_runtime.artifact import (
 from furiosa_runtime.hardware import RNGD, HardwareSpec, Mesh, device_of, plan_mesh
 from furiosa_runtime.isa import COLLECTIVES, COMPUTE_DTYPE, DTYPES, ExecContext, Instruction, KVCacheLayer, Program, execute
 from furiosa_runtime.timing import StepModel
+from furiosa_runtime.weights import (
+    SafetensorsFormatError,
+    WidenedWeights,
+    check_budget,
+    default_budget,
+    map_safetensors,
+    needs_widening,
+    safetensors_dtype,
+    widened_nbytes,
+)
 
 TRACE = os.environ.get("FURIOSA_TRACE") == "1"
 
@@ -76,22 +84,58 @@ class PE:
             )
 
     def load_weight(self, name: str, array: np.ndarray) -> None:
+        """Store a weight (a read-only view of the mapped param file): its stored bytes count."""
         if name not in self.weights:
             self.reserve(array.nbytes, f"weight {name}")
             self.weights[name] = array
 
 
-def program_run(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: list[KVCacheLayer], block_size: int) -> ProgramRun:
+class TaskWeights(Mapping[str, np.ndarray]):
+    """The parameters of one task on its PE, as ``program_run`` reads them: each lookup is
+    the weight in its compute dtype through the simulator's widened-weight budget, and
+    ``stored`` is the weight as the PE stores it (for ``STORED_OPERANDS``)."""
+
+    def __init__(self, binding: Mapping[str, str], pe: PE, widened: WidenedWeights) -> None:
+        self.binding = binding  # program parameter ("p:...") -> tensor name
+        self.pe = pe
+        self.widened = widened
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        tensor = self.binding[name]
+        return self.widened.get(tensor, self.pe.weights[tensor])
+
+    def stored(self, name: str) -> np.ndarray:
+        return self.pe.weights[self.binding[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.binding)
+
+    def __len__(self) -> int:
+        return len(self.binding)
+
+
+#: Operands a kernel indexes before it widens them (``_f32(table[ids])``): a weight read
+#: there is handed over as stored, which gives the same bytes without widening the whole
+#: tensor (an embedding table, the experts of a MoE layer).
+STORED_OPERANDS: dict[str, tuple[int, ...]] = {"gather": (0,), "moe_experts": (3, 4)}
+
+
+def program_run(program: Program, inputs: list[np.ndarray], params: Mapping[str, np.ndarray], kv: list[KVCacheLayer], block_size: int) -> ProgramRun:
     """Execute one program with its reference semantics; values are released at last use.
 
-    At a collective the run yields its operand and waits for the group's result, so the
-    PEs of a tensor-parallel group can be stepped in lockstep (``run_group``).
+    ``params`` maps each program parameter to its value in the compute dtype; it is read
+    when an instruction needs the parameter, so a lazy mapping (``TaskWeights``) widens
+    weights one use at a time; one with a ``stored(name)`` method is asked for the stored
+    weight at ``STORED_OPERANDS``.  At a collective the run yields its operand and waits
+    for the group's result, so the PEs of a tensor-parallel group can be stepped in
+    lockstep (``run_group``).
     """
     env: dict[str, np.ndarray] = {spec.name: arr for spec, arr in zip(program.inputs, inputs)}
-    env.update(params)
     env.update({c.name: c.array() for c in program.constants})
+    stored = getattr(params, "stored", None)
     for inst in program.instructions:
-        operands = [env[name] for name in inst.ins]
+        raw = STORED_OPERANDS.get(inst.op, ()) if stored is not None else ()
+        operands = [env[name] if name in env else stored(name) if i in raw else params[name] for i, name in enumerate(inst.ins)]  # type: ignore[misc]
         if inst.op in COLLECTIVES:
             outs: tuple[np.ndarray, ...] = ((yield inst, operands[0]),)
         else:
@@ -163,19 +207,26 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def _load_tensors(files: ArtifactFiles, rel: str) -> dict[str, np.ndarray]:
-    """The tensors of one weight file, loaded from the descriptor its checksum was computed on."""
+    """The tensors of one weight file: read-only views of a mapping of the very descriptor
+    its checksum was computed on (``weights.map_safetensors``), never copies."""
     with files.open_verified(rel) as f:
-        data = f.read()
-    try:
-        entries = safetensors.deserialize(data)
-    except SafetensorError as err:
-        raise ArtifactError(f"artifact: {rel} is not a valid safetensors file ({' '.join(str(err).split())})") from None
-    tensors = {}
-    for name, entry in entries:
-        if entry["dtype"] not in _STORED_DTYPES:
-            raise ArtifactError(f"artifact: {rel}: tensor {name} is stored as {entry['dtype']}, which is not a weight dtype")
-        tensors[name] = np.frombuffer(entry["data"], DTYPES[_STORED_DTYPES[entry["dtype"]]]).reshape(entry["shape"])
+        try:
+            tensors = map_safetensors(f)
+        except SafetensorsFormatError as err:
+            raise ArtifactError(f"artifact: {rel} is not a valid safetensors file ({err})") from None
+    for name, array in tensors.items():
+        stored = safetensors_dtype(array.dtype)
+        if stored not in _STORED_DTYPES:
+            raise ArtifactError(f"artifact: {rel}: tensor {name} is stored as {stored}, which is not a weight dtype")
     return tensors
+
+
+def _widened_params(program: Program) -> set[str]:
+    """The parameters of ``program`` some instruction reads in the compute dtype (anywhere
+    but at ``STORED_OPERANDS``): the weights that get widened."""
+    params = {spec.name for spec in program.params}
+    return {name for inst in program.instructions for i, name in enumerate(inst.ins)
+            if name in params and i not in STORED_OPERANDS.get(inst.op, ())}  # fmt: skip
 
 
 def check_task(pipeline: Pipeline, task: Task, program: Program, tensors: dict[str, np.ndarray]) -> None:
@@ -261,6 +312,11 @@ class NPUSimulator:
     stages, and as many replicas as the PEs allow); tensor parallelism is fixed by the
     artifact.  Loading checks every task's program against the weights it binds, and
     ``token_rows`` is how many token ids the embedding really holds.
+
+    Weights stay where the param files are mapped (read-only views, see ``weights.py``);
+    the float32 copies the kernels read of bf16 weights are kept in ``widened``, at most
+    ``weight_cache_bytes`` of them, least recently used evicted first, shared by the
+    replicas.  None: ``default_weight_cache_bytes``.  Outputs are the same for any budget.
     """
 
     def __init__(
@@ -272,7 +328,9 @@ class NPUSimulator:
         devices: str | None = None,
         pipeline_parallel_size: int | None = None,
         data_parallel_size: int | None = None,
+        weight_cache_bytes: int | None = None,
     ) -> None:
+        check_budget(weight_cache_bytes)
         files = files if isinstance(files, ArtifactFiles) else ArtifactFiles(files, artifact.manifest)
         self.artifact = artifact
         self.hw = hw
@@ -294,9 +352,12 @@ class NPUSimulator:
         self._collectives = {key: sum(i.op in COLLECTIVES for i in p.instructions) for key, p in self.programs.items()}
         self.pes: dict[str, PE] = {}
         self.stats: Counter[str] = Counter()  # collectives run, transfers and bytes moved
-        self._widened: dict[str, np.ndarray] = {}  # f32 views of weights, shared by replicas
         self._place_weights(tensors)
         self._allocate_kv_cache()
+        if weight_cache_bytes is None:
+            weight_cache_bytes = self.default_weight_cache_bytes()
+        #: The float32 copies of bf16 weights, within ``weight_cache_bytes`` (shared by replicas).
+        self.widened = WidenedWeights(weight_cache_bytes)
 
     # -- layout ----------------------------------------------------------------------------
     def _layers_per_stage(self, pipeline_parallel_size: int | None) -> list[int]:
@@ -394,13 +455,22 @@ class NPUSimulator:
         return dict(sorted(totals.items()))
 
     def weight_view(self, name: str, pe: PE) -> np.ndarray:
-        """A weight the PE holds, widened to its compute dtype (bf16 -> f32) once per tensor."""
-        view = self._widened.get(name)
-        if view is None:
-            stored = pe.weights[name]
-            view = stored.astype(np.float32) if stored.dtype.kind == "V" or stored.dtype == DTYPES["bf16"] else stored
-            self._widened[name] = view
-        return view
+        """A weight the PE holds in its compute dtype: bf16 widened to f32 (kept within the
+        budget, see ``widened``), any other dtype as stored."""
+        return self.widened.get(name, pe.weights[name])
+
+    def default_weight_cache_bytes(self) -> int:
+        """The widened-weight budget when none is given (``weights.default_budget``): half of
+        the machine's available memory left after the mapped weights and the KV cache, and
+        at least the largest weight the kernels read widened."""
+        stored = {name: array for pe in self.pes.values() for name, array in pe.weights.items()}
+        widened = set()
+        for task, _ in self._placements():
+            for param in _widened_params(self.programs[task.program]):
+                widened.add(task.params[param.removeprefix("p:")])
+        largest = max((widened_nbytes(stored[name]) for name in widened if needs_widening(stored[name].dtype)), default=0)
+        kv = sum(layer.nbytes for pe in self.pes.values() for layer in pe.kv.values())
+        return default_budget(largest, sum(array.nbytes for array in stored.values()), kv)
 
     def copy_kv_blocks(self, replica: int, src: int, dst: int) -> None:
         """Copy KV block ``src`` into ``dst`` in every layer on the PEs of ``replica`` (the
@@ -438,7 +508,7 @@ class NPUSimulator:
         for task in tasks:
             program = self.programs[task.program]
             pe = self.pes[self.mesh.pe(replica, stage, task.shard)]
-            params = {spec.name: self.weight_view(task.params[spec.name[2:]], pe) for spec in program.params}
+            params = TaskWeights({spec.name: task.params[spec.name[2:]] for spec in program.params}, pe, self.widened)
             kv = [pe.kv[layer] for layer in task.kv_layers]
             runs.append(program_run(program, [values[v] for v in task.inputs], params, kv, self.block_size))
         outputs = run_group(runs)
