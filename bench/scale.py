@@ -32,7 +32,9 @@ BUCKETS = {
         "buckets.max_seq_len_to_capture=2048",
     ],
     "shape-llama-3.2-1b": ["buckets.prefill=[[1,1024]]", "buckets.decode=[[1,2048],[16,2048]]", "buckets.max_seq_len_to_capture=2048"],
-    "shape-llama-3.1-8b": ["buckets.prefill=[[1,1024]]", "buckets.decode=[[1,2048],[16,2048]]", "buckets.max_seq_len_to_capture=2048"],
+    # 15 GiB of weights and 8 GiB of KV cache need more than one PE's 6 GB: eight pipeline stages
+    "shape-llama-3.1-8b": ["buckets.prefill=[[1,1024]]", "buckets.decode=[[1,2048],[16,2048]]", "buckets.max_seq_len_to_capture=2048",
+                           "parallel.devices=npu:0", "parallel.pipeline_parallel_size=8"],
 }
 
 GENERATE = """
