@@ -7,39 +7,28 @@ header order.  Writing it here instead of through ``safetensors.numpy.save_file`
 only one tensor in flight, gives the file's sha256 without reading it back, and
 surfaces OS errors (a full disk) as ``OSError`` rather than the library's own error.
 Reading it here (:func:`read_header`, :func:`read_tensor`) handles bfloat16, which
-``safetensors.safe_open(framework="numpy")`` cannot return, and reads a tensor's bytes
-with plain ``pread`` calls (row blocks, when the caller converts as it reads), so neither
-the file nor more than the tensor asked for is ever mapped.
+``safetensors.safe_open(framework="numpy")`` cannot return: the header is checked by the
+runtime's own parser (``furiosa_runtime.weights.parse_header``, one set of rules and
+dtype names for both sides), and a tensor's bytes are read with plain ``pread`` calls (row
+blocks, when the caller converts as it reads), so no more than the tensor asked for is
+ever held in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-_DTYPES = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
-    np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
-    np.dtype(np.uint16): "U16", np.dtype(np.uint32): "U32", np.dtype(np.uint64): "U64",
-}  # fmt: skip
-
-_CODES = {code: dtype for dtype, code in _DTYPES.items()}
-_MAX_HEADER = 100_000_000
+from furiosa_runtime.weights import SAFETENSORS_DTYPES, SafetensorsFormatError, parse_header, safetensors_dtype
 
 TensorSpec = tuple[np.dtype, tuple[int, ...]]
-
-
-class SafetensorsFormatError(ValueError):
-    """A file is not a well-formed safetensors file (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +75,10 @@ def specs_of(tensors: Mapping[str, np.ndarray]) -> dict[str, TensorSpec]:
 
 
 def _code(dtype: np.dtype) -> str:
-    try:
-        return _DTYPES[np.dtype(dtype)]
-    except KeyError:
-        raise TypeError(f"safetensors has no dtype for {np.dtype(dtype).name}") from None
+    code = safetensors_dtype(dtype)
+    if code not in SAFETENSORS_DTYPES:
+        raise TypeError(f"safetensors has no dtype for {np.dtype(dtype).name}")
+    return code
 
 
 def _checked(name: str, array: np.ndarray, spec: TensorSpec) -> memoryview:
@@ -103,40 +92,18 @@ def _checked(name: str, array: np.ndarray, spec: TensorSpec) -> memoryview:
 
 
 def read_header(path: Path) -> dict[str, StoredTensor]:
-    """Every tensor of the safetensors file at ``path``, without reading any tensor data.
+    """Every tensor of the safetensors file at ``path``, without reading any tensor data
+    (the runtime's parser, over a read-only mapping of the file).
 
     Raises :class:`SafetensorsFormatError` for a malformed or truncated file, OSError when
     it cannot be read."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise SafetensorsFormatError("shorter than the 8-byte header length")
-        length = int.from_bytes(prefix, "little")
-        if length > min(size - 8, _MAX_HEADER):
-            raise SafetensorsFormatError(f"header length {length} exceeds the file")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as exc:
-            raise SafetensorsFormatError(f"header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsFormatError("header is not a JSON object")
-    base = 8 + length
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _CODES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsFormatError(f"{name}: not a tensor entry with a known dtype") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if begin < 0 or end - begin != nbytes or base + end > size:
-            raise SafetensorsFormatError(f"{name}: byte range [{begin}, {end}) does not fit its shape or the file")
-        tensors[name] = StoredTensor(dtype, shape, base + begin, nbytes)
-    return tensors
+        if size < 8:
+            raise SafetensorsFormatError(f"{size} bytes, shorter than the 8-byte header length")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            entries, base = parse_header(mapped)
+    return {name: StoredTensor(dtype, shape, base + start, end - start) for name, (dtype, shape, start, end) in entries.items()}
 
 
 def read_tensor(path: Path, stored: StoredTensor, convert: Callable[[np.ndarray, np.ndarray], None] | None = None,
