@@ -93,7 +93,7 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paged-attention-block-size", type=int, help="tokens per KV cache block (default: 1)")
     p.add_argument("--num-hidden-layers", type=int, help="build only the first N transformer layers")
     p.add_argument("--seed-for-random-weight", type=int, help="use random weights drawn with this seed")
-    p.add_argument("--prefill-chunk-size", type=int, help="chunked prefill (not supported yet)")
+    p.add_argument("--prefill-chunk-size", type=int, help="tokens per prefill chunk; the engine splits longer prompts into chunks of this size")
     p.add_argument("--auto-bfloat16-cast", action="store_true", default=None, help="cast float16/float32 weights to bfloat16")
     p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow model code from the Hub")
     p.add_argument("--additional-model-config", type=_key_value, action="append", metavar="KEY=VALUE",
