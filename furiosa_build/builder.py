@@ -174,10 +174,14 @@ class ArtifactBuilder:
     def save_dir(self) -> Path:
         return Path(self.spec.build.save_dir or f"artifacts/{self.spec.model.name}")
 
-    def _cache(self, section: str = "") -> CompileCache:
-        """The content-addressed store of compiled programs (or, by section, of captures)."""
+    def _cache_root(self, section: str = "") -> Path | None:
+        """Where a section of the cache lives (None when the build runs without a cache)."""
         root = self.spec.build.cache_dir
-        return CompileCache(Path(root).expanduser() / section if root else None)
+        return Path(root).expanduser() / section if root else None
+
+    def _cache(self) -> CompileCache:
+        """The content-addressed store of compiled programs."""
+        return CompileCache(self._cache_root())
 
     def _load_request(self) -> LoadRequest:
         m = self.spec.model
@@ -188,7 +192,7 @@ class ArtifactBuilder:
     @cached_property
     def _source_memo(self) -> SourceMemo:
         """Config reads and source hashes remembered in the cache (``source_memo.py``)."""
-        return SourceMemo(self._cache("sources").root)
+        return SourceMemo(self._cache_root("sources"))
 
     def _buckets(self) -> list[Bucket]:
         buckets = [*self.spec.buckets.prefill_buckets(), *self.spec.buckets.decode_buckets()]
@@ -211,7 +215,7 @@ class ArtifactBuilder:
             for bucket in self._buckets()
         ]  # fmt: skip
         with _timed(stage_times, "capture"):
-            store = CompileCache(self._cache("captures").root, label="capture", redo="recapturing")
+            store = CompileCache(self._cache_root("captures"), label="capture", redo="recapturing")
             keys = [capture_stage.capture_key(u) for u in units]
             cached = {k: store.get(k, decode=capture_stage.decode_result) for k in keys}
             todo = [u for u, k in zip(units, keys) if cached[k] is None]
@@ -291,7 +295,7 @@ class ArtifactBuilder:
         self.spec, _ = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         self._source_memo.flush()
         with _timed(times, "load"):
-            models = Path(opts.cache_dir).expanduser() / "models" if opts.cache_dir else None
+            models = self._cache_root("models")
             loaded = load(self._load_request(), models)
             self._source_memo.flush()
             models = None if loaded.temporary else models  # converted outside the cache: removed below
