@@ -16,7 +16,7 @@ simulated NPU).  The transformers side is ``model.generate`` on left-padded batc
 ``--hf-batch-size`` requests (fp32, the CPU's native dtype), each batch generating as many
 tokens as its longest request asks for; only the asked-for tokens are counted.  Figures are
 wall-clock on this machine; nothing is asserted.  The last line adds what the timing model
-(``furiosa_runtime/timing.py``) says the engine's steps would take on the NPU itself.
+(``furiosa_runtime/npu/timing.py``) says the engine's steps would take on the NPU itself.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         if artifact is None:
             artifact = Path(tmp) / "smollm2-serve"
             build_artifact(artifact, args.cache_dir)
-        from furiosa_runtime.artifact import load_artifact
+        from furiosa_runtime.npu.artifact import load_artifact
 
         vocab = int(load_artifact(artifact, verify=False).hf_config["vocab_size"])
         requests = workload(args.requests, vocab, args.seed)

@@ -14,8 +14,8 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from functools import cached_property
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,10 @@ from furiosa_build.pool import CAPTURE_WORKER, PoolRun, run_pool
 from furiosa_build.safetensors_file import TensorSpec
 from furiosa_build.source_memo import SourceMemo
 from furiosa_build.sources import resolve_source
-from furiosa_runtime.artifact import Bucket, GeneratorConfig, ModelMetadata, Pipeline
-from furiosa_runtime.hardware import RNGD
-from furiosa_runtime.isa import Constant, ParamShard, Program
-from furiosa_runtime.timing import StepModel, build_placement_seconds
+from furiosa_runtime.npu.artifact import Bucket, GeneratorConfig, ModelMetadata, Pipeline
+from furiosa_runtime.npu.hardware import RNGD
+from furiosa_runtime.npu.isa import Constant, ParamShard, Program
+from furiosa_runtime.npu.timing import StepModel, build_placement_seconds
 
 FURIOSA_LLM_VERSION = "0.1.0"
 
@@ -74,7 +74,7 @@ class BuildReport:
         if self.sharding:
             lines.append("tensor parallelism: all-gathered and computed whole on every PE: " + "; ".join(self.sharding))
         if self.step_seconds:
-            lines.append("modelled step latency on the NPU (one replica; an estimate, see furiosa_runtime/timing.py):")
+            lines.append("modelled step latency on the NPU (one replica; an estimate, see furiosa_runtime/npu/timing.py):")
             lines += [_latency_line(bucket, seconds) for bucket, seconds in self.step_seconds]
         if self.save_dir is not None:
             lines.append(f"artifact: {self.save_dir} ({self.artifact_bytes / 2**20:.1f} MiB)")

@@ -40,7 +40,7 @@ from furiosa_build.supertask import (
     Supertask,
     with_layers,
 )
-from furiosa_runtime.artifact import Bucket, PoolingConfig
+from furiosa_runtime.npu.artifact import Bucket, PoolingConfig
 
 EMBEDDINGS = "embeddings"  # the pipeline value a pooling head produces
 

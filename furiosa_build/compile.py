@@ -18,7 +18,7 @@ from typing import Any
 from furiosa_build.cache import CompileCache, cache_key, canonical_json
 from furiosa_build.compiler import COMPILER_VERSION, ShardSpec, compile_graph
 from furiosa_build.pool import PoolRun, run_pool
-from furiosa_runtime.isa import Program
+from furiosa_runtime.npu.isa import Program
 
 
 @dataclass(frozen=True)

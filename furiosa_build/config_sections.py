@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from furiosa_build.compiler import DEFAULT_OPTIONS
 from furiosa_build.errors import show_value
 from furiosa_build.model_checks import model_type_problem
-from furiosa_runtime.artifact import Bucket, PoolingConfig, split_layers
-from furiosa_runtime.hardware import Mesh, plan_mesh
+from furiosa_runtime.npu.artifact import Bucket, PoolingConfig, split_layers
+from furiosa_runtime.npu.hardware import Mesh, plan_mesh
 
 #: The compiler options a user may override, with their type and default.
 COMPILER_CONFIG_OVERRIDES: dict[str, tuple[type, Any]] = {k: (type(v), v) for k, v in DEFAULT_OPTIONS.items()}

@@ -37,7 +37,7 @@ from furiosa_build.source_files import SOURCE_FIELD, LoadError, read_json, sourc
 from furiosa_build.source_memo import SourceMemo
 from furiosa_build.sources import ModelSource
 from furiosa_build.weight_sources import random_state_dict
-from furiosa_runtime.artifact import PoolingConfig, sha256_file
+from furiosa_runtime.npu.artifact import PoolingConfig, sha256_file
 
 __all__ = ["LoadError", "LoadRequest", "LoadedModel", "load", "load_config", "load_pooling", "random_state_dict"]
 

@@ -30,7 +30,7 @@ from furiosa_build.errors import io_error
 from furiosa_build.safetensors_file import write_safetensors
 from furiosa_build.scratch import atomic_write, make_scratch, remove, remove_stale, temp_root
 from furiosa_build.weight_sources import RANDOM_FILE, WEIGHTS_FILE, RandomWeights, StoredWeights, WeightSource
-from furiosa_runtime.artifact import sha256_file
+from furiosa_runtime.npu.artifact import sha256_file
 
 if TYPE_CHECKING:
     from furiosa_build.load import LoadRequest

@@ -31,7 +31,7 @@ from furiosa_build.config import ConfigError
 from furiosa_build.errors import io_error
 from furiosa_build.safetensors_file import TensorSpec, write_safetensors
 from furiosa_build.scratch import ScratchName, make_scratch, remove, remove_stale, scratch_dir
-from furiosa_runtime.artifact import ARTIFACT_FILE, Artifact, sha256_file
+from furiosa_runtime.npu.artifact import ARTIFACT_FILE, Artifact, sha256_file
 
 PARAMS_FILE = "params.safetensors"
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from furiosa_build.supertask import CaptureResult, Signature, Supertask
-from furiosa_runtime.artifact import Bucket, Pipeline, PipelineInput, Task, assign_stages, plan_transfers
-from furiosa_runtime.hardware import Mesh
-from furiosa_runtime.isa import ParamShard
+from furiosa_runtime.npu.artifact import Bucket, Pipeline, PipelineInput, Task, assign_stages, plan_transfers
+from furiosa_runtime.npu.hardware import Mesh
+from furiosa_runtime.npu.isa import ParamShard
 
 #: A compiled program's parameters: relative name -> tensor-parallel layout (None: whole tensor).
 ProgramParams = dict[str, ParamShard | None]

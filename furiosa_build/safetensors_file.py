@@ -8,7 +8,7 @@ only one tensor in flight, gives the file's sha256 without reading it back, and
 surfaces OS errors (a full disk) as ``OSError`` rather than the library's own error.
 Reading it here (:func:`read_header`, :func:`read_tensor`) handles bfloat16, which
 ``safetensors.safe_open(framework="numpy")`` cannot return: the header is checked by the
-runtime's own parser (``furiosa_runtime.weights.parse_header``, one set of rules and
+runtime's own parser (``furiosa_runtime.npu.weights.parse_header``, one set of rules and
 dtype names for both sides), and a tensor's bytes are read with plain ``pread`` calls (row
 blocks, when the caller converts as it reads), so no more than the tensor asked for is
 ever held in memory.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from furiosa_runtime.weights import SAFETENSORS_DTYPES, SafetensorsFormatError, parse_header, safetensors_dtype
+from furiosa_runtime.npu.weights import SAFETENSORS_DTYPES, SafetensorsFormatError, parse_header, safetensors_dtype
 
 TensorSpec = tuple[np.dtype, tuple[int, ...]]
 

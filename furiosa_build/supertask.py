@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from furiosa_build.cache import cache_key, canonical_json
-from furiosa_runtime.artifact import Bucket, PoolingConfig
-from furiosa_runtime.isa import Constant
+from furiosa_runtime.npu.artifact import Bucket, PoolingConfig
+from furiosa_runtime.npu.isa import Constant
+
 
 @dataclass
 class GraphIR:

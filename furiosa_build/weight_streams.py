@@ -25,7 +25,15 @@ import numpy as np
 from furiosa_build.cache import first_line
 from furiosa_build.hf_model import canonical_names, float_entries
 from furiosa_build.safetensors_file import SafetensorsFormatError, StoredTensor, TensorSpec, read_header, read_tensor
-from furiosa_build.source_files import SOURCE_FIELD, LoadError, gguf_kwargs, read_json, source_failure, source_folder, unreadable
+from furiosa_build.source_files import (
+    SOURCE_FIELD,
+    LoadError,
+    gguf_kwargs,
+    read_json,
+    source_failure,
+    source_folder,
+    unreadable,
+)
 from furiosa_build.sources import ModelSource
 from furiosa_build.weight_sources import BF16, WEIGHTS_FILE
 
@@ -162,7 +170,12 @@ def gguf_stream(path: Path, model, config_dict: dict[str, Any]) -> Stream | None
     several tensors at once (then transformers converts the model whole)."""
     try:
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            read_field,
+        )
 
         reader = GGUFReader(str(path))  # memory-mapped: tensors are read when de-quantised
         architecture = read_field(reader, "general.architecture")[0]

@@ -32,29 +32,29 @@ __all__ = [
 
 # public name -> module that defines it
 _EXPORTS = {
-    "LLM": "furiosa_runtime.llm",
-    "SamplingParams": "furiosa_runtime.sampling_params",
-    "RequestOutputKind": "furiosa_runtime.sampling_params",
-    "RequestOutput": "furiosa_runtime.outputs",
-    "CompletionOutput": "furiosa_runtime.outputs",
-    "Logprob": "furiosa_runtime.outputs",
-    "LLMEngine": "furiosa_runtime.llm_engine",
-    "AsyncLLMEngine": "furiosa_runtime.async_llm_engine",
-    "EngineArgs": "furiosa_runtime.engine_args",
-    "AsyncEngineArgs": "furiosa_runtime.engine_args",
-    "ContextLengthExceededError": "furiosa_runtime.errors",
-    "SchedulerConfig": "furiosa_runtime.artifact",
+    "LLM": "furiosa_runtime.entrypoints.llm",
+    "SamplingParams": "furiosa_runtime.engine.sampling_params",
+    "RequestOutputKind": "furiosa_runtime.engine.sampling_params",
+    "RequestOutput": "furiosa_runtime.engine.outputs",
+    "CompletionOutput": "furiosa_runtime.engine.outputs",
+    "Logprob": "furiosa_runtime.engine.outputs",
+    "LLMEngine": "furiosa_runtime.entrypoints.llm_engine",
+    "AsyncLLMEngine": "furiosa_runtime.entrypoints.async_llm_engine",
+    "EngineArgs": "furiosa_runtime.entrypoints.engine_args",
+    "AsyncEngineArgs": "furiosa_runtime.entrypoints.engine_args",
+    "ContextLengthExceededError": "furiosa_runtime.engine.errors",
+    "SchedulerConfig": "furiosa_runtime.npu.artifact",
 }
 
 if TYPE_CHECKING:
-    from furiosa_runtime.artifact import SchedulerConfig
-    from furiosa_runtime.async_llm_engine import AsyncLLMEngine
-    from furiosa_runtime.engine_args import AsyncEngineArgs, EngineArgs
-    from furiosa_runtime.errors import ContextLengthExceededError
-    from furiosa_runtime.llm import LLM
-    from furiosa_runtime.llm_engine import LLMEngine
-    from furiosa_runtime.outputs import CompletionOutput, Logprob, RequestOutput
-    from furiosa_runtime.sampling_params import RequestOutputKind, SamplingParams
+    from furiosa_runtime.engine.errors import ContextLengthExceededError
+    from furiosa_runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
+    from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
+    from furiosa_runtime.entrypoints.async_llm_engine import AsyncLLMEngine
+    from furiosa_runtime.entrypoints.engine_args import AsyncEngineArgs, EngineArgs
+    from furiosa_runtime.entrypoints.llm import LLM
+    from furiosa_runtime.entrypoints.llm_engine import LLMEngine
+    from furiosa_runtime.npu.artifact import SchedulerConfig
 
 
 def __getattr__(name: str) -> Any:

@@ -112,9 +112,9 @@ def npu_greedy(llm, prompt_ids: list[int], max_new_tokens: int, prefill_bucket=N
     Returns the tokens and the logits of every step; other rows of the bucket stay
     padding, so this also checks that padding changes nothing.
     """
-    from furiosa_runtime.model_runner import smallest_bucket
-    from furiosa_runtime.sampling_params import SamplingParams
-    from furiosa_runtime.sequence import Sequence
+    from furiosa_runtime.engine.model_runner import smallest_bucket
+    from furiosa_runtime.engine.sampling_params import SamplingParams
+    from furiosa_runtime.engine.sequence import Sequence
 
     engine = llm.engine
     runner, blocks = engine.runner, engine.blocks

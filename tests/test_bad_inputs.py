@@ -598,7 +598,7 @@ RUNTIME_CLI_CASES: list[tuple[list[str], str]] = [
 
 @pytest.mark.parametrize(("args", "expected"), RUNTIME_CLI_CASES, ids=[" ".join(a) for a, _ in RUNTIME_CLI_CASES])
 def test_python_m_furiosa_runtime(args: list[str], expected: str, sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
-    from furiosa_runtime.__main__ import main
+    from furiosa_runtime.entrypoints.cli import main
 
     before = snapshot(sandbox.root)
     try:

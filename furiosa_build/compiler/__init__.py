@@ -1,4 +1,4 @@
-"""The NPU compiler: canonical ATen graph -> ``furiosa_runtime.isa.Program``.
+"""The NPU compiler: canonical ATen graph -> ``furiosa_runtime.npu.isa.Program``.
 
 ``compile_graph`` runs lowering, fusion, tensor-parallel sharding (when compiling for one
 rank of a group) and memory planning.  It imports neither torch nor the model, so compile
@@ -14,7 +14,7 @@ from furiosa_build.compiler.fuse import LINEAR_PASSES, fuse
 from furiosa_build.compiler.lower import Lowered, LoweringError, constant_specs, lower
 from furiosa_build.compiler.memory import plan_memory
 from furiosa_build.compiler.shard import ShardSpec, shard
-from furiosa_runtime.isa import Program
+from furiosa_runtime.npu.isa import Program
 
 COMPILER_VERSION = "0.2.0"
 DEFAULT_OPTIONS: dict[str, Any] = {"fuse": True}

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from furiosa_build.compiler.lower import Lowered
-from furiosa_runtime.isa import Instruction
+from furiosa_runtime.npu.isa import Instruction
 
 
 class Graph:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from furiosa_runtime.isa import COMPUTE_DTYPE, DTYPES, Constant, ExecContext, Instruction, TensorSpec, execute
+from furiosa_runtime.npu.isa import COMPUTE_DTYPE, DTYPES, Constant, ExecContext, Instruction, TensorSpec, execute
 
 
 class LoweringError(ValueError):

@@ -9,7 +9,7 @@ each instruction's ``free`` list lets the simulator release values at last use.
 from __future__ import annotations
 
 from furiosa_build.compiler.lower import Lowered
-from furiosa_runtime.isa import DTYPES, Instruction, MemoryPlan
+from furiosa_runtime.npu.isa import DTYPES, Instruction, MemoryPlan
 
 ALIGN = 64
 

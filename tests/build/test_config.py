@@ -33,7 +33,7 @@ from furiosa_build.config import (
     spec_from_builder_args,
 )
 from furiosa_build.model_checks import ConfigOrigin, position_limit
-from furiosa_runtime.artifact import Bucket
+from furiosa_runtime.npu.artifact import Bucket
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"

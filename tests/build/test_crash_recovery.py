@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from furiosa_build.scratch import ScratchName
-from furiosa_runtime.artifact import load_artifact
+from furiosa_runtime.npu.artifact import load_artifact
 from tests.helpers import REPO, build
 
 TINY = ["model=tiny-llama", "buckets=tiny"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from furiosa_build.errors import BuildIOError
-from furiosa_runtime.artifact import load_artifact
+from furiosa_runtime.npu.artifact import load_artifact
 from tests.helpers import REPO, build, remount_read_only, tmpfs
 
 TINY = ["model=tiny-llama", "buckets=tiny"]

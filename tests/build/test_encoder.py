@@ -15,8 +15,8 @@ from furiosa_build.config import ConfigError, fit_to_model, spec_from_builder_ar
 from furiosa_build.load import LoadError, LoadRequest, load_pooling
 from furiosa_build.model_checks import resolve_task
 from furiosa_build.sources import resolve_source
-from furiosa_runtime.artifact import Bucket, PoolingConfig, load_artifact
-from furiosa_runtime.isa import Program
+from furiosa_runtime.npu.artifact import Bucket, PoolingConfig, load_artifact
+from furiosa_runtime.npu.isa import Program
 from tests.helpers import compose_spec
 
 TINY_BERT = {

@@ -13,7 +13,7 @@ import pytest
 
 from furiosa_build.config import USER_ERRORS
 from furiosa_build.load import LoadError
-from furiosa_runtime.artifact import load_artifact
+from furiosa_runtime.npu.artifact import load_artifact
 from tests.helpers import build
 
 TINY = ["model=tiny-llama", "buckets=tiny"]

@@ -23,8 +23,8 @@ from furiosa_build.builder import ArtifactBuilder
 from furiosa_build.compiler.shard import cut
 from furiosa_build.config import ConfigError
 from furiosa_runtime import LLM, SamplingParams
-from furiosa_runtime.artifact import Artifact, load_artifact
-from furiosa_runtime.isa import ParamShard, Program
+from furiosa_runtime.npu.artifact import Artifact, load_artifact
+from furiosa_runtime.npu.isa import ParamShard, Program
 from tests.helpers import build, compose_spec
 
 LLAMA = ["model=tiny-llama", "buckets=tiny"]  # 4 query heads, 2 KV heads, 2 layers

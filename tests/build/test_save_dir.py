@@ -17,7 +17,7 @@ from furiosa_build.config import ConfigError
 from furiosa_build.package import check_save_dir, prepare_save_dir, recover, write_artifact
 from furiosa_build.scratch import make_scratch
 from furiosa_build.weight_sources import StoredWeights
-from furiosa_runtime.artifact import load_artifact
+from furiosa_runtime.npu.artifact import load_artifact
 from tests.helpers import REPO, build
 
 

@@ -30,8 +30,16 @@ from furiosa_build.load import LoadedModel, LoadError, LoadRequest
 from furiosa_build.partition import TensorSlice
 from furiosa_build.safetensors_file import write_safetensors
 from furiosa_build.sources import ModelSource, resolve_source
-from furiosa_build.weight_sources import BF16, RANDOM_FILE, RandomWeights, StoredWeights, WeightSource, random_tensor, random_weight_plan
-from furiosa_runtime.isa import ParamShard
+from furiosa_build.weight_sources import (
+    BF16,
+    RANDOM_FILE,
+    RandomWeights,
+    StoredWeights,
+    WeightSource,
+    random_tensor,
+    random_weight_plan,
+)
+from furiosa_runtime.npu.isa import ParamShard
 from tests.helpers import ENGINE_LAYOUTS, build, compose_spec
 
 TINY = ["model=tiny-llama", "buckets=tiny"]

@@ -42,7 +42,7 @@ def test_generate_without_torch(tiny_llama_artifact: Path) -> None:
 
 
 def test_import_is_light() -> None:
-    code = "import sys, furiosa_runtime; from furiosa_runtime import SamplingParams, RequestOutput, CompletionOutput, RequestOutputKind; print(sorted(m for m in ('furiosa_runtime.llm', 'furiosa_runtime.simulator', *sys.argv[1:]) if m in sys.modules))"
+    code = "import sys, furiosa_runtime; from furiosa_runtime import SamplingParams, RequestOutput, CompletionOutput, RequestOutputKind; print(sorted(m for m in ('furiosa_runtime.entrypoints.llm', 'furiosa_runtime.npu.simulator', *sys.argv[1:]) if m in sys.modules))"
     result = _run(code, *FORBIDDEN)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -1,0 +1,308 @@
+"""The engine core: requests in, one scheduled NPU step at a time, RequestOutputs out.
+
+``EngineCore`` owns the simulator, block manager, scheduler and sampler.  ``LLM``,
+``LLMEngine`` and ``AsyncLLMEngine`` only tokenize, validate and collect outputs.
+
+An artifact built without tokenizer files has ``tokenizer`` None: token-id prompts
+work and their completions carry token ids with ``text=""`` (nothing to detokenize
+with); text prompts, chat and stop strings are refused in one line.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from furiosa_runtime.engine.block_manager import BlockManager
+from furiosa_runtime.engine.errors import validate_context_length, validate_min_tokens
+from furiosa_runtime.engine.inputs import check_token_ids
+from furiosa_runtime.engine.model_runner import ModelRunner
+from furiosa_runtime.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from furiosa_runtime.engine.sampler import Sampler, log_softmax, min_tokens_banned_ids, top_logprobs
+from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
+from furiosa_runtime.engine.scheduler import Batch, Scheduler
+from furiosa_runtime.engine.sequence import Sequence, SequenceGroup
+from furiosa_runtime.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from furiosa_runtime.npu.artifact import ArtifactFiles, SchedulerConfig, open_artifact
+from furiosa_runtime.npu.simulator import NPUSimulator
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and counters, for metrics and logs.
+
+    The prefix-cache counters are in prompt tokens: of ``prefix_cache_queried_tokens`` looked
+    up at admission, ``prefix_cache_hit_tokens`` were found in cached KV blocks.
+    """
+
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    preemptions: int
+    steps: int
+    npu_seconds: float
+
+
+class EngineCore:
+    """Continuous batching over the buckets of one artifact on the simulated NPU."""
+
+    def __init__(
+        self,
+        artifact_path: str | Path,
+        seed: int | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        tokenizer: str | Path | None = None,
+        *,
+        devices: str | None = None,
+        pipeline_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
+        weight_cache_bytes: int | None = None,
+    ) -> None:
+        self.path = Path(artifact_path)
+        self.artifact, files = open_artifact(self.path)
+        self.tokenizer: Tokenizer | None = Tokenizer.from_dir(tokenizer) if tokenizer is not None else _artifact_tokenizer(files)
+        self.simulator = NPUSimulator(
+            files, self.artifact, devices=devices, pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_size=data_parallel_size, weight_cache_bytes=weight_cache_bytes,
+        )  # fmt: skip
+        files.verify_all()  # the listed files nothing above needed: an altered one still refuses the artifact
+        paged = self.artifact.generator_config.paged_attention_config
+        self.blocks = BlockManager(paged.num_blocks, paged.block_size)
+        self.runner = ModelRunner(self.simulator, self.artifact, self.blocks)
+        self.scheduler_config = scheduler_config or self.artifact.scheduler_config
+        self.scheduler = Scheduler(self.runner.prefill_buckets, self.runner.decode_buckets, self.blocks, self.scheduler_config)
+        self.sampler = Sampler(seed)
+        self.eos_token_ids = set(self.artifact.model_metadata.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}  # per sequence key
+        self._emitted: dict[str, tuple[int, int, int]] = {}  # tokens, characters, logprobs already streamed
+        self._forks: dict[str, list[Sequence]] = {}  # first sample's key -> samples waiting for its prompt
+        self.npu_seconds = 0.0  # modelled NPU time of every step run so far (timing.py)
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest context a request may reach: the largest bucket, bounded by the KV cache."""
+        decode = [b.attention_size for b in self.runner.decode_buckets] or [self.runner.max_model_len]
+        return min(max(decode), self.blocks.capacity_tokens)
+
+    @property
+    def max_prompt_len(self) -> int:
+        """Longest prompt: the largest prefill bucket, or the whole context with chunked prefill."""
+        if self.scheduler_config.prefill_chunk_size is not None:
+            return self.max_model_len
+        return min(self.runner.max_prefill_len, self.max_model_len)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate the request (see `validate_request`), then queue it."""
+        if request_id in self.groups:
+            raise ValueError(f"Request ID {request_id} already exist in the engine.")
+        self.validate_request(prompt_token_ids, params)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
+        metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time(), npu_arrival_time=self.npu_seconds)
+        seqs = [
+            Sequence(self._seq_key(request_id, i, params.num_samples), prompt, list(prompt_token_ids), params,
+                     self.sampler.make_generator(params, i), max_tokens, group_id=request_id, index=i, metrics=metrics)
+            for i in range(params.num_samples)
+        ]  # fmt: skip
+        self.groups[request_id] = SequenceGroup(request_id, prompt, list(prompt_token_ids), params, seqs, metrics)
+        for seq in seqs:
+            if self.tokenizer is not None:
+                self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            self._emitted[seq.request_id] = (0, 0, 0)
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:  # the other samples fork off the first once its prompt is computed
+            self._forks[seqs[0].request_id] = seqs[1:]
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise unless the request fits, before anything is queued, so a bad request fails
+        alone instead of in the middle of a step: a non-empty prompt of ids the embedding
+        holds (its real rows, see ``NPUSimulator.token_rows``), no longer than a prefill
+        bucket (any length up to the context with chunked prefill); prompt plus
+        ``max_tokens`` within the largest bucket and the KV cache (the context-length
+        errors), or with ``max_tokens=None`` room for ``min_tokens``; stop token ids and
+        ``logprobs`` within the vocabulary; stop strings only with a tokenizer."""
+        if not prompt_token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        vocab = self.simulator.token_rows
+        check_token_ids(prompt_token_ids, vocab)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: this artifact has no tokenizer to match stop strings against; use stop_token_ids")
+        if len(prompt_token_ids) > self.max_prompt_len:
+            validate_context_length(self.max_prompt_len, len(prompt_token_ids), None)
+        validate_context_length(self.max_model_len, len(prompt_token_ids), params.max_tokens)
+        if params.max_tokens is None:
+            validate_min_tokens(self.max_model_len, len(prompt_token_ids), params.min_tokens)
+        params.verify_vocab(vocab)
+
+    @staticmethod
+    def _seq_key(request_id: str, index: int, num_samples: int) -> str:
+        return request_id if num_samples == 1 else f"{request_id}#{index}"
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request and free its blocks; False if it is unknown or already finished."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return False
+        self._forks.pop(group.seqs[0].request_id, None)
+        for seq in group.seqs:
+            self.scheduler.abort(seq)
+            self._forget(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def stats(self) -> EngineStats:
+        """The current load and the counters since the engine started."""
+        blocks, scheduler = self.blocks, self.scheduler
+        return EngineStats(
+            running=len(scheduler.running), waiting=len(scheduler.waiting),
+            kv_blocks_total=blocks.num_usable, kv_blocks_used=blocks.num_usable - blocks.num_free,
+            prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0,
+            preemptions=scheduler.num_preemptions, steps=scheduler.num_steps, npu_seconds=self.npu_seconds,
+        )  # fmt: skip
+
+    def step(self) -> list[RequestOutput]:
+        """Run one prefill or decode step; return the outputs of the requests it advanced."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            assert not self.scheduler.has_unfinished(), "admission control guarantees every request can be scheduled"
+            return []
+        now = time.time()
+        for seq in batch.seqs:
+            seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or now
+        logits = self._run(batch)
+        self.npu_seconds += self.runner.last_step_seconds
+        advanced: dict[str, SequenceGroup] = {}
+        for seq, (_, end), row in zip(batch.seqs, batch.spans, logits):
+            seq.num_computed_tokens = end
+            if end == seq.num_tokens:  # caught up: this row's logits give the next token
+                for child in self._forks.pop(seq.request_id, ()):
+                    self._fork(seq, child, row)
+                self._append(seq, row)
+                advanced[seq.group_id] = self.groups[seq.group_id]
+        return [out for group in advanced.values() if (out := self._output(group)) is not None]
+
+    def _fork(self, parent: Sequence, child: Sequence, logits: np.ndarray) -> None:
+        """Start sample ``child`` on ``parent``'s computed prompt and draw its first token from
+        the same logits; without room it is queued to prefill the prompt itself."""
+        if not self.scheduler.can_fork(parent):
+            self.scheduler.add(child)
+            return
+        self.runner.fork(parent, child)
+        self.scheduler.admit_fork(child)
+        self._append(child, logits)
+
+    def _run(self, batch: Batch) -> np.ndarray:
+        if batch.phase == "prefill":
+            return self.runner.prefill(batch.seqs, batch.bucket, batch.spans)
+        return self.runner.decode(batch.seqs, batch.bucket, [start for start, _ in batch.spans])
+
+    # -- one new token ----------------------------------------------------------------
+
+    def _append(self, seq: Sequence, logits: np.ndarray) -> None:
+        params = seq.params
+        banned = min_tokens_banned_ids(params, len(seq.output_token_ids), () if params.ignore_eos else self.eos_token_ids)
+        token = self.sampler.sample(logits, params, seq.rng, banned, seq.prompt_token_ids, seq.output_token_ids)
+        self._record_logprobs(seq, logits, token)
+        seq.output_token_ids.append(token)
+        now = time.time()
+        seq.metrics.first_token_time = seq.metrics.first_token_time or now
+        seq.metrics.last_token_time = now
+        if seq.metrics.npu_first_token_time is None:
+            seq.metrics.npu_first_token_time = self.npu_seconds
+        detok = self._detok.get(seq.request_id)
+        if detok is not None:
+            seq.text += detok.add_tokens([token])
+        self._check_stop(seq, token)
+        if seq.is_finished:
+            seq.metrics.npu_finished_time = self.npu_seconds
+            if detok is not None and not isinstance(seq.stop_reason, str):  # a stop string cut the text: drop what follows
+                seq.text += detok.flush()
+            self.scheduler.finish(seq)
+
+    def _record_logprobs(self, seq: Sequence, logits: np.ndarray, token: int) -> None:
+        """Cumulative log-probability (and the top ``logprobs``) when the request needs them."""
+        params = seq.params
+        if params.logprobs is None and params.num_samples == params.n:
+            return
+        logprobs = log_softmax(logits)
+        seq.cumulative_logprob += float(logprobs[token])
+        if params.logprobs is not None:
+            top = top_logprobs(logprobs, token, params.logprobs)
+            seq.logprobs.append({i: Logprob(lp, rank, self._token_text(i)) for i, (lp, rank) in top.items()})
+
+    def _token_text(self, token: int) -> str | None:
+        """A logprob's ``decoded_token`` (None without a tokenizer, as vLLM leaves it undecoded)."""
+        return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        capped = len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        if len(seq.output_token_ids) < params.min_tokens:  # stops are ignored, lengths are not
+            return seq.finish("length") if capped else None
+        if token in (params.stop_token_ids or ()):
+            return seq.finish("stop", token)
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return seq.finish("stop")
+        for stop in params.stop or ():
+            index = seq.text.find(stop)
+            if index >= 0:
+                seq.text = seq.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
+                return seq.finish("stop", stop)
+        if capped:
+            return seq.finish("length")
+
+    # -- outputs ------------------------------------------------------------------------
+
+    def _output(self, group: SequenceGroup) -> RequestOutput | None:
+        """The group's RequestOutput as its ``output_kind`` asks, or None (FINAL_ONLY, running)."""
+        finished = group.is_finished
+        if group.params.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        seqs = group.seqs
+        if group.params.num_samples > group.params.n:  # best_of: the n most likely samples
+            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: group.params.n]
+        completions = [self._completion(seq) for seq in seqs]
+        if finished:
+            self.groups.pop(group.request_id, None)
+            for seq in group.seqs:
+                self._forget(seq)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished, group.metrics)
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        delta = seq.params.output_kind is RequestOutputKind.DELTA
+        tokens_sent, chars_sent, logprobs_sent = self._emitted[seq.request_id] if delta else (0, 0, 0)
+        self._emitted[seq.request_id] = (len(seq.output_token_ids), len(seq.text), len(seq.logprobs))
+        wants_logprobs = seq.params.logprobs is not None
+        return CompletionOutput(
+            seq.index, seq.text[chars_sent:], seq.output_token_ids[tokens_sent:],
+            cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
+            logprobs=seq.logprobs[logprobs_sent:] if wants_logprobs else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+        )  # fmt: skip
+
+    def _forget(self, seq: Sequence) -> None:
+        self._detok.pop(seq.request_id, None)
+        self._emitted.pop(seq.request_id, None)
+
+
+def _artifact_tokenizer(files: ArtifactFiles) -> Tokenizer | None:
+    """The artifact's tokenizer, built from manifest-checked bytes (unlisted files are never
+    read); None when the artifact was built without tokenizer files."""
+    return Tokenizer.from_files(files.read_if_listed, str(files.root)) if files.listed("tokenizer.json") else None

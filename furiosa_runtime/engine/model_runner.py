@@ -1,0 +1,152 @@
+"""Model runner: pad a batch of sequences into a bucket, run its pipeline, return logits.
+
+Prompts are left-padded inside a prefill bucket so every row's last real token sits in
+the last column (the head may compute only that column).  Padding tokens get slot -1:
+the paged-attention instruction neither stores nor attends to them, so padding can never
+change a result.
+
+With data parallelism the rows of one batch are served by different replicas: a new
+sequence goes to the replica serving the fewest sequences and stays there (its KV cache
+lives on that replica's PEs); each replica runs its rows in the smallest bucket of the
+same shape that holds them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from furiosa_runtime.engine.block_manager import BlockManager
+from furiosa_runtime.engine.sequence import Sequence
+from furiosa_runtime.npu.artifact import Artifact, Bucket
+from furiosa_runtime.npu.simulator import NPUSimulator
+
+
+def smallest_bucket(buckets: list[Bucket], batch: int, length: int) -> Bucket | None:
+    """The cheapest bucket holding ``batch`` rows of ``length`` context, if any."""
+    fitting = [b for b in buckets if b.batch_size >= batch and b.attention_size >= length]
+    return min(fitting, key=lambda b: (b.batch_size * b.attention_size, b.attention_size), default=None)
+
+
+class ModelRunner:
+    def __init__(self, simulator: NPUSimulator, artifact: Artifact, blocks: BlockManager) -> None:
+        self.simulator = simulator
+        self.blocks = blocks
+        self.prefill_buckets = list(artifact.generator_config.prefill_buckets)
+        self.decode_buckets = list(artifact.generator_config.decode_buckets)
+        self._replica: dict[str, int] = {}  # request id -> data-parallel replica holding its KV
+        self.last_step_seconds = 0.0  # modelled NPU latency of the last step (replicas run side by side)
+
+    @property
+    def max_prefill_len(self) -> int:
+        return max(b.attention_size for b in self.prefill_buckets)
+
+    @property
+    def max_model_len(self) -> int:
+        return max(b.attention_size for b in [*self.decode_buckets, *self.prefill_buckets])
+
+    def prefill(self, seqs: list[Sequence], bucket: Bucket, spans: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Write the KV of every token of ``seqs``; logits of each last token, (n, vocab).
+
+        ``spans`` (chunked prefill) limits row i to positions ``[start, end)`` of its
+        sequence; earlier positions must already be in the KV cache.
+        """
+        spans = spans if spans is not None else [(0, seq.num_tokens) for seq in seqs]
+        rows = [(seq.request_id, seq.token_ids[first:last], first) for seq, (first, last) in zip(seqs, spans)]
+        return self._last_logits(bucket, self.prefill_feeds(bucket, rows), seqs)
+
+    def prefill_feeds(self, bucket: Bucket, rows: list[tuple[str, list[int], int]]) -> dict[str, np.ndarray]:
+        """The inputs of a prefill bucket: row i holds ``(request_id, tokens, first position)``,
+        left-padded so its last token sits in the last column; the request's KV blocks must
+        already be allocated."""
+        feeds = self._empty_feeds(bucket)
+        width = bucket.input_len
+        for row, (request_id, tokens, first) in enumerate(rows):
+            start, last = width - len(tokens), first + len(tokens)
+            feeds["input_ids"][row, start:] = tokens
+            feeds["positions"][row, start:] = np.arange(first, last)
+            feeds["slot_mapping"][row, start:] = [self.blocks.slot(request_id, p) for p in range(first, last)]
+            self._fill_table(feeds, row, request_id)
+        return feeds
+
+    def decode(self, seqs: list[Sequence], bucket: Bucket, positions: list[int] | None = None) -> np.ndarray:
+        """Feed each sequence's newest token (or the token at ``positions[i]``, to catch up
+        a context longer than the prefill buckets); logits of the next one, (n, vocab)."""
+        feeds = self._empty_feeds(bucket)
+        for row, seq in enumerate(seqs):
+            position = positions[row] if positions is not None else seq.num_tokens - 1
+            feeds["input_ids"][row, 0] = seq.token_ids[position]
+            feeds["positions"][row, 0] = position
+            feeds["slot_mapping"][row, 0] = self.blocks.slot(seq.request_id, position)
+            self._fill_table(feeds, row, seq.request_id)
+        return self._last_logits(bucket, feeds, seqs)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give ``child`` the KV of ``parent``'s computed tokens, on ``parent``'s replica:
+        full blocks are shared, the partly filled last one is copied."""
+        copy = self.blocks.fork(parent.request_id, child.request_id, parent.num_computed_tokens)
+        replica = self._replica[child.request_id] = self._replica[parent.request_id]
+        if copy is not None:
+            self.simulator.copy_kv_blocks(replica, *copy)
+
+    def _empty_feeds(self, bucket: Bucket) -> dict[str, np.ndarray]:
+        """All-padding inputs of ``bucket``; ``position_ids`` is the same array as ``positions``."""
+        shape = (bucket.batch_size, bucket.input_len)
+        positions = np.zeros(shape, dtype=np.int64)
+        return {
+            "input_ids": np.zeros(shape, dtype=np.int64),
+            "positions": positions,
+            "position_ids": positions,
+            "slot_mapping": np.full(shape, -1, dtype=np.int64),
+            "block_tables": np.zeros((bucket.batch_size, bucket.num_kv_blocks(self.blocks.block_size)), dtype=np.int64),
+        }
+
+    def _fill_table(self, feeds: dict[str, np.ndarray], row: int, request_id: str) -> None:
+        table = self.blocks.tables[request_id][: feeds["block_tables"].shape[1]]  # a chunk's bucket may not span them all
+        feeds["block_tables"][row, : len(table)] = table
+
+    def _assign(self, seqs: list[Sequence]) -> None:
+        """Give each new sequence the data-parallel replica serving the fewest live sequences."""
+        live = {rid: r for rid, r in self._replica.items() if rid in self.blocks.tables}
+        load = Counter(live.values())
+        for seq in seqs:
+            replica = min(range(self.simulator.mesh.dp), key=lambda r: (load[r], r))
+            live[seq.request_id] = replica
+            load[replica] += 1
+        self._replica = live
+
+    def _last_logits(self, bucket: Bucket, feeds: dict[str, np.ndarray], seqs: list[Sequence]) -> np.ndarray:
+        """Logits of each row's last column, each row run on its sequence's replica."""
+        self._assign([seq for seq in seqs if seq.request_id not in self._replica])
+        replicas = [self._replica[seq.request_id] for seq in seqs]
+        if len(set(replicas)) == 1:
+            self.last_step_seconds = self._step_seconds(bucket)
+            return self._run(bucket, feeds, replicas[0])[: len(seqs)]
+        logits: list[np.ndarray] = [np.empty(0)] * len(seqs)
+        self.last_step_seconds = 0.0
+        for replica in sorted(set(replicas)):
+            rows = [i for i, r in enumerate(replicas) if r == replica]
+            part = self._same_shape_bucket(bucket, len(rows))
+            self.last_step_seconds = max(self.last_step_seconds, self._step_seconds(part))
+            part_feeds = self._empty_feeds(part)
+            for name, array in part_feeds.items():
+                array[: len(rows)] = feeds[name][rows]
+            for row, values in zip(rows, self._run(part, part_feeds, replica)):
+                logits[row] = values
+        return np.stack(logits)
+
+    def _step_seconds(self, bucket: Bucket) -> float:
+        return self.simulator.step_seconds[self.simulator.pipeline(bucket).name]
+
+    def _run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int) -> np.ndarray:
+        logits = self.simulator.run(bucket, feeds, replica)  # (B, 1 or S, vocab)
+        return logits[:, -1, :]
+
+    def _same_shape_bucket(self, bucket: Bucket, rows: int) -> Bucket:
+        """The smallest bucket with ``bucket``'s context shape holding ``rows`` rows."""
+        buckets = self.prefill_buckets if bucket.is_prefill else self.decode_buckets
+        same = [b for b in buckets if (b.attention_size, b.kv_cache_size) == (bucket.attention_size, bucket.kv_cache_size)]
+        part = smallest_bucket(same, rows, bucket.attention_size)
+        assert part is not None, "bucket itself holds the rows"
+        return part

@@ -1,0 +1,227 @@
+"""Continuous-batching scheduler: each step is a prefill or a decode in the smallest bucket
+that fits.
+
+Every admitted sequence holds KV blocks for all its tokens and a count of those already in
+the cache (``num_computed_tokens``).  A step computes, per row, a span of positions:
+
+* **prefill**: the next chunk of a sequence's uncomputed tokens, at most
+  ``prefill_chunk_size`` long, in a prefill bucket whose attention size covers the chunk's
+  end (the paged-attention instruction reads earlier positions through the block table);
+* **decode**: one position per row: the newest token of a sequence that is caught up, or
+  the next uncomputed token of one whose context is past every prefill bucket (a prompt
+  longer than the prefill buckets, or a long sequence recomputed after preemption).
+
+The scheduler config (furiosa-llm ``SchedulerConfig``) is honoured as follows:
+
+* ``max_processing_samples``: at most this many sequences hold KV blocks at once, and no
+  bucket batch is larger;
+* ``spare_blocks_ratio``: while others run, a new sequence is admitted only if this share of
+  all blocks stays free afterwards, so running sequences can grow without preemption;
+* ``is_offline``: throughput mode, admits new sequences only while the running set fits in
+  the largest decode batch; online mode admits whatever fits (lowest time to first token)
+  and decodes the running set in rotating batches;
+* ``prefill_chunk_size``: prompts are prefilled in chunks and a decode step runs between two
+  chunks, so a long prompt does not stall the requests already generating;
+* ``npu_queue_limit``: the simulated NPU executes one step at a time, so at most one step is
+  ever in flight, within any limit >= 1.
+
+When a sequence cannot grow, the most recently admitted one is preempted: its blocks are
+freed and it waits to be recomputed (greedy results are unchanged by this).
+
+The samples of an ``n > 1`` request are forks: only the first one prefills the prompt; the
+engine then admits the others on its KV (``can_fork`` / ``admit_fork``), or queues them to
+prefill on their own when there is no room.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from furiosa_runtime.engine.block_manager import BlockManager
+from furiosa_runtime.engine.model_runner import smallest_bucket
+from furiosa_runtime.engine.sequence import Sequence, Status
+from furiosa_runtime.npu.artifact import Bucket, SchedulerConfig
+
+Span = tuple[int, int]  # positions [start, end) a step computes for one row
+
+
+@dataclass
+class Batch:
+    phase: str  # "prefill" | "decode"
+    bucket: Bucket
+    seqs: list[Sequence]
+    spans: list[Span]
+
+
+def validate_scheduler_config(config: SchedulerConfig) -> None:
+    """Raise a one-line ValueError for a scheduler value outside its domain."""
+    checks = [
+        (config.npu_queue_limit >= 1, "npu_queue_limit", "an integer >= 1", config.npu_queue_limit),
+        (config.max_processing_samples >= 1, "max_processing_samples", "an integer >= 1", config.max_processing_samples),
+        (0.0 <= config.spare_blocks_ratio < 1.0, "spare_blocks_ratio", "in [0, 1)", config.spare_blocks_ratio),
+        (config.prefill_chunk_size is None or config.prefill_chunk_size >= 1, "prefill_chunk_size",
+         "None or an integer >= 1", config.prefill_chunk_size),
+    ]  # fmt: skip
+    for ok, name, allowed, value in checks:
+        if not ok:
+            raise ValueError(f"scheduler_config.{name} must be {allowed}, got {value!r}")
+
+
+class Scheduler:
+    def __init__(self, prefill: list[Bucket], decode: list[Bucket], blocks: BlockManager, config: SchedulerConfig) -> None:
+        validate_scheduler_config(config)
+        self.prefill_buckets = prefill
+        self.decode_buckets = decode
+        self.blocks = blocks
+        self.config = config
+        self.max_prefill_len = max(b.attention_size for b in prefill)
+        # An embedding artifact (task=embed) has no decode buckets.
+        self.max_decode_batch = min(max((b.batch_size for b in decode), default=0), config.max_processing_samples)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self._last_phase = "decode"
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop ``seq`` wherever it is and return its blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+
+    def schedule(self) -> Batch | None:
+        """Admit what fits, then pick this step's phase, rows, spans and bucket."""
+        self.num_steps += 1
+        self._admit()
+        order: list[Callable[[], Batch | None]] = [self._schedule_prefill, self._schedule_decode]
+        if self.config.prefill_chunk_size is not None and self._last_phase == "prefill":
+            order.reverse()  # interleave: a decode step between two prefill chunks
+        for make in order:
+            batch = make()
+            if batch is not None:
+                self._last_phase = batch.phase
+                return batch
+        return None
+
+    # -- admission ------------------------------------------------------------------
+
+    def _admission_limit(self) -> int:
+        limit = self.config.max_processing_samples
+        return min(limit, self.max_decode_batch) if self.config.is_offline else limit
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self._admission_limit():
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq.num_tokens, reserve=self._spare_blocks()):
+                return
+            self.waiting.popleft()
+            self.blocks.allocate(seq.request_id, seq.num_tokens)
+            self._start(seq, computed=0)
+
+    def _spare_blocks(self) -> int:
+        """Blocks an admission must leave free: ``spare_blocks_ratio`` of all, while others run."""
+        return int(self.blocks.num_blocks * self.config.spare_blocks_ratio) if self.running else 0
+
+    def _start(self, seq: Sequence, computed: int) -> None:
+        seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, computed, self.num_steps
+        self.running.append(seq)
+
+    def can_fork(self, parent: Sequence) -> bool:
+        """Whether a sample of ``parent``'s request can be admitted on its computed prompt
+        now (the same admission rules as a new sequence, for the one block a fork may need)."""
+        return len(self.running) < self._admission_limit() and self.blocks.can_fork(parent.num_computed_tokens, reserve=self._spare_blocks())
+
+    def admit_fork(self, child: Sequence) -> None:
+        """Run ``child``, whose KV (its whole prompt) the model runner has just forked."""
+        self._start(child, computed=child.num_tokens)
+
+    # -- prefill --------------------------------------------------------------------
+
+    def _prefill_span(self, seq: Sequence) -> Span | None:
+        """The next chunk of ``seq`` a prefill bucket can compute, if any."""
+        start = seq.num_computed_tokens
+        if seq.num_uncomputed < 2 or start >= self.max_prefill_len:
+            return None
+        end = min(seq.num_tokens, self.max_prefill_len)
+        if self.config.prefill_chunk_size is not None:
+            end = min(end, start + self.config.prefill_chunk_size)
+        return start, end
+
+    def _schedule_prefill(self) -> Batch | None:
+        seqs: list[Sequence] = []
+        spans: list[Span] = []
+        for seq in self.running:
+            span = self._prefill_span(seq)
+            if span is None or len(seqs) == self.config.max_processing_samples:
+                continue
+            longest = max([span[1], *(s[1] for s in spans)])
+            if smallest_bucket(self.prefill_buckets, len(seqs) + 1, longest) is None:
+                continue
+            seqs.append(seq)
+            spans.append(span)
+        if not seqs:
+            return None
+        bucket = smallest_bucket(self.prefill_buckets, len(seqs), max(end for _, end in spans))
+        assert bucket is not None
+        return Batch("prefill", bucket, seqs, spans)
+
+    # -- decode ---------------------------------------------------------------------
+
+    def _schedule_decode(self) -> Batch | None:
+        candidates = [s for s in self.running if self._prefill_span(s) is None]
+        candidates.sort(key=lambda s: (s.last_step, s.admitted_at))  # least recently decoded first
+        seqs: list[Sequence] = []
+        for seq in candidates:
+            if len(seqs) == self.max_decode_batch:
+                break
+            if seq.status is not Status.RUNNING:  # preempted to make room for an earlier row
+                continue
+            position = seq.num_computed_tokens
+            longest = max([position + 1, *(s.num_computed_tokens + 1 for s in seqs)])
+            if smallest_bucket(self.decode_buckets, len(seqs) + 1, longest) is None:
+                continue
+            if self._make_room(seq, position + 1, seqs):
+                seqs.append(seq)
+        if not seqs:
+            return None
+        for seq in seqs:
+            seq.last_step = self.num_steps
+        spans = [(s.num_computed_tokens, s.num_computed_tokens + 1) for s in seqs]
+        bucket = smallest_bucket(self.decode_buckets, len(seqs), max(end for _, end in spans))
+        assert bucket is not None
+        return Batch("decode", bucket, seqs, spans)
+
+    def _make_room(self, seq: Sequence, num_tokens: int, keep: list[Sequence]) -> bool:
+        """Grow ``seq`` to ``num_tokens``, preempting the latest admitted others if needed.
+
+        Returns False when ``seq`` itself had to be preempted.
+        """
+        while not self.blocks.can_append(seq.request_id, num_tokens):
+            victim = next(s for s in reversed(self.running) if s not in keep)  # running is in admission order
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.append(seq.request_id, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks; it is recomputed from scratch when readmitted."""
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        self.num_preemptions += 1
+        seq.status, seq.num_computed_tokens = Status.WAITING, 0
+        self.waiting.appendleft(seq)

@@ -1,0 +1,188 @@
+"""``python -m furiosa_runtime``: generate, chat or embed with a built artifact.
+
+    python -m furiosa_runtime ARTIFACT "prompt"                      # one completion (chat template when present)
+    python -m furiosa_runtime generate --model ARTIFACT --prompt "a" --prompt "b" --max-tokens 32
+    python -m furiosa_runtime chat --model ARTIFACT                  # interactive, streams each reply
+    python -m furiosa_runtime embed --model ARTIFACT --prompt "a"    # one JSON vector per line
+
+The sub-commands take the ``EngineArgs`` flags (``--devices``, ``--npu-queue-limit``, ...).
+Completions go to stdout.  Mistakes a user can fix (an unknown or malformed flag, a missing
+or corrupted artifact, an out-of-range value, a prompt that does not fit the buckets) print
+one ``error: ...`` line on stderr and exit with status 2; Ctrl-C exits with 130, quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+__all__ = ["build_parser", "main"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+SUBCOMMANDS = ("generate", "chat", "embed")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``error: ... (see --help)``) instead of the
+    whole usage block; still exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, with_seed: bool) -> None:
+    add = parser.add_argument
+    add("--max-tokens", type=int, default=64, help="maximum new tokens (default: 64)")
+    add("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    add("--top-k", type=int, default=-1, help="top-k sampling; -1 or 0 disables (default: -1)")
+    add("--min-p", type=float, default=0.0, help="drop tokens less likely than min-p x the best (default: 0)")
+    add("--repetition-penalty", type=float, default=1.0, help="penalty for tokens already seen (default: 1.0)")
+    add("--presence-penalty", type=float, default=0.0, help="penalty for tokens already generated (default: 0)")
+    add("--frequency-penalty", type=float, default=0.0, help="penalty per repetition of a generated token (default: 0)")
+    add("--stop", action="append", default=None, help="stop string (repeatable)")
+    if with_seed:
+        add("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _sampling_params(args: argparse.Namespace, **extra: Any):
+    from furiosa_runtime.engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, stop=args.stop, seed=args.seed, **extra,
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The default command: a positional artifact and prompt plus sampling options."""
+    parser = _Parser(
+        prog="python -m furiosa_runtime",
+        description="Generate a completion for one prompt with a built artifact "
+        f"(sub-commands: {', '.join(SUBCOMMANDS)}; see python -m furiosa_runtime generate --help).",
+    )
+    parser.add_argument("artifact", help="artifact directory built by furiosa_build")
+    parser.add_argument("prompt", help="prompt text")
+    _add_sampling_args(parser, with_seed=True)
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="send the prompt as raw text even when the tokenizer has a chat template")  # fmt: skip
+    return parser
+
+
+def build_subcommand_parser(command: str) -> argparse.ArgumentParser:
+    """``generate``, ``chat`` or ``embed``: the EngineArgs flags plus the command's own."""
+    from furiosa_runtime.entrypoints.engine_args import EngineArgs
+
+    parser = _Parser(prog=f"python -m furiosa_runtime {command}")
+    EngineArgs.add_cli_args(parser)
+    if command in ("generate", "embed"):
+        parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    if command in ("generate", "chat"):
+        _add_sampling_args(parser, with_seed=False)
+    if command == "generate":
+        parser.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user message of the chat template")
+    if command == "chat":
+        parser.add_argument("--system", default=None, help="system message opening the conversation")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    """The LLM the EngineArgs flags describe."""
+    from furiosa_runtime.entrypoints.engine_args import EngineArgs
+
+    return EngineArgs.from_cli_args(args).create_llm()
+
+
+def _default(args: argparse.Namespace, out: TextIO, _in: TextIO) -> None:
+    from furiosa_runtime.entrypoints.llm import LLM
+
+    params = _sampling_params(args)  # validated before the (slower) artifact load
+    llm = LLM(args.artifact, seed=args.seed)
+    if llm.tokenizer.has_chat_template and not args.no_chat_template:
+        [output] = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        [output] = llm.generate(args.prompt, params, use_tqdm=False)
+    _write(out, output.outputs[0].text)
+
+
+def _generate(args: argparse.Namespace, out: TextIO, _in: TextIO) -> None:
+    params = _sampling_params(args)
+    llm = _load(args)
+    if args.chat_template:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    for output in outputs:
+        _write(out, output.outputs[0].text)
+
+
+def _chat(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> None:
+    """Read user turns from stdin (until EOF or /exit), stream each reply as it is generated."""
+    from furiosa_runtime.engine.sampling_params import RequestOutputKind
+    from furiosa_runtime.entrypoints.llm_engine import LLMEngine
+
+    params = _sampling_params(args, output_kind=RequestOutputKind.DELTA)
+    engine = LLMEngine.from_llm(_load(args))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    for turn, line in enumerate(iter(stdin.readline, "")):
+        if line.strip() in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        engine.add_request(f"turn-{turn}", prompt, params.clone())
+        reply = ""
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                reply += output.outputs[0].text
+                _write(out, output.outputs[0].text, newline=False)
+        _write(out, "")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _embed(args: argparse.Namespace, out: TextIO, _in: TextIO) -> None:
+    llm = _load(args)
+    for output in llm.embed(args.prompt, use_tqdm=False):
+        _write(out, json.dumps([round(float(x), 7) for x in output.outputs.embedding]))
+
+
+def _write(out: TextIO, text: str, newline: bool = True) -> None:
+    """Write text, replacing what the console cannot encode (random byte tokens) instead of failing."""
+    if newline and not text.endswith("\n"):
+        text += "\n"
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    out.write(text.encode(encoding, errors="replace").decode(encoding))
+    out.flush()
+
+
+def _error(message: object) -> int:
+    line = " ".join(str(message).split()) or "unknown error"
+    print(f"error: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], None]] = {"generate": _generate, "chat": _chat, "embed": _embed}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    parser = build_subcommand_parser(command) if command else build_parser()
+    args = parser.parse_args(argv[1:] if command else argv)  # argparse exits with status 2 on bad usage
+    from furiosa_runtime.npu.artifact import ArtifactError
+
+    try:
+        COMMANDS.get(command or "", _default)(args, sys.stdout, sys.stdin)
+    except (ArtifactError, ValueError, OSError) as err:  # includes ContextLengthExceededError, unreadable files
+        return _error(err)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

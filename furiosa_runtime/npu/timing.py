@@ -1,0 +1,144 @@
+"""The timing face of the simulated NPU: a roofline cost per instruction, program and step.
+
+An instruction takes ``max(compute, memory)`` on its PE plus a fixed dispatch time:
+compute is its FLOPs at the PE's share of the chip's BF16 peak; memory is the bytes it
+moves between HBM and the PE at the PE's share of HBM bandwidth, namely the parameters it
+reads (in their stored dtype) and, for paged attention, the KV cache it reads and writes.
+Activations are taken to stay in SRAM.  A collective is a ring over the tensor-parallel
+group's PE links; a pipeline transfer sends its bytes over the link between the two
+stages' PEs (on one device or between devices).  One step walks the bucket's pipeline
+stage after stage, so its latency is the sum of its programs, collectives and transfers;
+data-parallel replicas run side by side.
+
+Shapes are static per bucket, so these are the latencies of the compiled shapes (attention
+over the whole bucket context), the way the hardware runs them.  They are estimates for
+comparing bucket grids and layouts before owning the hardware, not measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from itertools import groupby
+
+from furiosa_runtime.npu.artifact import Pipeline, Transfer
+from furiosa_runtime.npu.hardware import HardwareSpec, device_of
+from furiosa_runtime.npu.isa import COLLECTIVES, DTYPES, Instruction, Program, TensorSpec
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Modelled time of some work on one PE, with the FLOPs and HBM bytes behind it."""
+
+    seconds: float = 0.0
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.seconds + other.seconds, self.flops + other.flops, self.hbm_bytes + other.hbm_bytes)
+
+
+def collective_seconds(op: str, nbytes: int, group: int, hw: HardwareSpec) -> float:
+    """A ring collective over ``group`` PEs: all-reduce moves 2(g-1)/g of the buffer per PE,
+    all-gather (g-1)/g of the gathered result.  A distributed norm all-reduces only its row
+    sums (``norm_partials``: one or two numbers per row), which is what makes it cheaper than
+    all-gathering the rows."""
+    if group == 1:
+        return 0.0
+    share = (2 if op == "all_reduce" else 1) * (group - 1) / group
+    return (group - 1) * hw.link_latency_seconds + share * nbytes / hw.pe_link_bandwidth
+
+
+def transfer_seconds(nbytes: int, same_device: bool, hw: HardwareSpec) -> float:
+    """An activation sent between pipeline stages: PE links on one device, the device link otherwise."""
+    bandwidth = hw.pe_link_bandwidth if same_device else hw.device_link_bandwidth
+    return hw.link_latency_seconds + nbytes / bandwidth
+
+
+class StepModel:
+    """Modelled latencies of an artifact's programs and of one step of each bucket.
+
+    ``weight_dtype`` and ``kv_dtype`` are how parameters and the KV cache are stored in
+    device memory (programs compute in f32, so their specs do not say).
+    """
+
+    def __init__(self, programs: Mapping[str, Program], hw: HardwareSpec, block_size: int, weight_dtype: str, kv_dtype: str) -> None:
+        self.programs = programs
+        self.hw = hw
+        self.block_size = block_size
+        self.weight_itemsize = DTYPES[weight_dtype].itemsize
+        self.kv_itemsize = DTYPES[kv_dtype].itemsize
+        self.costs = {key: self.program_cost(p) for key, p in programs.items()}
+
+    def program_cost(self, program: Program) -> Cost:
+        """One run of ``program`` on its PE, collectives included."""
+        specs = {s.name: s for s in (*program.inputs, *program.params, *program.constants)} | program.values
+        total = Cost()
+        for inst in program.instructions:
+            total += self.instruction_cost(inst, specs, program)
+        return total
+
+    def instruction_cost(self, inst: Instruction, specs: dict[str, TensorSpec], program: Program) -> Cost:
+        hw = self.hw
+        dispatch = hw.dispatch_cycles / hw.clock_hz
+        if inst.op in COLLECTIVES:
+            group = program.tensor_parallel.size if program.tensor_parallel else 1
+            return Cost(dispatch + collective_seconds(inst.op, specs[inst.outs[0]].nbytes, group, hw))
+        flops = self._flops(inst, specs)
+        params = [specs[name] for name in inst.ins if name.startswith("p:")]
+        hbm = sum(math.prod(p.shape) for p in params) * self.weight_itemsize
+        if inst.op == "gather" and params:  # an embedding reads only the rows it looks up
+            hbm = math.prod(specs[inst.outs[0]].shape) * self.weight_itemsize
+        if inst.op == "moe_experts":  # at most one expert per routed (token, slot) is read
+            experts = specs[inst.ins[3]].shape[0]
+            hbm = hbm * min(experts, math.prod(specs[inst.ins[1]].shape)) // experts
+        if inst.op == "paged_attention":
+            hbm += self._kv_bytes(inst, specs)
+        return Cost(dispatch + max(flops / hw.pe_flops, hbm / hw.pe_hbm_bandwidth), flops, hbm)
+
+    def _flops(self, inst: Instruction, specs: dict[str, TensorSpec]) -> float:
+        out = specs[inst.outs[0]].shape
+        if inst.op in ("linear", "matmul"):
+            return 2.0 * math.prod(out) * specs[inst.ins[0]].shape[-1]
+        if inst.op == "paged_attention":
+            batch, heads, seq, dim = specs[inst.ins[0]].shape
+            return 2.0 * batch * heads * seq * self._context(inst, specs) * (dim + specs[inst.ins[2]].shape[-1])
+        if inst.op == "moe_experts":  # every routed (token, slot) runs one expert's gate/up and down GEMMs
+            _, gate_up_rows, hidden = specs[inst.ins[3]].shape
+            return 2.0 * math.prod(specs[inst.ins[1]].shape) * hidden * (gate_up_rows + specs[inst.ins[4]].shape[-1])
+        if inst.op == "norm_partials":  # a square and an add per element (LayerNorm: one more add)
+            return (2.0 if inst.attrs["kind"] == "rms" else 3.0) * math.prod(specs[inst.ins[0]].shape)
+        if inst.op == "norm_apply":  # scale and weight per element (LayerNorm: also centre and shift)
+            return (2.0 if inst.attrs["kind"] == "rms" else 4.0) * math.prod(out)
+        return float(math.prod(out))  # elementwise and data movement: one operation per element
+
+    def _kv_bytes(self, inst: Instruction, specs: dict[str, TensorSpec]) -> float:
+        """KV cache traffic of one paged-attention instruction: read the context, write the new tokens."""
+        batch, kv_heads, seq, dim = specs[inst.ins[1]].shape
+        per_token = kv_heads * (dim + specs[inst.ins[2]].shape[-1]) * self.kv_itemsize
+        return float(batch * (self._context(inst, specs) + seq) * per_token)
+
+    def _context(self, inst: Instruction, specs: dict[str, TensorSpec]) -> int:
+        """Key positions the compiled shape attends over: the whole block table."""
+        return specs[inst.ins[5]].shape[1] * self.block_size
+
+    def step_seconds(self, pipeline: Pipeline, transfers: Iterable[Transfer], stage_pe: Callable[[int], str]) -> float:
+        """One step of ``pipeline``: its supertasks one after another (the ranks of a
+        tensor-parallel group in lockstep), plus every transfer between stages."""
+        seconds = sum(max(self.costs[t.program].seconds for t in group) for _, group in groupby(pipeline.tasks, key=lambda t: t.name))
+        for transfer in transfers:
+            same = device_of(stage_pe(transfer.src_stage)) == device_of(stage_pe(transfer.dst_stage))
+            seconds += transfer_seconds(self._value_bytes(pipeline, transfer.value), same, self.hw)
+        return seconds
+
+    def _value_bytes(self, pipeline: Pipeline, value: str) -> int:
+        task = next(t for t in pipeline.tasks if value in t.outputs)
+        program = self.programs[task.program]
+        return program.values[program.outputs[task.outputs.index(value)]].nbytes
+
+
+def build_placement_seconds(pipeline: Pipeline, model: StepModel) -> float:
+    """A step of ``pipeline`` where the build placed it (data-parallel replica 0)."""
+    stage_pe = {t.stage: t.device for t in pipeline.tasks}
+    return model.step_seconds(pipeline, pipeline.transfers, stage_pe.__getitem__)
