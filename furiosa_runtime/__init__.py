@@ -27,7 +27,11 @@ __all__ = [
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "PoolingRequestOutput",
+    "EmbeddingRequestOutput",
     "SchedulerConfig",
+    "TextPrompt",
+    "TokensPrompt",
 ]
 
 # public name -> module that defines it
@@ -44,11 +48,17 @@ _EXPORTS = {
     "AsyncEngineArgs": "furiosa_runtime.entrypoints.engine_args",
     "ContextLengthExceededError": "furiosa_runtime.engine.errors",
     "SchedulerConfig": "furiosa_runtime.npu.artifact",
+    "PoolingRequestOutput": "furiosa_runtime.engine.pooling",
+    "EmbeddingRequestOutput": "furiosa_runtime.engine.pooling",
+    "TextPrompt": "furiosa_runtime.engine.inputs",
+    "TokensPrompt": "furiosa_runtime.engine.inputs",
 }
 
 if TYPE_CHECKING:
     from furiosa_runtime.engine.errors import ContextLengthExceededError
+    from furiosa_runtime.engine.inputs import TextPrompt, TokensPrompt
     from furiosa_runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
+    from furiosa_runtime.engine.pooling import EmbeddingRequestOutput, PoolingRequestOutput
     from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
     from furiosa_runtime.entrypoints.async_llm_engine import AsyncLLMEngine
     from furiosa_runtime.entrypoints.engine_args import AsyncEngineArgs, EngineArgs

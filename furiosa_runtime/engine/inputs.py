@@ -8,11 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from numbers import Integral
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from furiosa_runtime.engine.tokenizer import Tokenizer, require_tokenizer
 
-PromptType = str | dict[str, Any] | list[int]
+
+class TextPrompt(TypedDict):
+    """A text prompt, tokenized by the artifact's tokenizer (vLLM's ``TextPrompt``)."""
+
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """A prompt given as token ids, with the text it stands for if known (vLLM's ``TokensPrompt``)."""
+
+    prompt_token_ids: list[int]
+    prompt: NotRequired[str]
+
+
+PromptType = str | TextPrompt | TokensPrompt | dict[str, Any] | list[int]
 
 # Keys a dict prompt may have; vLLM's others (multi_modal_data, ...) are refused, not ignored.
 PROMPT_KEYS = ("prompt", "prompt_token_ids")
