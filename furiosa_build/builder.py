@@ -28,7 +28,7 @@ from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS, ShardSpec
 from furiosa_build.compiler.shard import cut, fallback_notes
 from furiosa_build.config import BuildSpec, fit_to_model, spec_from_builder_args
 from furiosa_build.errors import io_error
-from furiosa_build.load import LoadedModel, LoadRequest, load, load_pooling
+from furiosa_build.load import LoadedModel, LoadRequest, ShapeOnlyModel, load, load_pooling
 from furiosa_build.package import check_param_file, prepare_save_dir, write_artifact, write_param_file
 from furiosa_build.partition import Placement, ProgramParams, TensorSlice, build_pipeline
 from furiosa_build.pool import CAPTURE_WORKER, PoolRun, run_pool
@@ -292,8 +292,10 @@ class ArtifactBuilder:
         prepare_save_dir(self.save_dir)
         if opts.param_file_path:
             check_param_file(Path(opts.param_file_path).expanduser())
-        self.spec, _ = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
+        self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         self._source_memo.flush()
+        if opts.weights == "none":
+            return self._build_loaded(ShapeOnlyModel(hf_config, self.spec.model.task), times)
         with _timed(times, "load"):
             models = self._cache_root("models")
             loaded = load(self._load_request(), models)
@@ -307,7 +309,7 @@ class ArtifactBuilder:
             if models is None and opts.cleanup:
                 shutil.rmtree(loaded.folder.parent, ignore_errors=True)
 
-    def _build_loaded(self, loaded: LoadedModel, times: dict[str, float]) -> BuildReport:
+    def _build_loaded(self, loaded: LoadedModel | ShapeOnlyModel, times: dict[str, float]) -> BuildReport:
         opts = self.spec.build
         hf_config = loaded.hf_config
         captures = self._capture(hf_config, times)
@@ -318,11 +320,12 @@ class ArtifactBuilder:
         with _timed(times, "partition"):
             pipelines, slices = self._pipelines(captures, roles, hf_config, compiled.programs)
         with _timed(times, "package"):
-            artifact_fields = self._artifact_fields(hf_config, pipelines, loaded)
+            artifact_fields = self._artifact_fields(hf_config, pipelines)
             used = {key for p in pipelines for key in (t.program for t in p.tasks)}
             programs = {k: v for k, v in compiled.programs.items() if k in used}
             specs, tensor = self._tensors(slices, captures, loaded)
-            size = write_artifact(self.save_dir, artifact_fields, programs, specs, tensor, loaded.tokenizer_files())
+            weights = tensor if opts.weights == "included" else None
+            size = write_artifact(self.save_dir, artifact_fields, programs, specs, weights, loaded.tokenizer_files())
         weights = WeightReport.of(pipelines, slices, specs, self.spec.parallel.tensor_parallel_size)
         report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, size, weights,
                              self._step_seconds(pipelines, programs, artifact_fields))  # fmt: skip
@@ -347,7 +350,7 @@ class ArtifactBuilder:
             slices.extend(bound)
         return pipelines, list(dict.fromkeys(slices))
 
-    def _tensors(self, slices: list[TensorSlice], captures, loaded: LoadedModel) -> tuple[dict[str, TensorSpec], Callable[[str], np.ndarray]]:
+    def _tensors(self, slices: list[TensorSlice], captures, loaded: LoadedModel | ShapeOnlyModel) -> tuple[dict[str, TensorSpec], Callable[[str], np.ndarray]]:
         """Exactly the weights and constants that some task binds, cut into tensor-parallel
         chunks: the spec of each (chunk shapes from the layout, nothing read) and a function
         making one at a time.  It reads a source tensor when first asked for one of its
@@ -393,7 +396,7 @@ class ArtifactBuilder:
                           ModelMetadata.model_validate(fields["model_metadata"]).weight_dtype, generator.kv_cache_dtype)  # fmt: skip
         return [(p.bucket, build_placement_seconds(p, model)) for p in pipelines]
 
-    def _artifact_fields(self, hf_config: dict[str, Any], pipelines: list[Pipeline], loaded: LoadedModel) -> dict[str, Any]:
+    def _artifact_fields(self, hf_config: dict[str, Any], pipelines: list[Pipeline]) -> dict[str, Any]:
         spec = self.spec
         eos = hf_config.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -420,6 +423,7 @@ class ArtifactBuilder:
                 "num_hidden_layers": capture_stage.num_layers(hf_config),
                 "trust_remote_code": spec.model.trust_remote_code,
                 "eos_token_ids": eos_ids,
+                "weights": spec.build.weights,
             },
             "model_rewriting_config": {
                 "do_decompositions_for_model_rewrite": spec.build.do_decompositions_for_model_rewrite,

@@ -38,7 +38,7 @@ _INIT_OPTIONS = (
     "seed_for_random_weight", "prefill_chunk_size", "quantize_artifact_path", "kv_cache_sharing_across_beams_config",
     "auto_bfloat16_cast", "trust_remote_code",
 )
-_BUILD_OPTIONS = ("num_pipeline_builder_workers", "num_compile_workers", "backend", "dry_run")
+_BUILD_OPTIONS = ("num_pipeline_builder_workers", "num_compile_workers", "backend", "weights", "dry_run")
 # Parameters --additional-model-config may set: all but those with their own positional argument.
 _ADDITIONAL_KEYS = frozenset(BUILDER_PARAM_LOCATION) - {"model_id_or_path", "name", "devices", "save_dir"}
 
@@ -106,6 +106,8 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="joblib backend: loky (default), threading, multiprocessing, sequential, dask, ray")
     p.add_argument("--cache-dir", help='compile cache directory (default: ~/.cache/furiosa/llm; "" disables it)')
     p.add_argument("--dry-run", action="store_true", default=None, help="print the build plan and stop")
+    p.add_argument("--no-weights", dest="weights", action="store_const", const="none", default=None,
+                   help="shape-only: read only the model config and write no weights (for planning and simulation)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -59,6 +59,7 @@ The flat parameter names of furiosa-llm's ``ArtifactBuilder.__init__`` and
     param_saved_format                        build.param_saved_format
     _cleanup                                  build.cleanup
     backend (kwargs)                          build.backend
+    weights (kwargs)                          build.weights
     dry_run (kwargs)                          build.dry_run
     progress (kwargs)                         build.progress
 
@@ -338,6 +339,7 @@ BUILDER_PARAM_LOCATION: dict[str, str] = {
     "param_saved_format": "build.param_saved_format",
     "_cleanup": "build.cleanup",
     "backend": "build.backend",
+    "weights": "build.weights",
     "dry_run": "build.dry_run",
     "progress": "build.progress",
 }
@@ -345,7 +347,7 @@ BUILDER_PARAM_LOCATION: dict[str, str] = {
 #: The parameters that belong to ``ArtifactBuilder.build()``; the rest belong to ``__init__``.
 BUILD_METHOD_PARAMS: frozenset[str] = frozenset(
     {"save_dir", "num_pipeline_builder_workers", "num_compile_workers", "cache_dir", "param_file_path",
-     "param_saved_format", "_cleanup", "backend", "dry_run", "progress"}
+     "param_saved_format", "_cleanup", "backend", "weights", "dry_run", "progress"}
 )
 _POSITIONAL = frozenset({"model_id_or_path", "devices", "name"})
 

@@ -306,6 +306,7 @@ class BuildOptions(Section):
     compiler_config_overrides: dict[str, Any] | None = None
     do_decompositions_for_model_rewrite: bool = False
     quantize_artifact_path: str | None = None
+    weights: Literal["included", "none"] = "included"  # none: a shape-only artifact, for planning and simulation
     dry_run: bool = False
     progress: bool = True
 
@@ -324,6 +325,9 @@ class BuildOptions(Section):
         _not_supported("quantize_artifact_path", self.quantize_artifact_path, None)
         _not_supported("do_decompositions_for_model_rewrite", self.do_decompositions_for_model_rewrite, False)
         _check_compiler_overrides(self.compiler_config_overrides or {})
+        if self.weights == "none" and self.param_file_path is not None:
+            raise Invalid(("param_file_path",), "a shape-only build (build.weights=none) has no weights to save; "
+                          "leave build.param_file_path unset")  # fmt: skip
         return self
 
     def compiler_options(self) -> dict[str, Any]:

@@ -36,10 +36,10 @@ from furiosa_build.model_cache import LOADER_VERSION, LoadedModel, ModelCache, l
 from furiosa_build.source_files import SOURCE_FIELD, LoadError, read_json, source_folder, unreadable
 from furiosa_build.source_memo import SourceMemo
 from furiosa_build.sources import ModelSource
-from furiosa_build.weight_sources import random_state_dict
+from furiosa_build.weight_sources import ShapeOnlyWeights, WeightSource, random_state_dict
 from furiosa_runtime.npu.artifact import PoolingConfig, sha256_file
 
-__all__ = ["LoadError", "LoadRequest", "LoadedModel", "load", "load_config", "load_pooling", "random_state_dict"]
+__all__ = ["LoadError", "LoadRequest", "LoadedModel", "ShapeOnlyModel", "load", "load_config", "load_pooling", "random_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,22 @@ def load(request: LoadRequest, models_dir: Path | None) -> LoadedModel:
             "text prompts will not work, token ids will", stacklevel=2,
         )  # fmt: skip
     return loaded
+
+
+@dataclass(frozen=True)
+class ShapeOnlyModel:
+    """A model known by its config alone, for a shape-only build (``build.weights=none``):
+    nothing of the source but its config is read, nothing is converted or cached, and the
+    artifact gets no weights nor tokenizer, so a model of any size is planned in minutes."""
+
+    hf_config: dict[str, Any]
+    task: str
+
+    def weights(self) -> WeightSource:
+        return ShapeOnlyWeights(self.hf_config, self.task)
+
+    def tokenizer_files(self) -> list[Path]:
+        return []
 
 
 def load_pooling(request: LoadRequest) -> PoolingConfig | None:

@@ -41,13 +41,14 @@ def write_artifact(
     fields: Mapping[str, Any],
     programs: Mapping[str, bytes],
     specs: Mapping[str, TensorSpec],
-    tensor: Callable[[str], np.ndarray],
+    tensor: Callable[[str], np.ndarray] | None,
     extra_files: list[Path],
 ) -> int:
     """Write a complete artifact to ``save_dir`` (replacing an older one) and return its size in bytes.
 
     The weights are the tensors ``specs`` describes; ``tensor(name)`` produces each in turn
-    (in name order) while ``params.safetensors`` is written, so only one is held at a time."""
+    (in name order) while ``params.safetensors`` is written, so only one is held at a time.
+    ``tensor`` None writes a shape-only artifact: no param file at all."""
     save_dir = Path(os.path.abspath(save_dir))
     try:
         save_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -147,14 +148,16 @@ def _fill(root: Path, fields, programs, specs, tensor, extra_files) -> int:
         rel = f"programs/{key}.json"
         (root / rel).write_bytes(payload)
         manifest[rel] = hashlib.sha256(payload).hexdigest()
-    manifest[PARAMS_FILE] = write_safetensors(root / PARAMS_FILE, specs, tensor)
+    if tensor is not None:
+        manifest[PARAMS_FILE] = write_safetensors(root / PARAMS_FILE, specs, tensor)
     for file in extra_files:
         shutil.copyfile(file, root / file.name)
         manifest[file.name] = sha256_file(root / file.name)
     mode = 0o666 & ~_umask()
     for rel in manifest:  # copyfile keeps the source's mode; artifacts follow the umask
         os.chmod(root / rel, mode)
-    artifact = Artifact.model_validate({**fields, "param_files": [PARAMS_FILE], "manifest": dict(sorted(manifest.items()))})
+    params = [PARAMS_FILE] if tensor is not None else []
+    artifact = Artifact.model_validate({**fields, "param_files": params, "manifest": dict(sorted(manifest.items()))})
     text = json.dumps(artifact.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
     (root / ARTIFACT_FILE).write_text(text)
     return sum((root / rel).stat().st_size for rel in manifest) + len(text.encode())

@@ -71,6 +71,20 @@ class StoredWeights(WeightSource):
         return read_tensor(self.path, self.header[name])
 
 
+class ShapeOnlyWeights(WeightSource):
+    """Every weight's dtype and shape, from the model's config alone: what a shape-only
+    build (``build.weights=none``) plans, compiles and packages with.  No tensor exists."""
+
+    def __init__(self, hf_config: dict[str, Any], task: str) -> None:
+        self._specs = {name: (BF16, t.shape) for name, t in random_weight_plan(hf_config, task).items()}
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def tensor(self, name: str) -> np.ndarray:
+        raise RuntimeError(f"{name}: a shape-only build has no weights to read")
+
+
 @dataclass(frozen=True)
 class RandomTensor:
     """One tensor of a random-weight model: its shape, centre and the name its values are keyed by."""

@@ -194,6 +194,9 @@ class ModelMetadata(_Model):
     pooling: PoolingConfig | None = None  # set when task is "embed"
     num_hidden_layers: int
     weight_dtype: Literal["bf16"] = "bf16"
+    # "none": a shape-only artifact (build.weights=none), without param files: it can be
+    # planned and its serving simulated, but not run.
+    weights: Literal["included", "none"] = "included"
     trust_remote_code: bool = False
     eos_token_ids: list[int] = Field(default_factory=list)
 
@@ -406,7 +409,15 @@ class Artifact(_Model):
         for rel in param_files:
             if check_relative_path(rel) not in manifest:
                 raise ValueError(f"{rel} is not listed in the manifest (tampered?), got {param_files!r}")
+        metadata = info.data.get("model_metadata")
+        if metadata is not None and (metadata.weights == "none") != (not param_files):
+            raise ValueError(f"model_metadata.weights is {metadata.weights!r} but param_files is {param_files!r} (tampered?)")
         return param_files
+
+    @property
+    def shape_only(self) -> bool:
+        """Built without weights (``build.weights=none``): for planning and simulation only."""
+        return self.model_metadata.weights == "none"
 
     def pipeline_for(self, bucket: Bucket) -> Pipeline:
         return next(p for p in self.pipelines if p.bucket == bucket)

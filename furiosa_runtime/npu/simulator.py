@@ -340,6 +340,9 @@ class NPUSimulator:
         weight_cache_bytes: int | None = None,
     ) -> None:
         check_budget(weight_cache_bytes)
+        if artifact.shape_only:
+            raise ValueError(f"artifact {artifact.metadata.name!r} was built without weights (build.weights=none): "
+                             "it can be planned and simulated, not run; build it with weights to generate")  # fmt: skip
         files = files if isinstance(files, ArtifactFiles) else ArtifactFiles(files, artifact.manifest)
         self.artifact = artifact
         self.hw = hw
