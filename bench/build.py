@@ -2,6 +2,7 @@
 
     python bench/build.py                                   # SmolLM2-135M-Instruct, workers 1 and 4
     python bench/build.py --model tiny-llama --extra-override buckets=tiny --workers 1 2 4
+    python bench/build.py --cluster                         # compile time on local Ray / Dask clusters
 
 Every build is a subprocess ``sys.executable -m furiosa_build model=<model> ...`` run from the
 repository root into temporary directories (nothing is written to ``artifacts/`` or to the
@@ -12,6 +13,14 @@ user cache). Figures:
 3. peak memory of a build with ``build.num_pipeline_builder_workers=W`` for each ``--workers``
    value (``build.num_compile_workers=1``), each from a fresh cache holding only the converted
    model (``models/`` of the cold build's cache), so capture and compile really run.
+
+With ``--cluster``: the build time of a compile-heavy config (``--model``, seven buckets,
+``build.use_blockwise_compile=false`` so every layer of every bucket is its own program)
+with 1 and 2 workers on each backend (``loky``, then a local ``ray`` and ``dask`` cluster that
+the build starts and stops), twice each: from a cache holding the converted model and the
+captures but no programs (only compile runs), and from one holding only the converted model
+(capture and compile run); then a build whose local cache holds no programs but whose
+``build.shared_cache`` tier was filled by another build (a second host of a fleet).
 
 Wall time is measured here around the subprocess (interpreter start and imports included);
 the build's own total comes from its closing summary. Peak memory is sampled every 50 ms over
@@ -38,6 +47,10 @@ from measure import MIB, run_measured
 
 _PROGRAMS_RE = re.compile(r"(\d+) compiled, (\d+) served from cache")
 _TOTAL_RE = re.compile(r"^seconds: .*total ([0-9.]+)\s*$", re.MULTILINE)
+_STAGES_RE = re.compile(r"^seconds: (.*)$", re.MULTILINE)
+_STAGE_RE = re.compile(r"(\w+) ([0-9.]+)")
+CLUSTER_BUCKETS = ["buckets.prefill=[[1,64],[1,128],[4,128]]", "buckets.decode=[[1,256],[2,256],[4,256],[8,256]]",
+                   "build.use_blockwise_compile=false"]
 
 
 @dataclass
@@ -118,6 +131,60 @@ def run_benchmark(model: str, workers: Sequence[int], extra: Sequence[str], work
     return runs
 
 
+def without(src_cache: Path, dst_cache: Path, sections: Sequence[str]) -> None:
+    """Give ``dst_cache`` everything of ``src_cache`` but its top-level ``sections``."""
+    shutil.copytree(src_cache, dst_cache, ignore=lambda folder, names: list(sections) if Path(folder) == src_cache else [])
+
+
+#: What a cluster run starts from: a cache without programs (only compile runs), or without
+#: captures and programs (capture and compile run; the converted model is kept).
+CLUSTER_RUNS = {"compile": ("programs",), "capture+compile": ("captures", "programs")}
+
+
+def run_cluster_benchmark(model: str, workers: Sequence[int], extra: Sequence[str], work: Path) -> list[tuple[BuildRun, dict[str, float]]]:
+    """Per backend and worker count a compile-only and a capture+compile build, then a
+    compile-only build served by a warm shared tier; each with its summary's stage seconds."""
+    base = [f"model={model}", *CLUSTER_BUCKETS, *extra]
+    warm = work / "cache"
+    build("prepare (loky)", base, warm, work / "artifact", work)
+    runs = []
+    for backend in ("loky", "ray", "dask"):
+        for count in workers:
+            cluster = [f"build.cluster.num_workers={count}"] if backend != "loky" else []
+            overrides = [*base, f"build.backend={backend}", f"build.num_compile_workers={count}",
+                         f"build.num_pipeline_builder_workers={count}", *cluster]  # fmt: skip
+            for what, dropped in CLUSTER_RUNS.items():
+                label = f"{what}, {backend}, {count} worker{'s' if count != 1 else ''}"
+                runs.append(_measured(label, overrides, warm, dropped, work))
+    shared = [*base, "build.backend=dask", f"build.cluster.num_workers={workers[-1]}", f"build.shared_cache={work / 'shared'}"]
+    _measured("fill the shared tier", shared, warm, CLUSTER_RUNS["compile"], work)
+    runs.append(_measured(f"compile, dask, {workers[-1]} workers, warm shared tier", shared, warm, CLUSTER_RUNS["compile"], work))
+    return runs
+
+
+def _measured(label: str, overrides: list[str], warm: Path, dropped: Sequence[str], work: Path) -> tuple[BuildRun, dict[str, float]]:
+    """One build from a copy of ``warm`` less ``dropped``; the run and its stage seconds."""
+    cache = work / "cache-run"
+    without(warm, cache, dropped)
+    try:
+        run = build(label, overrides, cache, work / "artifact-run", work)
+        log = (work / f"{re.sub(r'[^A-Za-z0-9]+', '-', label)}.log").read_text(errors="replace")
+        stages = _STAGES_RE.search(log)
+        return run, {k: float(v) for k, v in _STAGE_RE.findall(stages.group(1))} if stages else {}
+    finally:
+        shutil.rmtree(cache)
+
+
+def cluster_report(runs: Sequence[tuple[BuildRun, dict[str, float]]], command: str) -> str:
+    """One line per run: capture and compile seconds, build and wall seconds, programs compiled."""
+    width = max(len(run.label) for run, _ in runs)
+    lines = [f"{'run'.ljust(width)}  capture s  compile s  build s  wall s  compiled  cached"]
+    lines += [f"{run.label.ljust(width)}  {stages.get('capture', 0.0):9.2f}  {stages.get('compile', 0.0):9.2f}  "
+              f"{run.build_seconds:7.2f}  {run.wall_seconds:6.1f}  {run.compiled:8d}  {run.cached:6d}"
+              for run, stages in runs]  # fmt: skip
+    return "\n".join([f"{command} ({os.cpu_count()} CPUs)", *lines])
+
+
 # --------------------------------------------------------------------------- reporting
 
 HEADERS = ("run", "wall s", "build s", "compiled", "cached", "peak PSS MiB", "peak RSS MiB")
@@ -176,8 +243,11 @@ def report(runs: Sequence[BuildRun], workers: Sequence[int], command: str) -> st
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a conf/model option (default: %(default)s)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 4],
-                        help="build.num_pipeline_builder_workers values for the memory runs (default: 1 4)")
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="build.num_pipeline_builder_workers values for the memory runs (default: 1 4), "
+                             "or with --cluster the workers of each backend (default: 1 2)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="compile time of a compile-heavy config on loky and local Ray and Dask clusters")
     parser.add_argument("--extra-override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="Hydra override added to every build (repeatable)")
     return parser.parse_args(argv)
@@ -188,11 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "bench/build.py", *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory(prefix="furiosa-bench-") as tmp:
         try:
-            runs = run_benchmark(args.model, args.workers, args.extra_override, Path(tmp))
+            if args.cluster:
+                print(cluster_report(run_cluster_benchmark(args.model, args.workers or [1, 2], args.extra_override,
+                                                           Path(tmp)), command))  # fmt: skip
+                return 0
+            runs = run_benchmark(args.model, args.workers or [1, 4], args.extra_override, Path(tmp))
         except BuildFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    print(report(runs, args.workers, command))
+    print(report(runs, args.workers or [1, 4], command))
     return 0
 
 

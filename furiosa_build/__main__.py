@@ -2,6 +2,7 @@
 
     python -m furiosa_build                                   # the default model and buckets
     python -m furiosa_build model=tiny-llama buckets=tiny build.dry_run=true
+    python -m furiosa_build explain model=tiny-llama buckets=tiny     # why each program would compile
     python -m furiosa_build -m model=tiny-llama,tiny-gpt2 buckets=tiny   # one artifact per job
 
 Before Hydra runs anything, ``main`` composes and validates every job of the command
@@ -11,6 +12,11 @@ status 2, with no traceback and nothing written.  Then Hydra takes over as usual
 (``@hydra.main``), so launcher and sweeper plugins still work; the task function reports
 the failures found later (a model whose config does not fit the buckets, a full disk) the
 same way.  Ctrl-C ends with one line and status 130.
+
+In a sweep, one job's failure never stops the others: an invalid job is named up front and
+skipped, a job that fails while building is named when it fails, and the command ends with
+one line listing every failed job and status 2.  Each job's composed config is kept beside
+the artifacts, in ``<sweep dir>/configs/<job folder>.yaml``.
 
 In a sweep, a job without an explicit ``build.save_dir`` writes to
 ``<hydra.sweep.dir>/<its overrides>``, i.e. ``artifacts/multirun/<date>_<time>/<overrides>``
@@ -54,6 +60,7 @@ from furiosa_build.config import (
 )
 from furiosa_build.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, io_error, path_error
 from furiosa_build.output_paths import check_creatable, check_output_paths
+from furiosa_build.scratch import atomic_write
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
@@ -62,7 +69,8 @@ DEFAULT_BUCKETS = "default"  # the buckets option conf/config.yaml picks
 #: Overrides that change how a build runs, not what it builds: left out of sweep folder names.
 NON_SEMANTIC_KEYS = frozenset({
     "build.progress", "build.cache_dir", "build.num_pipeline_builder_workers", "build.num_compile_workers",
-    "build.backend", "build.dry_run",
+    "build.backend", "build.dry_run", "build.shared_cache", "build.explain",
+    "build.cluster.address", "build.cluster.num_workers", "build.cluster.retries",
 })  # fmt: skip
 
 
@@ -79,13 +87,15 @@ def run(spec: BuildSpec) -> int:
     User errors (``USER_ERRORS``) and any OSError (a full disk, a read-only or unwritable
     folder...) are printed as ``error: <one line>`` and give 2; Ctrl-C gives 130.
     """
-    doing = f"{'planning' if spec.build.dry_run else 'building'} {spec.build.save_dir}"
+    doing = f"{'planning' if spec.build.dry_run or spec.build.explain else 'building'} {spec.build.save_dir}"
     try:
         check_output_paths(spec)
         from furiosa_build.builder import ArtifactBuilder
 
         builder = ArtifactBuilder.from_spec(spec)
-        if spec.build.dry_run:
+        if spec.build.explain:
+            print(builder.explain().render())
+        elif spec.build.dry_run:
             print(builder.plan().render())
         else:
             builder.build_from_spec()
@@ -222,10 +232,21 @@ def prevalidate(overrides: list[str], multirun: bool = False, config_name: str =
 
         jobs = _with_one_line(lambda: _job_overrides(overrides, multirun, compose_job), None)
         specs: list[BuildSpec] = []
+        errors: list[UsageError] = []
         sweep_dir: list[str] = []
+        INVALID_JOBS.clear()
         for num, job in enumerate(jobs):
-            where = f"job {num} ({' '.join(job) or 'no overrides'}): " if multirun and len(jobs) > 1 else ""
-            specs.append(_with_one_line(lambda: _job_spec(compose_job(job), multirun, num, sweep_dir), where))
+            label = f"job {num} ({' '.join(job) or 'no overrides'})"
+            where = f"{label}: " if multirun and len(jobs) > 1 else ""
+            try:
+                specs.append(_with_one_line(lambda: _job_spec(compose_job(job), multirun, num, sweep_dir), where))
+            except UsageError as exc:
+                errors.append(exc)
+                INVALID_JOBS[num] = label
+    if errors and (not multirun or not specs):
+        raise errors[0]
+    for error in errors:  # a sweep runs its valid jobs; the invalid ones are named now and at the end
+        report_error(f"{error}; the sweep's other jobs still run")
     _check_distinct_save_dirs(specs)
     return specs
 
@@ -234,7 +255,11 @@ def _artifact_of(spec: BuildSpec) -> dict[str, Any]:
     """What a spec builds: everything but the NON_SEMANTIC_KEYS (how the build runs)."""
     data = spec.model_dump()
     for key in NON_SEMANTIC_KEYS:
-        data["build"].pop(key.partition(".")[2], None)
+        *path, leaf = key.split(".")
+        section = data
+        for part in path:
+            section = section.get(part, {})
+        section.pop(leaf, None)
     return data
 
 
@@ -296,29 +321,63 @@ def _first_line(exc: BaseException) -> str:
 
 # An absolute config path: "../conf" would be resolved as a package path ("pkg://conf") when this
 # module is imported (console script, tests) rather than run as a file.
+#: The sweep jobs that failed in this process, as ``job <num> (<overrides>)``: a failed job is
+#: reported and the sweep goes on; ``main`` exits with status 2 at the end if any failed.
+FAILED_JOBS: list[str] = []
+#: Sweep jobs that ``prevalidate`` found invalid (number -> label): reported there, not run.
+INVALID_JOBS: dict[int, str] = {}
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def hydra_task(cfg: DictConfig) -> None:
     """Hydra's task function: config -> BuildSpec -> run (one call per sweep job).
 
-    Every failure a user can cause ends here with one line and ``sys.exit`` (2, or 130
-    for Ctrl-C): a SystemExit passes through Hydra's own error report, which would
-    otherwise print a stack and exit with 1.
+    Every failure a user can cause ends here with one line.  A single build then exits
+    (``sys.exit``: 2, or 130 for Ctrl-C; a SystemExit passes through Hydra's own error
+    report, which would print a stack and exit with 1).  A sweep job is recorded in
+    FAILED_JOBS and the sweep goes on to the next job; Ctrl-C still ends the sweep.
     """
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweep and hydra_cfg.job.num in INVALID_JOBS:
+        FAILED_JOBS.append(INVALID_JOBS[hydra_cfg.job.num])
+        return
     try:
-        try:
-            spec = _spec_of_job(cfg, HydraConfig.get())
-        except USER_ERRORS as exc:
-            report_error(exc)
-            sys.exit(EXIT_USER_ERROR)
-        except OSError as exc:  # reading the model's folder
-            report_error(io_error(exc, "reading the config"))
-            sys.exit(EXIT_USER_ERROR)
-        status = run(spec)
+        status = _run_job(cfg, hydra_cfg, sweep)
     except KeyboardInterrupt:
         report_error("interrupted")
-        status = EXIT_INTERRUPTED
-    if status:
+        sys.exit(EXIT_INTERRUPTED)
+    if status and sweep:
+        FAILED_JOBS.append(f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task) or 'no overrides'})")
+    elif status:
         sys.exit(status)
+
+
+def _run_job(cfg: DictConfig, hydra_cfg: Any, sweep: bool) -> int:
+    """Validate and run one job; its status (0, or 2 after printing one line)."""
+    try:
+        spec = _spec_of_job(cfg, hydra_cfg)
+    except USER_ERRORS as exc:
+        report_error(exc)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # reading the model's folder
+        report_error(io_error(exc, "reading the config"))
+        return EXIT_USER_ERROR
+    if sweep:
+        _keep_job_config(cfg, hydra_cfg, spec)
+    return run(spec)
+
+
+def _keep_job_config(cfg: DictConfig, hydra_cfg: Any, spec: BuildSpec) -> None:
+    """Save a sweep job's composed config as ``<sweep dir>/configs/<its folder name>.yaml``,
+    beside its artifact rather than inside it (an artifact holds only what its manifest lists)."""
+    name = Path(str(spec.build.save_dir)).name
+    target = Path(str(hydra_cfg.sweep.dir)) / "configs" / f"{name}.yaml"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    except OSError as exc:
+        print(f"warning: {io_error(exc, 'saving the job config', target)}", file=sys.stderr)
 
 
 def _hydra_args(argv: list[str]) -> Any:
@@ -356,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str]) -> None:
+    if argv[:1] == ["explain"]:  # `python -m furiosa_build explain [overrides]`: build.explain=true
+        argv = [*argv[1:], "build.explain=true"]
     args = _hydra_args(argv)
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     if not (informational or args.experimental_rerun):
@@ -369,10 +430,14 @@ def _main(argv: list[str]) -> None:
             sys.exit(EXIT_USER_ERROR)
     saved = sys.argv
     sys.argv = [saved[0] if saved else "furiosa_build", *argv]
+    FAILED_JOBS.clear()
     try:
         hydra_task()
     finally:
         sys.argv = saved
+    if FAILED_JOBS:
+        report_error(f"{len(FAILED_JOBS)} sweep job(s) failed: {'; '.join(FAILED_JOBS)}")
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@ partition -> package.
 
 Capture runs in a joblib pool of ``num_pipeline_builder_workers`` (each worker gets a
 bucket and the model config, never the weights); compilation runs in a pool of
-``num_compile_workers`` over de-duplicated, cache-checked units.
+``num_compile_workers`` over de-duplicated, cache-checked units.  With ``build.backend``
+``ray`` or ``dask`` both pools run on a cluster's workers instead (``cluster.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -23,20 +25,43 @@ import numpy as np
 
 from furiosa_build import supertask as capture_stage
 from furiosa_build.cache import CompileCache
+from furiosa_build.cluster import Cluster, open_backend
 from furiosa_build.compile import CompileStats, CompileUnit, compile_all, plan_units
 from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS, ShardSpec
 from furiosa_build.compiler.shard import cut, fallback_notes
 from furiosa_build.config import BuildSpec, fit_to_model, spec_from_builder_args
 from furiosa_build.errors import io_error
-from furiosa_build.load import LoadedModel, LoadRequest, ShapeOnlyModel, load, load_pooling
-from furiosa_build.package import check_param_file, prepare_save_dir, write_artifact, write_param_file
-from furiosa_build.partition import Placement, ProgramParams, TensorSlice, build_pipeline
+from furiosa_build.explain import MissReport, explain_misses, key_records, remember
+from furiosa_build.load import (
+    LoadedModel,
+    LoadRequest,
+    ShapeOnlyModel,
+    load,
+    load_pooling,
+)
+from furiosa_build.package import (
+    check_param_file,
+    prepare_save_dir,
+    write_artifact,
+    write_param_file,
+)
+from furiosa_build.partition import (
+    Placement,
+    ProgramParams,
+    TensorSlice,
+    build_pipeline,
+)
 from furiosa_build.pool import CAPTURE_WORKER, PoolRun, run_pool
 from furiosa_build.safetensors_file import TensorSpec
+from furiosa_build.shared_cache import SharedTier
 from furiosa_build.source_memo import SourceMemo
 from furiosa_build.sources import resolve_source
-from furiosa_runtime.npu.artifact import Bucket, GeneratorConfig, ModelMetadata, Pipeline
-from furiosa_runtime.npu.hardware import RNGD
+from furiosa_runtime.npu.artifact import (
+    Bucket,
+    GeneratorConfig,
+    ModelMetadata,
+    Pipeline,
+)
 from furiosa_runtime.npu.isa import Constant, ParamShard, Program
 from furiosa_runtime.npu.timing import StepModel, build_placement_seconds
 
@@ -63,7 +88,8 @@ class BuildReport:
         lines = [
             f"pipelines: {self.pipelines}",
             f"programs: {stats.units} requested, {stats.unique} unique ({reused} reused by blockwise/bucket sharing), "
-            f"{stats.compiled} compiled, {stats.cached} served from cache",
+            f"{stats.compiled} compiled, {stats.cached} served from cache"
+            + ("" if stats.shared is None else f" ({stats.shared} of them from the shared cache)"),
             "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()) + f", total {sum(self.seconds.values()):.2f}",
         ]
         if self.pools:
@@ -143,8 +169,31 @@ class BuildPlan:
         return "\n".join(lines)
 
 
+def _on_workers(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a build entry point with its pools' backend open in ``self._backend``: for
+    ``ray`` or ``dask`` a cluster whose address is probed now, joined on first use and
+    left (a local one stopped) when the entry point returns."""
+
+    @functools.wraps(method)
+    def run(self: ArtifactBuilder, *args: Any, **kwargs: Any) -> Any:
+        if self._backend is not None:
+            return method(self, *args, **kwargs)
+        opts = self.spec.build
+        local_workers = max(opts.num_pipeline_builder_workers, opts.num_compile_workers)
+        with open_backend(opts.backend, opts.cluster, local_workers) as backend:
+            self._backend = backend
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._backend = None
+
+    return run
+
+
 class ArtifactBuilder:
     """Build an artifact for a model (see the reference's ``ArtifactBuilder``)."""
+
+    _backend: str | Cluster | None = None  # where the pools run while an entry point runs (_on_workers)
 
     def __init__(self, model_id_or_path: str | None, devices: str = "npu:0", name: str = "", **kwargs: Any) -> None:
         self.spec = spec_from_builder_args(model_id_or_path, devices, name, kwargs, {})
@@ -181,7 +230,17 @@ class ArtifactBuilder:
 
     def _cache(self) -> CompileCache:
         """The content-addressed store of compiled programs."""
-        return CompileCache(self._cache_root())
+        return CompileCache(self._cache_root(), shared=self._shared(""))
+
+    @cached_property
+    def _shared_tier(self) -> SharedTier | None:
+        """``build.shared_cache``, opened once per build (so its trouble warns once)."""
+        url = self.spec.build.shared_cache
+        return SharedTier.open(url) if url else None
+
+    def _shared(self, section: str) -> SharedTier | None:
+        """The shared tier's part behind the local cache section ``section``."""
+        return None if self._shared_tier is None else self._shared_tier.section(section)
 
     def _load_request(self) -> LoadRequest:
         m = self.spec.model
@@ -215,15 +274,16 @@ class ArtifactBuilder:
             for bucket in self._buckets()
         ]  # fmt: skip
         with _timed(stage_times, "capture"):
-            store = CompileCache(self._cache_root("captures"), label="capture", redo="recapturing")
+            store = CompileCache(self._cache_root("captures"), label="capture", redo="recapturing", shared=self._shared("captures"))
             keys = [capture_stage.capture_key(u) for u in units]
             cached = {k: store.get(k, decode=capture_stage.decode_result) for k in keys}
             todo = [u for u, k in zip(units, keys) if cached[k] is None]
             opts = self.spec.build
             if todo and opts.backend == "multiprocessing":
                 import furiosa_build.capture  # noqa: F401  forked workers then share torch's pages
-            jobs = run_pool(_capture_one, todo, opts.num_pipeline_builder_workers, opts.backend, "capture", opts.progress,
-                            cost=CAPTURE_WORKER, run=self.pools.setdefault("capture", PoolRun()))
+            jobs = run_pool(_capture_one, todo, opts.num_pipeline_builder_workers, self._backend or opts.backend, "capture",
+                            opts.progress, cost=CAPTURE_WORKER, run=self.pools.setdefault("capture", PoolRun()),
+                            label=_capture_label)  # fmt: skip
             fresh = {}
             for unit, result in jobs:
                 key = capture_stage.capture_key(unit)
@@ -252,7 +312,9 @@ class ArtifactBuilder:
             mine = {}
             for role, (task, salt) in graphs.items():
                 graph = self._graph_json(task, cap)
-                mine[role] = [CompileUnit(task.kind, graph, options, salt, shard) for shard in shards]
+                bucket = (cap.bucket.batch_size, cap.bucket.attention_size, cap.bucket.kv_cache_size)
+                mine[role] = [CompileUnit(task.kind, graph, options, salt, shard, f"{cap.bucket.phase} {role}", bucket)
+                              for shard in shards]  # fmt: skip
             units.extend(u for ranks in mine.values() for u in ranks)
             roles.append({role: [u.key for u in ranks] for role, ranks in mine.items()})
         return units, roles
@@ -268,12 +330,24 @@ class ArtifactBuilder:
             }
         return graph
 
-    def plan(self) -> BuildPlan:
-        """Capture and hash every program without compiling (``build.dry_run``)."""
+    def _planned_units(self) -> tuple[list[capture_stage.CaptureResult], dict[str, Any], list[CompileUnit]]:
+        """Captures, model config and compile units of the build, without compiling."""
         self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         self._source_memo.flush()
         captures = self._capture(hf_config, {})
         units, _ = self._compile_units(captures, hf_config)
+        return captures, hf_config, units
+
+    @_on_workers
+    def explain(self) -> MissReport:
+        """Why each program about to compile is not in the cache (``build.explain``); compiles nothing."""
+        _, _, units = self._planned_units()
+        return explain_misses(plan_units(units), self._cache(), key_records(self._cache_root()))
+
+    @_on_workers
+    def plan(self) -> BuildPlan:
+        """Capture and hash every program without compiling (``build.dry_run``)."""
+        captures, hf_config, units = self._planned_units()
         unique = plan_units(units)
         cache = self._cache()
         return BuildPlan(
@@ -285,6 +359,7 @@ class ArtifactBuilder:
             cached=sum(cache.contains(k) for k in unique),
         )
 
+    @_on_workers
     def build_from_spec(self) -> BuildReport:
         """Run every stage and write the artifact to ``save_dir``."""
         times: dict[str, float] = {}
@@ -315,8 +390,9 @@ class ArtifactBuilder:
         captures = self._capture(hf_config, times)
         units, roles = self._compile_units(captures, hf_config)
         with _timed(times, "compile"):
-            compiled = compile_all(units, self._cache(), opts.num_compile_workers, opts.backend, opts.progress)
+            compiled = compile_all(units, self._cache(), opts.num_compile_workers, self._backend or opts.backend, opts.progress)
             self.pools["compile"] = compiled.pool
+            remember(plan_units(units).values(), key_records(self._cache_root()))
         with _timed(times, "partition"):
             pipelines, slices = self._pipelines(captures, roles, hf_config, compiled.programs)
         with _timed(times, "package"):
@@ -340,7 +416,7 @@ class ArtifactBuilder:
         layers = capture_stage.num_layers(hf_config)
         par = self.spec.parallel
         stages = tuple(par.layers_per_stage(layers))
-        placement = Placement(par.mesh(), layers, self.spec.build.num_blocks_per_supertask, stages)
+        placement = Placement(par.mesh(self.spec.hardware), layers, self.spec.build.num_blocks_per_supertask, stages)
         signatures = self._signatures(hf_config)
         params = {key: _program_params(programs[key]) for r in roles for keys in r.values() for key in keys}
         pipelines, slices = [], []
@@ -391,7 +467,7 @@ class ArtifactBuilder:
     def _step_seconds(self, pipelines: list[Pipeline], programs: dict[str, bytes], fields: dict[str, Any]) -> list[tuple[Bucket, float]]:
         """The modelled NPU latency of one step of every bucket, where the build placed it."""
         generator = GeneratorConfig.model_validate(fields["generator_config"])
-        model = StepModel({k: Program.model_validate_json(v) for k, v in programs.items()}, RNGD,
+        model = StepModel({k: Program.model_validate_json(v) for k, v in programs.items()}, self.spec.hardware,
                           generator.paged_attention_config.block_size,
                           ModelMetadata.model_validate(fields["model_metadata"]).weight_dtype, generator.kv_cache_dtype)  # fmt: skip
         return [(p.bucket, build_placement_seconds(p, model)) for p in pipelines]
@@ -436,10 +512,11 @@ class ArtifactBuilder:
             "parallel_config": {
                 "tensor_parallel_size": spec.parallel.tensor_parallel_size,
                 "pipeline_parallel_size": spec.parallel.pipeline_parallel_size,
-                "data_parallel_size": spec.parallel.mesh().dp,
+                "data_parallel_size": spec.parallel.mesh(spec.hardware).dp,
                 "num_blocks_per_pp_stage": spec.parallel.layers_per_stage(capture_stage.num_layers(hf_config)),
             },
             "scheduler_config": spec.scheduler.model_dump(),
+            "hardware": spec.hardware.model_dump(),
             "pipelines": [p.model_dump(mode="json") for p in pipelines],
         }
 
@@ -456,6 +533,12 @@ def _program_params(payload: bytes) -> ProgramParams:
     layouts = (program.get("tensor_parallel") or {}).get("params", {})
     names = [p["name"][2:] for p in program["params"]]
     return {name: ParamShard(**layouts[name]) if name in layouts else None for name in names}
+
+
+def _capture_label(unit: capture_stage.CaptureUnit) -> str:
+    """A capture unit in a few words, for an error: its bucket."""
+    b = unit.bucket
+    return f"{b.phase} (batch={b.batch_size}, attention={b.attention_size}, kv_cache={b.kv_cache_size})"
 
 
 def _capture_one(unit: capture_stage.CaptureUnit) -> capture_stage.CaptureResult:

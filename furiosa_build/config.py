@@ -97,7 +97,7 @@ from furiosa_build.config_sections import (
     SchedulerSpec,
     Section,
 )
-from furiosa_build.errors import BuildIOError, ConfigError, show_value
+from furiosa_build.errors import BuildIOError, ConfigError, UnitError, show_value
 from furiosa_build.load import LoadError, load_config
 from furiosa_build.model_checks import (
     check_consistency,
@@ -111,6 +111,7 @@ from furiosa_build.model_checks import (
 from furiosa_build.output_paths import check_output_paths
 from furiosa_build.sources import ModelSource, SourceError, resolve_source
 from furiosa_build.supertask import num_layers
+from furiosa_runtime.npu.hardware import RNGD, HardwareSpec
 
 if TYPE_CHECKING:
     from furiosa_build.load import LoadRequest
@@ -137,7 +138,7 @@ __all__ = [
 
 
 #: Exceptions that are the user's fault: entry points print them as one line, exit 2.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, SourceError, LoadError, LoweringError, BuildIOError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, SourceError, LoadError, LoweringError, BuildIOError, UnitError)
 
 
 # --------------------------------------------------------------------------- whole spec
@@ -151,12 +152,14 @@ class BuildSpec(Section):
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     build: BuildOptions = Field(default_factory=BuildOptions)
+    hardware: HardwareSpec = RNGD
 
     DEFAULT_ARTIFACTS_DIR: ClassVar[str] = "artifacts"
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> BuildSpec:
         source = self._check_source()
+        self.parallel.mesh(self.hardware)  # the devices hold the layout
         config, folder = readable_config(self.model, source)
         origin = config_origin(self.model, source, config, config or {})
         if config is not None:  # what can be checked without transformers; fit_to_model checks the rest
@@ -462,7 +465,7 @@ def fit_to_model(spec: BuildSpec, request: LoadRequest) -> tuple[BuildSpec, dict
         spec = load_spec(data)  # checks the buckets against the task, as for any spec
     _check_layers(spec, request, hf_config)
     check_model_fit(spec.parallel, spec.build.num_blocks_per_supertask, hf_config, buckets=spec.buckets,
-                    origin=config_origin(spec.model, source, readable, hf_config))  # fmt: skip
+                    origin=config_origin(spec.model, source, readable, hf_config), hardware=spec.hardware)  # fmt: skip
     return spec, hf_config
 
 

@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from furiosa_build.compiler import DEFAULT_OPTIONS
 from furiosa_build.errors import show_value
 from furiosa_build.model_checks import model_type_problem
+from furiosa_build.shared_cache import check_shared_cache
 from furiosa_runtime.npu.artifact import Bucket, PoolingConfig, split_layers
-from furiosa_runtime.npu.hardware import Mesh, plan_mesh
+from furiosa_runtime.npu.hardware import RNGD, HardwareSpec, Mesh, plan_mesh
 
 #: The compiler options a user may override, with their type and default.
 COMPILER_CONFIG_OVERRIDES: dict[str, tuple[type, Any]] = {k: (type(v), v) for k, v in DEFAULT_OPTIONS.items()}
@@ -247,20 +248,20 @@ class ParallelSpec(Section):
             raise Invalid(("data_parallel_size",), f"must be at least 1 or null, got {dp}")
         if self.devices != self.devices.strip():
             raise Invalid(("devices",), f"unexpected whitespace in {self.devices!r}")
-        self.mesh()
         stages = self.num_blocks_per_pp_stage
         if stages is not None and (len(stages) != pp or min(stages) < 1):
             raise Invalid(("num_blocks_per_pp_stage",), f"expected {pp} positive layer counts (one per pipeline "
                           f"stage, parallel.pipeline_parallel_size={pp}), got {show_value(stages)}")  # fmt: skip
         return self
 
-    def mesh(self) -> Mesh:
-        """The PEs of ``devices`` as replicas x stages x tensor-parallel shards."""
+    def mesh(self, hw: HardwareSpec = RNGD) -> Mesh:
+        """The PEs of ``devices`` (on NPUs described by ``hw``) as replicas x stages x
+        tensor-parallel shards; Invalid names the parallel field that does not fit."""
         try:
-            return plan_mesh(self.devices, self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
+            return plan_mesh(self.devices, self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size, hw)
         except ValueError as exc:
             field, _, problem = str(exc).partition(": ")
-            raise Invalid((field,), problem) from None
+            raise Invalid(("parallel", field), problem) from None
 
     def layers_per_stage(self, layers: int) -> list[int]:
         """Decoder layers of each pipeline stage: as given, or split equally."""
@@ -289,6 +290,19 @@ class SchedulerSpec(Section):
 # --------------------------------------------------------------------------- build
 
 
+class ClusterOptions(Section):
+    """The cluster of ``build.backend=ray|dask`` (``furiosa_build/cluster.py``).
+
+    ``address`` null: a local cluster that the build starts and stops, with
+    ``num_workers`` worker processes (null: the larger of the two ``num_*_workers``).
+    ``retries``: how often a unit whose worker was lost is sent again.
+    """
+
+    address: str | None = None  # ray: ray://host:port or host:port; dask: tcp://host:port
+    num_workers: int | None = Field(default=None, ge=1)
+    retries: int = Field(default=3, ge=0)
+
+
 class BuildOptions(Section):
     """How the build runs (workers, backend, cache) and where the artifact goes."""
 
@@ -296,7 +310,9 @@ class BuildOptions(Section):
     num_pipeline_builder_workers: int = Field(default=1, ge=1)
     num_compile_workers: int = Field(default=1, ge=1)
     backend: str = "loky"
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions)
     cache_dir: str | None = "~/.cache/furiosa/llm"
+    shared_cache: str | None = None  # a folder or fsspec URL many hosts share, behind cache_dir (shared_cache.py)
     param_file_path: str | None = None
     param_saved_format: str = "safetensors"
     cleanup: bool = True
@@ -308,10 +324,13 @@ class BuildOptions(Section):
     quantize_artifact_path: str | None = None
     weights: Literal["included", "none"] = "included"  # none: a shape-only artifact, for planning and simulation
     dry_run: bool = False
+    explain: bool = False  # print why each program about to compile misses the cache, compile nothing (explain.py)
     progress: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> BuildOptions:
+        if self.shared_cache is not None and (problem := check_shared_cache(self.shared_cache)):
+            raise Invalid(("shared_cache",), problem)
         for field in ("save_dir", "param_file_path", "quantize_artifact_path"):
             value = getattr(self, field)
             if value is not None and not value.strip():
@@ -319,6 +338,7 @@ class BuildOptions(Section):
             if value is not None and "\0" in value:
                 raise Invalid((field,), f"a path cannot contain a NUL character, got {show_value(value)}")
         _check_backend(self.backend)
+        _check_cluster(self.backend, self.cluster)
         if self.param_saved_format not in ("safetensors", "pt"):
             raise Invalid(("param_saved_format",), f"expected one of safetensors, pt, got {self.param_saved_format!r}")
         _not_supported("param_saved_format", self.param_saved_format, "safetensors")
@@ -338,16 +358,46 @@ class BuildOptions(Section):
 
 
 def _check_backend(backend: str) -> None:
-    """joblib's local backends always; dask and ray only when their packages are importable."""
+    """joblib's local backends always; dask and ray only when their packages are importable
+    (their clusters are joined in ``furiosa_build/cluster.py``)."""
     where = ("backend",)
     if backend in _JOBLIB_BACKENDS:
         return
     if backend in _CLUSTER_BACKENDS:
-        if importlib.util.find_spec(backend) is None:
-            raise Invalid(where, f"{backend!r} is not installed (pip install {backend}); available now: "
+        package = "distributed" if backend == "dask" else backend  # dask's cluster scheduler and client
+        if importlib.util.find_spec(package) is None:
+            raise Invalid(where, f"{backend!r} is not installed (pip install {package}); available now: "
                           f"{', '.join(_JOBLIB_BACKENDS)}")
         return
     raise Invalid(where, f"unknown {backend!r}; allowed: {', '.join(_JOBLIB_BACKENDS + _CLUSTER_BACKENDS)}")
+
+
+_ADDRESS_FORMS = {"ray": "ray://host:port or host:port", "dask": "tcp://host:port"}
+
+
+def _check_cluster(backend: str, cluster: ClusterOptions) -> None:
+    """Cluster settings only for a cluster backend; an address in its backend's form, and a
+    local cluster's size only without one."""
+    if backend not in _CLUSTER_BACKENDS:
+        for field in ("address", "num_workers"):
+            if getattr(cluster, field) is not None:
+                raise Invalid(("cluster", field), f"used only with build.backend=ray or dask, not {backend!r}")
+        return
+    address = cluster.address
+    if address is None:
+        return
+    where = ("cluster", "address")
+    if cluster.num_workers is not None:
+        raise Invalid(("cluster", "num_workers"), "sizes the local cluster; the cluster at build.cluster.address "
+                      "has its own workers (leave it null)")
+    scheme, _, rest = address.rpartition("://")
+    host, _, port = rest.rpartition(":")
+    schemes = ("ray", "") if backend == "ray" else ("tcp",)
+    if scheme not in schemes or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise Invalid(where, f"expected {_ADDRESS_FORMS[backend]} for build.backend={backend}, got {address!r}")
+    if scheme == "ray" and importlib.util.find_spec("grpc") is None:
+        raise Invalid(where, "a ray:// address needs Ray Client (pip install 'ray[client]'), or give the "
+                      "cluster's host:port")
 
 
 def _check_compiler_overrides(overrides: dict[str, Any]) -> None:

@@ -12,11 +12,11 @@ The command lines print either as ``error: <message>`` and exit with status 2
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import Any
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "BuildIOError", "ConfigError", "io_error", "path_error", "show_value"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "BuildIOError", "ConfigError", "UnitError", "io_error", "path_error",
+           "show_value"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -24,6 +24,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 class ConfigError(ValueError):
     """A build configuration that cannot be used, as one line: ``<dotted.field>: <problem>``."""
+
+
+class UnitError(RuntimeError):
+    """A capture or compile unit that failed on a cluster worker, as one line:
+    ``<stage> unit <label>: <error>`` (``furiosa_build/cluster.py``)."""
 
 
 def show_value(value: Any) -> str:

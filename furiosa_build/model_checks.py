@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from furiosa_build.errors import ConfigError, show_value
 from furiosa_build.sources import ModelSource
 from furiosa_build.supertask import attention_heads, num_layers
+from furiosa_runtime.npu.hardware import RNGD, HardwareSpec
 
 if TYPE_CHECKING:
     from furiosa_build.config_sections import BucketsConfig, ModelConfig, ParallelSpec
@@ -162,6 +163,7 @@ def check_model_fit(
     *,
     buckets: BucketsConfig | None = None,
     origin: ConfigOrigin | None = None,
+    hardware: HardwareSpec = RNGD,
 ) -> None:
     """Check the model's config for consistency, then the buckets and parallel settings
     against it; raise ConfigError naming the field.
@@ -178,7 +180,7 @@ def check_model_fit(
     tp = parallel.tensor_parallel_size
     problem = _tp_misfit(tp, heads, kv_heads, vocab)
     if problem:
-        pes = len(parallel.mesh().pes)
+        pes = len(parallel.mesh(hardware).pes)
         fits = [t for t in (2**i for i in range(8)) if t <= pes and not _tp_misfit(t, heads, kv_heads, vocab)]
         raise ConfigError(f"parallel.tensor_parallel_size: {tp} {problem}; allowed here: {', '.join(map(str, fits))}")
     layers = num_layers(dict(hf_config))

@@ -8,12 +8,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import psutil
 from joblib import Parallel, delayed
 from joblib.parallel import LokyBackend, MultiprocessingBackend, ParallelBackendBase
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from furiosa_build.cluster import Cluster
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -75,11 +78,12 @@ def run_pool(
     fn: Callable[[T], R],
     items: Iterable[T],
     workers: int,
-    backend: str,
+    backend: str | Cluster,
     desc: str,
     progress: bool,
     cost: WorkerCost = COMPILE_WORKER,
     run: PoolRun | None = None,
+    label: Callable[[T], str] = str,
 ) -> Iterator[tuple[T, R]]:
     """Apply ``fn`` to every item, yielding (item, result) pairs in order behind a
     progress bar.
@@ -88,6 +92,8 @@ def run_pool(
     build process, which times it; the rest go to as many workers as pay off
     (:func:`plan_workers`; ``run`` records the count).  The pool's processes are
     released once the last result is in, and die with the build if it is killed.
+    On a :class:`~furiosa_build.cluster.Cluster` every item goes to its workers, and a
+    failed one ends the pool with a one-line error naming ``desc`` and ``label(item)``.
     """
     items = list(items)
     run = run if run is not None else PoolRun()
@@ -95,6 +101,9 @@ def run_pool(
     if not items:
         return
     bar = tqdm(total=len(items), desc=desc, disable=not progress)
+    if not isinstance(backend, str):
+        yield from _on_cluster(fn, items, backend, desc, label, run, bar)
+        return
     if backend in _LOCAL_PROCESSES and workers > 1 and len(items) > 1:
         start = time.perf_counter()
         yield items[0], fn(items[0])
@@ -111,6 +120,17 @@ def run_pool(
     bar.close()
     if backend == "loky" and n_jobs > 1:
         _release_loky_workers()
+
+
+def _on_cluster(fn: Callable[[T], R], items: list[T], cluster: Cluster, desc: str, label: Callable[[T], str],
+                run: PoolRun, bar: tqdm) -> Iterator[tuple[T, R]]:
+    """The items' results from the cluster's workers, in order; ``run`` says where they ran."""
+    results = cluster.map(fn, items, desc, label)
+    for item, result in zip(items, results, strict=True):
+        yield item, result
+        bar.update()
+    bar.close()
+    run.used, run.note = cluster.workers(), f"on {cluster.where()}"
 
 
 def _backend(name: str, n_jobs: int) -> str | ParallelBackendBase:

@@ -13,7 +13,14 @@ tokenizer or tqdm until ``LLM`` is touched) and never imports torch, transformer
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# OpenBLAS's worker threads spin for about 0.1 s (2**28 cycles) after every BLAS call before
+# they sleep, on the core the simulator's own host threads need between two GEMMs (paged
+# attention): 2**20 cycles still bridge back-to-back BLAS calls.  OpenBLAS reads this when numpy
+# loads it, so it applies when furiosa_runtime is imported first; a value set by the user wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 __all__ = [
     "LLM",

@@ -300,7 +300,7 @@ HYDRA_CASES: list[tuple[list[str], str]] = [
     (["-m", *TINY, "model.name=a,b", "build.save_dir=out"], "build.save_dir: sweep jobs 0 and 1 would both write to 'out'"),
     (["-m", *TINY, "model.name=a,b", "hydra.sweep.dir=<file>/sweep"], "job 0 (model=tiny-llama buckets=tiny build.cache_dir=<cache> model.name=a "
      "hydra.sweep.dir=<file>/sweep): hydra.sweep.dir: <file>/sweep: <file> is not a folder"),
-    (["-m", *TINY, "model.seed_for_random_weight=0,-1"], "job 1 (model=tiny-llama buckets=tiny build.cache_dir=<cache> "
+    (["-m", *TINY, "model.seed_for_random_weight=-1,-2"], "job 0 (model=tiny-llama buckets=tiny build.cache_dir=<cache> "
      "model.seed_for_random_weight=-1): model.seed_for_random_weight: must be an integer in [0, 2**64)"),
     # encoders
     (["model=all-minilm-l6-v2", "buckets=tiny"], "buckets.decode: must be empty for model.task=embed (an encoder has no decode phase); "

@@ -7,9 +7,26 @@ computed prompt, and ``free`` when it finishes, is aborted or is preempted.
 
 Forked sequences share the prompt's *full* blocks (reference-counted; nobody writes a
 full prompt block again) and get a private copy of the partly filled last block, into
-which they write their own tokens.  ``check_invariants`` proves that no block is lost and
-that every shared block is counted once per table holding it (tests call it after every
-step).
+which they write their own tokens.
+
+**Automatic prefix caching** (on unless ``enable_caching=False``), as in vLLM: once a block
+is full and computed (``cache_computed``) it is keyed by ``block_hashes``, a hash chain over
+its tokens and every token before it.  When its last holder lets go, a keyed block is not
+freed but kept *evictable* (reference count 0, least recently released first); a later
+sequence whose tokens start with the same blocks takes them over (``allocate`` with the
+sequence's hashes, or ``reuse_cached`` for blocks allocated but not computed yet) and
+skips their prefill.  When the free list is empty, handing out a block evicts the least
+recently used evictable one and drops its key, so ``num_free`` counts both.
+
+A cached prefix never covers a sequence's last token (at most ``(num_tokens - 1) //
+block_size`` blocks are reused): the step that computes it gives the logits of the next
+token.  When the whole prompt is cached this recomputes its last block into a fresh one,
+as vLLM does, so a reused block is only ever read, never written: the KV a step writes
+always lands in a block its sequence holds alone.
+
+``check_invariants`` proves that no block is lost, that every shared block is counted
+once per table holding it, and that the cache's keys and blocks agree (tests call it after
+every step).
 
 Block 0 is never handed out: padding entries of block tables point to it, so a padded
 row can only ever read (never write) a block that no sequence owns.
@@ -17,29 +34,57 @@ row can only ever read (never write) a block that no sequence owns.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
+from collections import OrderedDict
+
+
+def block_hashes(token_ids: list[int], block_size: int, hashes: list[bytes]) -> list[bytes]:
+    """Extend ``hashes`` (the keys of the first full blocks of ``token_ids``) to every full block.
+
+    A block's key is the SHA-256 of its parent's key and its token ids, so it stands for
+    the whole prefix up to the block's end; a cryptographic hash because a collision would
+    silently hand one prompt another's KV.
+    """
+    for index in range(len(hashes), len(token_ids) // block_size):
+        tokens = array("q", token_ids[index * block_size : (index + 1) * block_size])
+        hashes.append(hashlib.sha256((hashes[-1] if hashes else b"") + tokens.tobytes()).digest())
+    return hashes
 
 
 class BlockManager:
-    """Free list, one block table per sequence id, and a reference count per held block."""
+    """Free list, one block table per sequence id, a reference count per held block, and
+    the prefix cache: keyed blocks, the evictable ones in least-recently-released order."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         if num_blocks < 2:
             raise ValueError(f"paged_attention_num_blocks: needs at least 2 KV blocks, got {num_blocks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
         self._free: list[int] = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
         self.tables: dict[str, list[int]] = {}
         self._refs: dict[int, int] = {}  # held block -> number of tables holding it
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # keyed blocks nobody holds, oldest first
+        self._block_of: dict[bytes, int] = {}  # key -> the block holding that prefix's KV
+        self._key_of: dict[int, bytes] = {}  # the inverse: keyed block -> its key
+        self._num_keyed: dict[str, int] = {}  # sequence -> leading table blocks already offered to the cache
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can be given: the free ones and the evictable cached ones."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_usable(self) -> int:
         """Blocks a sequence may ever hold (all but the padding block 0)."""
         return self.num_blocks - 1
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a cached prefix (held or evictable)."""
+        return len(self._key_of)
 
     @property
     def capacity_tokens(self) -> int:
@@ -49,23 +94,73 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    def can_allocate(self, num_tokens: int, reserve: int = 0) -> bool:
-        """Room for a new sequence of ``num_tokens`` while keeping ``reserve`` blocks free."""
-        return self.blocks_needed(num_tokens) + reserve <= self.num_free
+    # -- admission ------------------------------------------------------------------
 
-    def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
-        """Give ``seq_id`` enough blocks for ``num_tokens`` tokens (grows an existing table)."""
-        table = self.tables.setdefault(seq_id, [])
+    def cached_prefix(self, hashes: list[bytes], num_tokens: int, start: int = 0) -> list[int]:
+        """The cached blocks holding the prefix keyed by ``hashes[start:]``, stopping at the
+        first miss and before the block of the last of ``num_tokens`` tokens."""
+        if not self.enable_caching:
+            return []
+        found = []
+        for key in hashes[start : (num_tokens - 1) // self.block_size]:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def can_allocate(self, num_tokens: int, reserve: int = 0, cached: list[int] | None = None) -> bool:
+        """Room for a new sequence of ``num_tokens`` whose first blocks are the ``cached`` ones
+        (from ``cached_prefix``) while keeping ``reserve`` blocks free."""
+        cached = cached or []
+        evictable_hits = sum(block in self._evictable for block in cached)
+        return self.blocks_needed(num_tokens) - len(cached) + evictable_hits + reserve <= self.num_free
+
+    def allocate(self, seq_id: str, num_tokens: int, cached: list[int] | None = None) -> list[int]:
+        """Give ``seq_id`` enough blocks for ``num_tokens`` tokens (grows an existing table);
+        a new table starts with the ``cached`` blocks (from ``cached_prefix``)."""
+        table = self.tables.get(seq_id)
+        if table is None:
+            table = self.tables[seq_id] = [self._hold(block) for block in cached or []]
+            self._num_keyed[seq_id] = len(table)
         extra = self.blocks_needed(num_tokens) - len(table)
         if extra > self.num_free:
             raise MemoryError(f"KV cache exhausted: {seq_id} needs {extra} more blocks, {self.num_free} free")
         table.extend(self._take() for _ in range(max(extra, 0)))
         return table
 
+    def reuse_cached(self, seq_id: str, hashes: list[bytes], num_computed: int, num_tokens: int) -> int:
+        """Swap the allocated but uncomputed blocks after ``num_computed`` tokens for cached
+        ones holding the same prefix (another sequence computed it since this one was
+        admitted); returns how many tokens are computed now."""
+        if num_computed % self.block_size:  # the next block is partly computed: it is this sequence's own
+            return num_computed
+        start = num_computed // self.block_size
+        table = self.tables[seq_id]
+        for index, block in enumerate(self.cached_prefix(hashes, num_tokens, start), start):
+            fresh, table[index] = table[index], self._hold(block)
+            self._release(fresh)
+            self._num_keyed[seq_id] = index + 1
+            num_computed += self.block_size
+        return num_computed
+
+    def _hold(self, block: int) -> int:
+        """Take a hold on a cached block (it leaves the evictable queue on its first hold)."""
+        self._evictable.pop(block, None)
+        self._refs[block] = self._refs.get(block, 0) + 1
+        return block
+
     def _take(self) -> int:
-        block = self._free.pop()
+        """A block for new KV: a free one, else the least recently used evictable one."""
+        if self._free:
+            block = self._free.pop()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
         self._refs[block] = 1
         return block
+
+    # -- growth, forks, release -----------------------------------------------------
 
     def can_append(self, seq_id: str, num_tokens: int) -> bool:
         """Whether ``seq_id``'s table can grow to hold ``num_tokens`` tokens."""
@@ -89,38 +184,65 @@ class BlockManager:
         """
         assert child_id not in self.tables, f"fork into existing sequence {child_id}"
         full, tail = divmod(num_tokens, self.block_size)
-        shared = self.tables[parent_id][:full]
-        for block in shared:
-            self._refs[block] += 1
-        self.tables[child_id] = list(shared)
+        self.tables[child_id] = [self._hold(block) for block in self.tables[parent_id][:full]]
+        self._num_keyed[child_id] = min(self._num_keyed[parent_id], full)
         if not tail:
             return None
         copy = self._take()
         self.tables[child_id].append(copy)
         return self.tables[parent_id][full], copy
 
+    def cache_computed(self, seq_id: str, hashes: list[bytes], num_computed: int) -> None:
+        """Key the blocks of ``seq_id`` that its first ``num_computed`` tokens fill, so later
+        sequences can reuse them; ``hashes`` must cover those blocks (``block_hashes``).
+        A prefix some other block already holds keeps that block as its cached copy."""
+        if not self.enable_caching:
+            return
+        table, first = self.tables[seq_id], self._num_keyed[seq_id]
+        for index in range(first, num_computed // self.block_size):
+            key, block = hashes[index], table[index]
+            if key not in self._block_of:
+                self._block_of[key], self._key_of[block] = block, key
+        self._num_keyed[seq_id] = max(first, num_computed // self.block_size)
+
     def free(self, seq_id: str) -> None:
-        """Drop ``seq_id``'s hold on its blocks; blocks nobody holds return to the free list
-        (a no-op for unknown ids)."""
+        """Drop ``seq_id``'s hold on its blocks (a no-op for unknown ids).  A block nobody
+        holds any more returns to the free list, or, when it holds a cached prefix, to the
+        end of the evictable queue (the table's last blocks first, so they go first)."""
+        self._num_keyed.pop(seq_id, None)
         for block in reversed(self.tables.pop(seq_id, [])):
-            self._refs[block] -= 1
-            if not self._refs[block]:
-                del self._refs[block]
-                self._free.append(block)
+            self._release(block)
+
+    def _release(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block]:
+            return
+        del self._refs[block]
+        if block in self._key_of:
+            self._evictable[block] = None
+        else:
+            self._free.append(block)
 
     def slot(self, seq_id: str, position: int) -> int:
         table = self.tables[seq_id]
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
     def check_invariants(self) -> None:
-        """Every usable block is either free or held, block 0 neither; a held block's count is
-        the number of tables holding it, and no table holds a block twice."""
+        """Every usable block is exactly one of free, held or evictable, block 0 none of them;
+        a held block's count is the number of tables holding it, and no table holds a block
+        twice; cache keys and keyed blocks map one to one, every evictable block is keyed
+        and no free block is."""
         held: dict[int, int] = {}
         for table in self.tables.values():
             assert len(table) == len(set(table)), "a block table lists a KV block twice"
             for block in table:
                 held[block] = held.get(block, 0) + 1
-        everything = list(held) + self._free
-        assert len(everything) == len(set(everything)), "a KV block is both held and free, or freed twice"
+        everything = list(held) + self._free + list(self._evictable)
+        assert len(everything) == len(set(everything)), "a KV block is two of held, free and evictable, or freed twice"
         assert sorted(everything) == list(range(1, self.num_blocks)), "a KV block leaked"
         assert held == self._refs, "a KV block is shared without a fork (its reference count is wrong)"
+        assert {b: k for k, b in self._block_of.items()} == self._key_of, "prefix-cache keys and blocks disagree"
+        assert set(self._evictable) <= set(self._key_of), "an evictable KV block holds no cached prefix"
+        assert not set(self._free) & set(self._key_of), "a free KV block is still keyed in the prefix cache"
+        assert self._num_keyed.keys() == self.tables.keys(), "a sequence's cache progress outlived its table"
+        assert self.enable_caching or not self._key_of, "prefix caching is off but blocks are cached"

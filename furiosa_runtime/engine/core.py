@@ -6,10 +6,23 @@
 An artifact built without tokenizer files has ``tokenizer`` None: token-id prompts
 work and their completions carry token ids with ``text=""`` (nothing to detokenize
 with); text prompts, chat and stop strings are refused in one line.
+
+Automatic prefix caching (``enable_prefix_caching``, on by default; see
+``block_manager.py``) applies to generation artifacts served by one data-parallel replica.
+It is off for embedding artifacts, whose encoders attend in both directions (a token's
+KV depends on the tokens after it, so a shared prefix does not mean shared KV) and which
+run one pass per text anyway; and off with several replicas, because a cached block's KV
+lives on the replica that computed it while the runner places each new sequence on the
+least loaded replica.
+
+The engine logs its start (artifact, buckets, KV blocks) at INFO, every preemption at
+WARNING (``scheduler.py``) and, every ``STATS_LOG_INTERVAL`` seconds while it runs, its
+load and prefix-cache hit rate at DEBUG.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +41,9 @@ from furiosa_runtime.engine.sequence import Sequence, SequenceGroup
 from furiosa_runtime.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from furiosa_runtime.npu.artifact import ArtifactFiles, SchedulerConfig, open_artifact
 from furiosa_runtime.npu.simulator import NPUSimulator
+
+logger = logging.getLogger(__name__)
+STATS_LOG_INTERVAL = 10.0  # seconds between two DEBUG lines of engine statistics
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,11 @@ class EngineStats:
     steps: int
     npu_seconds: float
 
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """The share of queried prompt tokens found in the prefix cache (0 before any query)."""
+        return self.prefix_cache_hit_tokens / self.prefix_cache_queried_tokens if self.prefix_cache_queried_tokens else 0.0
+
 
 class EngineCore:
     """Continuous batching over the buckets of one artifact on the simulated NPU."""
@@ -63,6 +84,7 @@ class EngineCore:
         pipeline_parallel_size: int | None = None,
         data_parallel_size: int | None = None,
         weight_cache_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.path = Path(artifact_path)
         self.artifact, files = open_artifact(self.path)
@@ -73,7 +95,7 @@ class EngineCore:
         )  # fmt: skip
         files.verify_all()  # the listed files nothing above needed: an altered one still refuses the artifact
         paged = self.artifact.generator_config.paged_attention_config
-        self.blocks = BlockManager(paged.num_blocks, paged.block_size)
+        self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=self._prefix_caching(enable_prefix_caching))
         self.runner = ModelRunner(self.simulator, self.artifact, self.blocks)
         self.scheduler_config = scheduler_config or self.artifact.scheduler_config
         self.scheduler = Scheduler(self.runner.prefill_buckets, self.runner.decode_buckets, self.blocks, self.scheduler_config)
@@ -86,6 +108,29 @@ class EngineCore:
         self._emitted: dict[str, tuple[int, int, int]] = {}  # tokens, characters, logprobs already streamed
         self._forks: dict[str, list[Sequence]] = {}  # first sample's key -> samples waiting for its prompt
         self.npu_seconds = 0.0  # modelled NPU time of every step run so far (timing.py)
+        self.num_generated_tokens = 0  # tokens sampled so far, for progress bars
+        self._stats_logged_at = time.monotonic()
+        self._log_start()
+
+    def _prefix_caching(self, requested: bool) -> bool:
+        """Whether prefix caching applies (see the module docstring), logged when it is refused."""
+        if not requested:
+            return False
+        if self.artifact.model_metadata.task != "generate":
+            logger.info("prefix caching off: %s is a %s artifact (its KV depends on the whole text)",
+                        self.path, self.artifact.model_metadata.task)  # fmt: skip
+            return False
+        if self.simulator.mesh.dp > 1:
+            logger.info("prefix caching off: %d data-parallel replicas (a cached block lives on one replica)", self.simulator.mesh.dp)
+            return False
+        return True
+
+    def _log_start(self) -> None:
+        buckets = ", ".join(f"{b.phase} {b.batch_size}x{b.attention_size}" for b in [*self.runner.prefill_buckets, *self.runner.decode_buckets])
+        mesh = self.simulator.mesh
+        logger.info("engine started: %s (%s) on %d PEs (tp %d, pp %d, dp %d); buckets %s; %d KV blocks of %d tokens; "
+                    "prefix caching %s", self.path, self.artifact.metadata.name, len(mesh.pes), mesh.tp, mesh.pp, mesh.dp,
+                    buckets, self.blocks.num_usable, self.blocks.block_size, "on" if self.blocks.enable_caching else "off")  # fmt: skip
 
     @property
     def max_model_len(self) -> int:
@@ -173,7 +218,8 @@ class EngineCore:
         return EngineStats(
             running=len(scheduler.running), waiting=len(scheduler.waiting),
             kv_blocks_total=blocks.num_usable, kv_blocks_used=blocks.num_usable - blocks.num_free,
-            prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0,
+            prefix_cache_queried_tokens=scheduler.prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens=scheduler.prefix_cache_hit_tokens,
             preemptions=scheduler.num_preemptions, steps=scheduler.num_steps, npu_seconds=self.npu_seconds,
         )  # fmt: skip
 
@@ -188,15 +234,28 @@ class EngineCore:
             seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or now
         logits = self._run(batch)
         self.npu_seconds += self.runner.last_step_seconds
+        self._maybe_log_stats()
         advanced: dict[str, SequenceGroup] = {}
         for seq, (_, end), row in zip(batch.seqs, batch.spans, logits):
-            seq.num_computed_tokens = end
+            self.scheduler.computed(seq, end)
             if end == seq.num_tokens:  # caught up: this row's logits give the next token
                 for child in self._forks.pop(seq.request_id, ()):
                     self._fork(seq, child, row)
                 self._append(seq, row)
                 advanced[seq.group_id] = self.groups[seq.group_id]
         return [out for group in advanced.values() if (out := self._output(group)) is not None]
+
+    def _maybe_log_stats(self) -> None:
+        """Every ``STATS_LOG_INTERVAL`` seconds, the load and prefix-cache hit rate at DEBUG."""
+        now = time.monotonic()
+        if now - self._stats_logged_at < STATS_LOG_INTERVAL or not logger.isEnabledFor(logging.DEBUG):
+            return
+        self._stats_logged_at = now
+        stats = self.stats()
+        logger.debug("running %d, waiting %d; KV blocks used %d/%d; prefix cache hit rate %.1f%% (%d of %d tokens); "
+                     "%d preemptions; %d steps, %.3f s modelled NPU time", stats.running, stats.waiting, stats.kv_blocks_used,
+                     stats.kv_blocks_total, 100 * stats.prefix_cache_hit_rate, stats.prefix_cache_hit_tokens,
+                     stats.prefix_cache_queried_tokens, stats.preemptions, stats.steps, stats.npu_seconds)  # fmt: skip
 
     def _fork(self, parent: Sequence, child: Sequence, logits: np.ndarray) -> None:
         """Start sample ``child`` on ``parent``'s computed prompt and draw its first token from
@@ -221,6 +280,7 @@ class EngineCore:
         token = self.sampler.sample(logits, params, seq.rng, banned, seq.prompt_token_ids, seq.output_token_ids)
         self._record_logprobs(seq, logits, token)
         seq.output_token_ids.append(token)
+        self.num_generated_tokens += 1
         now = time.time()
         seq.metrics.first_token_time = seq.metrics.first_token_time or now
         seq.metrics.last_token_time = now
@@ -283,7 +343,8 @@ class EngineCore:
             self.groups.pop(group.request_id, None)
             for seq in group.seqs:
                 self._forget(seq)
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished, group.metrics)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished, group.metrics,
+                             num_cached_tokens=group.seqs[0].num_cached_tokens)  # fmt: skip
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         delta = seq.params.output_kind is RequestOutputKind.DELTA

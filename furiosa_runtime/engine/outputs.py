@@ -93,7 +93,8 @@ class RequestOutput:
     """The state of one request: prompt, its completions so far, and timing.
 
     With `RequestOutputKind.DELTA` each streamed `RequestOutput` carries only the new
-    text and token ids; otherwise the completions are cumulative.
+    text and token ids; otherwise the completions are cumulative.  `num_cached_tokens`
+    counts the prompt tokens whose KV came from the prefix cache instead of a prefill.
     """
 
     request_id: str
@@ -103,3 +104,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[dict[int, Any] | None] | None = field(default=None, repr=False)
+    num_cached_tokens: int | None = None

@@ -102,6 +102,11 @@ def apply_penalties(
     return logits
 
 
+def _no_penalties(params: SamplingParams) -> bool:
+    """Whether ``apply_penalties`` leaves the logits as they are."""
+    return params.repetition_penalty == 1.0 and not params.frequency_penalty and not params.presence_penalty
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities of a logits row, in float64."""
     shifted = np.asarray(logits, dtype=np.float64) - np.max(logits)
@@ -167,8 +172,11 @@ class Sampler:
 
         The token ids so far feed the repetition, frequency and presence penalties.
         """
+        greedy = params.sampling_type == SamplingType.GREEDY
+        if greedy and not banned_ids and _no_penalties(params):
+            return int(np.argmax(logits))  # what the float64 copy below would pick, without making it
         masked = apply_penalties(mask_banned(logits, banned_ids), params, prompt_token_ids, output_token_ids)
-        if params.sampling_type == SamplingType.GREEDY:
+        if greedy:
             return int(np.argmax(masked))
         if rng is None:
             raise ValueError("rng: a numpy Generator is required for random sampling")

@@ -28,6 +28,16 @@ The scheduler config (furiosa-llm ``SchedulerConfig``) is honoured as follows:
 When a sequence cannot grow, the most recently admitted one is preempted: its blocks are
 freed and it waits to be recomputed (greedy results are unchanged by this).
 
+With automatic prefix caching (``BlockManager``), a sequence is admitted on the cached
+blocks of its longest cached prefix and starts with those tokens computed; before each
+step, a running sequence whose next blocks another sequence has computed since (requests
+sharing a system prompt, admitted together) swaps its fresh blocks for them.  A prefill
+bucket computes its whole attention size whatever the span, so the few uncached tokens
+after a long cached prefix are caught up in decode steps, one position per step next to
+the decoding rows, when they are at most ``1 / DECODE_TAIL_RATIO`` of the prefill bucket
+that would hold them (a decode row costs about one prefill column; the bound caps the
+extra steps before the first token).
+
 The samples of an ``n > 1`` request are forks: only the first one prefills the prompt; the
 engine then admits the others on its KV (``can_fork`` / ``admit_fork``), or queues them to
 prefill on their own when there is no room.
@@ -35,16 +45,20 @@ prefill on their own when there is no room.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from furiosa_runtime.engine.block_manager import BlockManager
+from furiosa_runtime.engine.block_manager import BlockManager, block_hashes
 from furiosa_runtime.engine.model_runner import smallest_bucket
 from furiosa_runtime.engine.sequence import Sequence, Status
 from furiosa_runtime.npu.artifact import Bucket, SchedulerConfig
 
+logger = logging.getLogger(__name__)
+
 Span = tuple[int, int]  # positions [start, end) a step computes for one row
+DECODE_TAIL_RATIO = 4  # decode a tail of at most this share (1/4) of its prefill bucket
 
 
 @dataclass
@@ -83,6 +97,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_steps = 0
         self.num_preemptions = 0
+        self.prefix_cache_queried_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_cache_hit_tokens = 0  # of which were found computed in cached blocks
         self._last_phase = "decode"
 
     def add(self, seq: Sequence) -> None:
@@ -103,10 +119,18 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
 
+    def computed(self, seq: Sequence, end: int) -> None:
+        """Record that a step computed ``seq`` up to position ``end``; its full blocks join
+        the prefix cache."""
+        seq.num_computed_tokens = end
+        self.blocks.cache_computed(seq.request_id, self._hashes(seq), end)
+
     def schedule(self) -> Batch | None:
-        """Admit what fits, then pick this step's phase, rows, spans and bucket."""
+        """Admit what fits, reuse what others cached since, then pick this step's phase,
+        rows, spans and bucket."""
         self.num_steps += 1
         self._admit()
+        self._reuse_cached()
         order: list[Callable[[], Batch | None]] = [self._schedule_prefill, self._schedule_decode]
         if self.config.prefill_chunk_size is not None and self._last_phase == "prefill":
             order.reverse()  # interleave: a decode step between two prefill chunks
@@ -126,11 +150,37 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self._admission_limit():
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq.num_tokens, reserve=self._spare_blocks()):
+            cached = self.blocks.cached_prefix(self._hashes(seq), seq.num_tokens)
+            if not self.blocks.can_allocate(seq.num_tokens, reserve=self._spare_blocks(), cached=cached):
                 return
             self.waiting.popleft()
-            self.blocks.allocate(seq.request_id, seq.num_tokens)
-            self._start(seq, computed=0)
+            self.blocks.allocate(seq.request_id, seq.num_tokens, cached)
+            if self.blocks.enable_caching:
+                self.prefix_cache_queried_tokens += seq.num_tokens
+            self._start(seq, computed=len(cached) * self.blocks.block_size)
+            self._count_hit(seq, seq.num_computed_tokens)
+
+    def _reuse_cached(self) -> None:
+        """Let running sequences take over cached blocks of their still uncomputed prefix."""
+        if not self.blocks.enable_caching:
+            return
+        for seq in self.running:
+            if seq.num_uncomputed > self.blocks.block_size:
+                computed = self.blocks.reuse_cached(seq.request_id, self._hashes(seq), seq.num_computed_tokens, seq.num_tokens)
+                self._count_hit(seq, computed - seq.num_computed_tokens)
+                seq.num_computed_tokens = computed
+
+    def _count_hit(self, seq: Sequence, tokens: int) -> None:
+        """Count ``tokens`` of ``seq`` found in the prefix cache."""
+        self.prefix_cache_hit_tokens += tokens
+        if not seq.output_token_ids:  # a prompt's hits, not a preempted sequence's recomputation
+            seq.num_cached_tokens += tokens
+
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        """The prefix-cache keys of ``seq``'s full blocks (extended as it grows)."""
+        if not self.blocks.enable_caching:
+            return []
+        return block_hashes(seq.token_ids, self.blocks.block_size, seq.block_hashes)
 
     def _spare_blocks(self) -> int:
         """Blocks an admission must leave free: ``spare_blocks_ratio`` of all, while others run."""
@@ -159,7 +209,16 @@ class Scheduler:
         end = min(seq.num_tokens, self.max_prefill_len)
         if self.config.prefill_chunk_size is not None:
             end = min(end, start + self.config.prefill_chunk_size)
+        if start and self._cheaper_in_decode(seq, end):
+            return None
         return start, end
+
+    def _cheaper_in_decode(self, seq: Sequence, end: int) -> bool:
+        """Whether ``seq``'s uncomputed tail is short enough to catch up in decode steps
+        rather than pad out a prefill bucket reaching position ``end``."""
+        prefill = smallest_bucket(self.prefill_buckets, 1, end)
+        fits_decode = smallest_bucket(self.decode_buckets, 1, seq.num_tokens) is not None
+        return fits_decode and prefill is not None and seq.num_uncomputed * DECODE_TAIL_RATIO <= prefill.attention_size
 
     def _schedule_prefill(self) -> Batch | None:
         seqs: list[Sequence] = []
@@ -223,5 +282,8 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
         self.num_preemptions += 1
+        logger.warning("sequence %s preempted (recomputed when readmitted) because the KV cache is full: %d preemptions "
+                       "so far; more KV blocks (paged_attention_num_blocks) or a higher spare_blocks_ratio avoid it",
+                       seq.request_id, self.num_preemptions)  # fmt: skip
         seq.status, seq.num_computed_tokens = Status.WAITING, 0
         self.waiting.appendleft(seq)

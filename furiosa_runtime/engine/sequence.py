@@ -49,6 +49,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Any]] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache instead of prefilled
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
     admitted_at: int = -1  # scheduler step of admission (ties of the decode rotation)
     last_step: int = -1  # scheduler step of the last decode: decode batches rotate fairly
 

@@ -1,3 +1,4 @@
-"""The ways in: the Python API (``LLM``, ``LLMEngine``, ``AsyncLLMEngine``, ``EngineArgs``)
-and the command line.  This layer imports the engine and the NPU; nothing below imports it.
+"""The ways in: the Python API (``LLM``, ``LLMEngine``, ``AsyncLLMEngine``, ``EngineArgs``),
+the command line, and the OpenAI-compatible HTTP server (``openai/``).  This layer imports
+the engine and the NPU; nothing below imports it.
 """

@@ -48,3 +48,9 @@ def check_jit(threshold: object, max_workers: object, unit_size: object, *, opti
     check_int("jit_unit_size", unit_size, 2, optional=optional)
     check_int("jit_threshold", threshold, 1, optional=optional)
     check_int("jit_max_workers", max_workers, 1, optional=optional)
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise unless ``value`` is True or False (a truthy string such as "false" is refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")

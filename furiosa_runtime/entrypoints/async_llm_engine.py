@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from furiosa_runtime.engine.core import EngineStats
 from furiosa_runtime.engine.inputs import PromptType
 from furiosa_runtime.engine.outputs import RequestOutput
 from furiosa_runtime.engine.pooling import Embedder, PoolingRequestOutput, encode_stream, require_task
@@ -39,6 +40,7 @@ class AsyncLLMEngine(LLMEngineBase):
         self._core_lock = threading.Lock()  # held while the core runs a step or applies commands
         self._failures: list[tuple[str, Exception]] = []  # commands that raised, for their streams
         self._driver: asyncio.Task[None] | None = None
+        self._stats = self.native_engine.stats()  # taken between steps, under _core_lock
 
     def __enter__(self) -> AsyncLLMEngine:
         return self
@@ -105,6 +107,16 @@ class AsyncLLMEngine(LLMEngineBase):
             self._submit(request_id, lambda: self.native_engine.abort_request(request_id))
         self.try_remove_request_id(request_id)
 
+    def stats(self) -> EngineStats:
+        """The core's load and counters without waiting for a running step: read now when no
+        step runs, otherwise the snapshot taken right after the last step."""
+        if self._core_lock.acquire(blocking=False):
+            try:
+                self._stats = self.native_engine.stats()
+            finally:
+                self._core_lock.release()
+        return self._stats
+
     def _submit(self, request_id: str, command: Callable[[], object]) -> None:
         """Queue a change to the core, apply it now unless a step is running, and make sure
         the driver is running."""
@@ -138,6 +150,7 @@ class AsyncLLMEngine(LLMEngineBase):
             self._apply_commands()
             outputs = self.native_engine.step() if self.native_engine.has_unfinished_requests() else []
             self._apply_commands()
+            self._stats = self.native_engine.stats()
             failures, self._failures = self._failures, []
         return outputs, failures
 

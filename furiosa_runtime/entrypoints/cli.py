@@ -1,29 +1,41 @@
-"""``python -m furiosa_runtime``: generate, chat or embed with a built artifact.
+"""``python -m furiosa_runtime`` / ``furiosa-run``: generate, chat, embed or serve with a built artifact.
 
-    python -m furiosa_runtime ARTIFACT "prompt"                      # one completion (chat template when present)
+    python -m furiosa_runtime ARTIFACT "prompt"                      # one completion
     python -m furiosa_runtime generate --model ARTIFACT --prompt "a" --prompt "b" --max-tokens 32
     python -m furiosa_runtime chat --model ARTIFACT                  # interactive, streams each reply
     python -m furiosa_runtime embed --model ARTIFACT --prompt "a"    # one JSON vector per line
+    python -m furiosa_runtime serve ARTIFACT --port 8000             # the OpenAI-compatible HTTP server
+
+A text prompt means the same everywhere: when the artifact's tokenizer has a chat
+template, the prompt is sent as a user message of it (as ``chat`` does), so the default
+command and ``generate`` answer a question alike; ``--no-chat-template`` sends the raw
+text.  When ``generate`` prints more than one completion (several prompts, or ``--n``),
+each starts with a header line, ``--- prompt 2 ---`` or ``--- prompt 2, sample 1 ---``; a
+single completion prints alone.  ``chat`` shows a ``> `` prompt when reading a terminal.
 
 The sub-commands take the ``EngineArgs`` flags (``--devices``, ``--npu-queue-limit``, ...).
 Completions go to stdout.  Mistakes a user can fix (an unknown or malformed flag, a missing
-or corrupted artifact, an out-of-range value, a prompt that does not fit the buckets) print
-one ``error: ...`` line on stderr and exit with status 2; Ctrl-C exits with 130, quietly.
+or corrupted artifact, an out-of-range value, a prompt that does not fit the buckets, a
+busy port) print one ``error: ...`` line on stderr and exit with status 2; Ctrl-C exits
+with 130, quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run_command"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-SUBCOMMANDS = ("generate", "chat", "embed")
+SUBCOMMANDS = ("generate", "chat", "embed", "serve")
+EXIT_WORDS = ("/exit", "/quit")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +44,12 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _invoked_as() -> str:
+    """How the user started the program: ``python -m furiosa_runtime`` or the script's name (``furiosa-run``)."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m furiosa_runtime" if name in ("", "-c", "__main__.py") else name
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, with_seed: bool) -> None:
@@ -49,6 +67,11 @@ def _add_sampling_args(parser: argparse.ArgumentParser, with_seed: bool) -> None
         add("--seed", type=int, default=None, help="random seed for sampling")
 
 
+def _add_raw_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="send each prompt as raw text even when the tokenizer has a chat template")  # fmt: skip
+
+
 def _sampling_params(args: argparse.Namespace, **extra: Any):
     from furiosa_runtime.engine.sampling_params import SamplingParams
 
@@ -59,33 +82,38 @@ def _sampling_params(args: argparse.Namespace, **extra: Any):
     )  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The default command: a positional artifact and prompt plus sampling options."""
+    prog = prog or _invoked_as()
     parser = _Parser(
-        prog="python -m furiosa_runtime",
-        description="Generate a completion for one prompt with a built artifact "
-        f"(sub-commands: {', '.join(SUBCOMMANDS)}; see python -m furiosa_runtime generate --help).",
+        prog=prog,
+        description=f"Generate a completion for one prompt with a built artifact (sub-commands: {', '.join(SUBCOMMANDS)}; "
+        f"see {prog} generate --help).",
     )
     parser.add_argument("artifact", help="artifact directory built by furiosa_build")
     parser.add_argument("prompt", help="prompt text")
     _add_sampling_args(parser, with_seed=True)
-    parser.add_argument("--no-chat-template", action="store_true",
-                        help="send the prompt as raw text even when the tokenizer has a chat template")  # fmt: skip
+    _add_raw_flag(parser)
     return parser
 
 
-def build_subcommand_parser(command: str) -> argparse.ArgumentParser:
-    """``generate``, ``chat`` or ``embed``: the EngineArgs flags plus the command's own."""
+def build_subcommand_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """``generate``, ``chat``, ``embed`` or ``serve``: the EngineArgs flags plus the command's own."""
     from furiosa_runtime.entrypoints.engine_args import EngineArgs
+    from furiosa_runtime.entrypoints.openai.cli_args import add_serve_args
 
-    parser = _Parser(prog=f"python -m furiosa_runtime {command}")
+    parser = _Parser(prog=f"{prog or _invoked_as()} {command}")
+    if command == "serve":
+        parser.description = "Serve the artifact over an OpenAI-compatible HTTP API."
+        return add_serve_args(parser)
     EngineArgs.add_cli_args(parser)
     if command in ("generate", "embed"):
         parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     if command in ("generate", "chat"):
         _add_sampling_args(parser, with_seed=False)
     if command == "generate":
-        parser.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user message of the chat template")
+        parser.add_argument("--n", type=int, default=1, help="completions per prompt (needs --temperature > 0; default: 1)")
+        _add_raw_flag(parser)
     if command == "chat":
         parser.add_argument("--system", default=None, help="system message opening the conversation")
     return parser
@@ -98,39 +126,52 @@ def _load(args: argparse.Namespace):
     return EngineArgs.from_cli_args(args).create_llm()
 
 
+def _complete(llm, prompts: list[str], params, raw: bool) -> list:
+    """Each prompt's RequestOutput: a user message of the chat template when the tokenizer
+    has one (unless ``raw``), the text as it is otherwise."""
+    if llm.tokenizer.has_chat_template and not raw:
+        return llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
 def _default(args: argparse.Namespace, out: TextIO, _in: TextIO) -> None:
     from furiosa_runtime.entrypoints.llm import LLM
 
     params = _sampling_params(args)  # validated before the (slower) artifact load
-    llm = LLM(args.artifact, seed=args.seed)
-    if llm.tokenizer.has_chat_template and not args.no_chat_template:
-        [output] = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
-    else:
-        [output] = llm.generate(args.prompt, params, use_tqdm=False)
+    [output] = _complete(LLM(args.artifact, seed=args.seed), [args.prompt], params, args.no_chat_template)
     _write(out, output.outputs[0].text)
 
 
 def _generate(args: argparse.Namespace, out: TextIO, _in: TextIO) -> None:
-    params = _sampling_params(args)
-    llm = _load(args)
-    if args.chat_template:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
-    else:
-        outputs = llm.generate(args.prompt, params, use_tqdm=False)
-    for output in outputs:
-        _write(out, output.outputs[0].text)
+    params = _sampling_params(args, n=args.n)
+    outputs = _complete(_load(args), args.prompt, params, args.no_chat_template)
+    several = len(outputs) * args.n > 1
+    for number, output in enumerate(outputs, 1):
+        for completion in output.outputs:
+            if several:
+                _write(out, f"--- prompt {number}" + (f", sample {completion.index + 1}" if args.n > 1 else "") + " ---")
+            _write(out, completion.text)
 
 
 def _chat(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> None:
-    """Read user turns from stdin (until EOF or /exit), stream each reply as it is generated."""
+    """Read user turns from stdin (until EOF or /exit), stream each reply as it is generated.
+    On a terminal, each turn is asked for with ``> ``."""
     from furiosa_runtime.engine.sampling_params import RequestOutputKind
     from furiosa_runtime.entrypoints.llm_engine import LLMEngine
 
     params = _sampling_params(args, output_kind=RequestOutputKind.DELTA)
     engine = LLMEngine.from_llm(_load(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    for turn, line in enumerate(iter(stdin.readline, "")):
-        if line.strip() in ("/exit", "/quit"):
+    interactive = stdin.isatty()
+    if interactive:
+        _write(out, f"Chatting with {args.model}: type a message and press Enter; {' or '.join(EXIT_WORDS)} or Ctrl-D quits.")
+    for turn in itertools.count():
+        if interactive:
+            _write(out, "> ", newline=False)
+        line = stdin.readline()
+        if not line or line.strip() in EXIT_WORDS:
+            if interactive and not line:
+                _write(out, "")  # Ctrl-D left the cursor after the prompt
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
         prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -150,6 +191,12 @@ def _embed(args: argparse.Namespace, out: TextIO, _in: TextIO) -> None:
         _write(out, json.dumps([round(float(x), 7) for x in output.outputs.embedding]))
 
 
+def _serve(args: argparse.Namespace, _out: TextIO, _in: TextIO) -> None:
+    from furiosa_runtime.entrypoints.openai.api_server import run_server
+
+    run_server(args)
+
+
 def _write(out: TextIO, text: str, newline: bool = True) -> None:
     """Write text, replacing what the console cannot encode (random byte tokens) instead of failing."""
     if newline and not text.endswith("\n"):
@@ -165,23 +212,33 @@ def _error(message: object) -> int:
     return EXIT_USAGE
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], None]] = {"generate": _generate, "chat": _chat, "embed": _embed}
+COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], None]] = {
+    "generate": _generate, "chat": _chat, "embed": _embed, "serve": _serve,
+}  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    parser = build_subcommand_parser(command) if command else build_parser()
-    args = parser.parse_args(argv[1:] if command else argv)  # argparse exits with status 2 on bad usage
+def run_command(command: str | None, args: argparse.Namespace) -> int:
+    """Run a parsed command (None: the default one) and return the exit status; also how
+    ``furiosa-llm serve`` runs the server."""
     from furiosa_runtime.npu.artifact import ArtifactError
 
     try:
         COMMANDS.get(command or "", _default)(args, sys.stdout, sys.stdin)
-    except (ArtifactError, ValueError, OSError) as err:  # includes ContextLengthExceededError, unreadable files
+    except (ArtifactError, ValueError, OSError) as err:  # includes ContextLengthExceededError, unreadable files, a busy port
         return _error(err)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments) and run it; ``prog`` names the
+    program in help and errors (default: as it was invoked)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    parser = build_subcommand_parser(command, prog) if command else build_parser(prog)
+    args = parser.parse_args(argv[1:] if command else argv)  # argparse exits with status 2 on bad usage
+    return run_command(command, args)
 
 
 if __name__ == "__main__":

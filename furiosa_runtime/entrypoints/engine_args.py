@@ -5,7 +5,9 @@ furiosa-llm, so ``EngineArgs.add_cli_args(parser)`` gives the same ``--model``,
 ``--devices``, ``--npu-queue-limit``, ... flags.  The scheduler values left as None keep
 the artifact's own scheduler config.  ``weight_cache_bytes`` (``--weight-cache-bytes``,
 which also takes sizes such as ``4GiB``) is the simulator's own: how much memory its
-float32 copies of bf16 weights may hold.
+float32 copies of bf16 weights may hold.  ``enable_prefix_caching`` (on by default;
+``--enable-prefix-caching`` / ``--no-enable-prefix-caching`` as in vLLM) reuses the KV
+blocks of earlier prompts that start with the same tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
-from furiosa_runtime.entrypoints.arg_checks import check_devices, check_int, check_jit, check_path, check_seed
+from furiosa_runtime.entrypoints.arg_checks import (
+    check_bool,
+    check_devices,
+    check_int,
+    check_jit,
+    check_path,
+    check_seed,
+)
 from furiosa_runtime.entrypoints.llm import LLM
 from furiosa_runtime.npu.artifact import load_artifact
 
@@ -78,6 +87,8 @@ class EngineArgs:
     jit_unit_size: int = DEFAULT_JIT_UNIT_SIZE
     # simulator memory: bytes of float32 copies of bf16 weights kept (None: what fits)
     weight_cache_bytes: int | None = None
+    # automatic prefix caching: reuse the KV blocks of shared prompt prefixes
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         """Check every value's type and range before any work, one line per mistake.
@@ -94,8 +105,8 @@ class EngineArgs:
         check_devices(self.devices)
         check_int("weight_cache_bytes", self.weight_cache_bytes, 0, optional=True)
         self._check_scheduler_values()
-        if not isinstance(self.enable_jit_compilation, bool):
-            raise ValueError(f"enable_jit_compilation must be True or False, got {self.enable_jit_compilation!r}")
+        check_bool("enable_jit_compilation", self.enable_jit_compilation)
+        check_bool("enable_prefix_caching", self.enable_prefix_caching)
         check_jit(self.jit_threshold, self.jit_max_workers, self.jit_unit_size)
 
     def _check_scheduler_values(self) -> None:
@@ -131,6 +142,9 @@ class EngineArgs:
             help="Simulator memory for float32 copies of bf16 weights, least recently used evicted first: bytes or a size "
                  "such as 4GiB or 512MiB; 0 widens on every use (default: half the available memory left after the "
                  "mapped weights and KV cache). Outputs do not depend on it.")  # fmt: skip
+        add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+            help="Reuse the KV cache of earlier prompts that start with the same tokens (on by default; "
+                 "--no-enable-prefix-caching turns it off). Outputs do not depend on it.")  # fmt: skip
         return parser
 
     @classmethod
@@ -162,7 +176,7 @@ class EngineArgs:
             scheduler_config = type(base)(**{**base.model_dump(), **overrides})
         names = ["revision", "pipeline_parallel_size", "data_parallel_size", "tokenizer", "tokenizer_mode", "seed",
                  "devices", "cache_dir", "enable_jit_compilation", "jit_threshold", "jit_max_workers", "jit_unit_size",
-                 "weight_cache_bytes"]  # fmt: skip
+                 "weight_cache_bytes", "enable_prefix_caching"]  # fmt: skip
         return LLM(self.model, scheduler_config=scheduler_config, **{name: getattr(self, name) for name in names})
 
 

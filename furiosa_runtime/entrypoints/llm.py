@@ -15,7 +15,14 @@ from furiosa_runtime.engine.outputs import RequestOutput
 from furiosa_runtime.engine.pooling import Embedder, EmbeddingRequestOutput, PoolingRequestOutput, require_task
 from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
 from furiosa_runtime.engine.tokenizer import Tokenizer, require_tokenizer, validate_messages
-from furiosa_runtime.entrypoints.arg_checks import check_devices, check_int, check_jit, check_path, check_seed
+from furiosa_runtime.entrypoints.arg_checks import (
+    check_bool,
+    check_devices,
+    check_int,
+    check_jit,
+    check_path,
+    check_seed,
+)
 from furiosa_runtime.npu.artifact import SchedulerConfig
 
 TOKENIZER_MODES = ("auto", "slow")
@@ -35,7 +42,9 @@ class LLM:
     only, see ``engine.py``).  ``weight_cache_bytes`` bounds the float32 copies of bf16
     weights the simulator keeps (None: what fits this machine, see
     ``NPUSimulator.default_weight_cache_bytes``; 0 widens on every use); outputs do not
-    depend on it.  Settings the simulator cannot honour (a Hub revision, JIT
+    depend on it.  ``enable_prefix_caching`` (on by default, as in furiosa-llm and vLLM)
+    keeps the KV blocks of finished prompts and reuses them for later prompts that start
+    with the same tokens; outputs do not depend on it.  Settings the simulator cannot honour (a Hub revision, JIT
     compilation) are refused with a ValueError rather than ignored, and every argument's
     type and range is checked before the artifact is read (one line naming the argument).
     """
@@ -58,6 +67,7 @@ class LLM:
         jit_max_workers: int | None = None,
         jit_unit_size: int | None = None,
         weight_cache_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(kwargs)
@@ -68,13 +78,14 @@ class LLM:
         check_int("data_parallel_size", data_parallel_size, 1, optional=True)
         check_int("weight_cache_bytes", weight_cache_bytes, 0, optional=True)
         check_jit(jit_threshold, jit_max_workers, jit_unit_size, optional=True)
+        check_bool("enable_prefix_caching", enable_prefix_caching)
         _refuse(revision is not None, "revision", "artifacts are local folders; leave revision unset", revision)
         _refuse(tokenizer_mode not in TOKENIZER_MODES, "tokenizer_mode", "one of auto, slow", tokenizer_mode)
         _refuse(bool(enable_jit_compilation), "enable_jit_compilation", "False (artifacts are compiled ahead of time)", enable_jit_compilation)
         self.engine = EngineCore(
             model_id_or_path, seed=seed, scheduler_config=scheduler_config, tokenizer=tokenizer,
             devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
-            weight_cache_bytes=weight_cache_bytes,
+            weight_cache_bytes=weight_cache_bytes, enable_prefix_caching=enable_prefix_caching,
         )  # fmt: skip
         self.model_id_or_path = str(model_id_or_path)
         self.model_metadata = self.engine.artifact.model_metadata
@@ -183,13 +194,25 @@ class LLM:
         return [parse_prompt(p, self.engine.tokenizer) for p in batch_prompts(prompts)]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step the engine until every request in ``ids`` finishes.
+
+        The progress bar counts generated tokens out of every sequence's ``max_tokens``
+        (a request that stops early takes its unused budget off the total), with the
+        finished requests in its postfix.
+        """
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+        budget = {i: sum(seq.max_tokens for seq in self.engine.groups[i].seqs) for i in ids}
+        with tqdm(total=sum(budget.values()), desc="generate", unit="tok", disable=not use_tqdm) as bar:
             while len(finished) < len(ids):
-                for output in self.engine.step():
+                generated = self.engine.num_generated_tokens
+                outputs = self.engine.step()
+                bar.update(self.engine.num_generated_tokens - generated)
+                for output in outputs:
                     if output.finished:
                         finished[output.request_id] = output
-                        bar.update(1)
+                        bar.total -= budget[output.request_id] - sum(len(c.token_ids) for c in output.outputs)
+                        bar.set_postfix_str(f"{len(finished)}/{len(ids)} requests", refresh=False)
+                bar.refresh()
         return [finished[i] for i in ids]
 
 

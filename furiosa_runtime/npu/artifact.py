@@ -29,6 +29,8 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from furiosa_runtime.npu.hardware import RNGD, HardwareSpec
+
 ARTIFACT_FILE = "artifact.json"
 FORMAT_VERSION = "1"
 SHA256_HEX = r"[0-9a-f]{64}"  # a sha256 digest, and a program key
@@ -365,6 +367,7 @@ class Artifact(_Model):
     model_rewriting_config: ModelRewritingConfig
     parallel_config: ParallelConfig
     scheduler_config: SchedulerConfig = SchedulerConfig()
+    hardware: HardwareSpec = RNGD  # the NPU the artifact was planned and timed for
     # Declared before the fields that name files, so their validators can check the manifest.
     manifest: dict[str, str]  # relative path -> sha256
     pipelines: list[Pipeline] = Field(default_factory=list)

@@ -1,9 +1,12 @@
 """The hardware description of the simulated NPU (RNGD-class), in one place.
 
-Public per-chip figures: 8 processing elements (PEs), BF16 256 TFLOPS, FP8/INT8 512
-TFLOPS/TOPS, 48 GB HBM3 at 1.5 TB/s, 256 MB SRAM, 150 W, 1 GHz.  A PE gets an equal
-share of compute, memory and bandwidth.  The link figures the timing model needs
-(``furiosa_runtime/npu/timing.py``) are not published and are marked as assumptions.
+``HardwareSpec`` holds every figure the simulator and the timing model use.  Its defaults
+are RNGD's, and ``conf/hardware/rngd.yaml`` repeats them with where each comes from: the
+public per-chip figures (8 processing elements (PEs), BF16 256 TFLOPS, FP8/INT8 512
+TFLOPS/TOPS, 48 GB HBM3 at 1.5 TB/s, 256 MB SRAM, 150 W, 1 GHz) and the assumptions the
+timing model needs beyond them (links, dispatch, efficiencies).  A PE gets an equal share
+of compute, memory and bandwidth.  A build records the description it was built for in
+the artifact (``Artifact.hardware``); the runtime can be given another one.
 """
 
 from __future__ import annotations
@@ -11,27 +14,36 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
+
 GB = 1024**3
 
 
-@dataclass(frozen=True)
-class HardwareSpec:
-    name: str = "RNGD"
-    pes_per_device: int = 8
-    bf16_tflops: float = 256.0
-    fp8_tflops: float = 512.0
-    hbm_bytes: int = 48 * GB
-    hbm_bandwidth: float = 1.5e12  # bytes/s
-    sram_bytes: int = 256 * 1024**2
-    power_watts: float = 150.0
-    clock_hz: float = 1.0e9
+class HardwareSpec(BaseModel):
+    """One NPU model: published figures and timing-model assumptions (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(default="RNGD", min_length=1)
+    pes_per_device: int = Field(default=8, ge=1)
+    bf16_tflops: float = Field(default=256.0, gt=0)
+    fp8_tflops: float = Field(default=512.0, gt=0)
+    int8_tops: float = Field(default=512.0, gt=0)
+    hbm_bytes: int = Field(default=48 * GB, gt=0)
+    hbm_bandwidth: float = Field(default=1.5e12, gt=0)  # bytes/s
+    sram_bytes: int = Field(default=256 * 1024**2, ge=0)
+    power_watts: float = Field(default=150.0, gt=0)
+    clock_hz: float = Field(default=1.0e9, gt=0)
     # Timing-model assumptions (not published figures): links between the PEs of one device,
-    # the device-to-device link (PCIe Gen5 x16), the latency of one hop, and the cycles to
-    # dispatch one instruction.
-    pe_link_bandwidth: float = 256e9  # bytes/s
-    device_link_bandwidth: float = 64e9  # bytes/s
-    link_latency_seconds: float = 1e-6
-    dispatch_cycles: int = 100
+    # the device-to-device link (PCIe Gen5 x16), the latency of one hop, the cycles to
+    # dispatch one instruction, and the share of the peak compute and HBM bandwidth a
+    # kernel sustains.
+    pe_link_bandwidth: float = Field(default=256e9, gt=0)  # bytes/s
+    device_link_bandwidth: float = Field(default=64e9, gt=0)  # bytes/s
+    link_latency_seconds: float = Field(default=1e-6, ge=0)
+    dispatch_cycles: int = Field(default=100, ge=0)
+    compute_efficiency: float = Field(default=1.0, gt=0, le=1)
+    hbm_efficiency: float = Field(default=1.0, gt=0, le=1)
 
     @property
     def pe_hbm_bytes(self) -> int:
@@ -39,13 +51,13 @@ class HardwareSpec:
 
     @property
     def pe_flops(self) -> float:
-        """A PE's share of the BF16 peak, FLOP/s."""
-        return self.bf16_tflops * 1e12 / self.pes_per_device
+        """A PE's sustained share of the BF16 peak, FLOP/s."""
+        return self.bf16_tflops * 1e12 * self.compute_efficiency / self.pes_per_device
 
     @property
     def pe_hbm_bandwidth(self) -> float:
-        """A PE's share of the HBM bandwidth, bytes/s."""
-        return self.hbm_bandwidth / self.pes_per_device
+        """A PE's sustained share of the HBM bandwidth, bytes/s."""
+        return self.hbm_bandwidth * self.hbm_efficiency / self.pes_per_device
 
     @property
     def pe_sram_bytes(self) -> int:

@@ -14,10 +14,11 @@ modelled step latency (``step_seconds``, the timing face in ``timing.py``).  Set
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections import Counter
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -39,7 +40,7 @@ from furiosa_runtime.npu.artifact import (
     program_file,
     split_layers,
 )
-from furiosa_runtime.npu.hardware import RNGD, HardwareSpec, Mesh, device_of, plan_mesh
+from furiosa_runtime.npu.hardware import HardwareSpec, Mesh, device_of, plan_mesh
 from furiosa_runtime.npu.isa import (
     COLLECTIVES,
     COMPUTE_DTYPE,
@@ -129,7 +130,7 @@ class TaskWeights(Mapping[str, np.ndarray]):
 STORED_OPERANDS: dict[str, tuple[int, ...]] = {"gather": (0,), "moe_experts": (3, 4)}
 
 
-def program_run(program: Program, inputs: list[np.ndarray], params: Mapping[str, np.ndarray], kv: list[KVCacheLayer], block_size: int) -> ProgramRun:
+def program_run(program: Program, inputs: list[np.ndarray], params: Mapping[str, np.ndarray], kv: Sequence[KVCacheLayer | ReplicaKV], block_size: int) -> ProgramRun:
     """Execute one program with its reference semantics; values are released at last use.
 
     ``params`` maps each program parameter to its value in the compute dtype; it is read
@@ -147,15 +148,32 @@ def program_run(program: Program, inputs: list[np.ndarray], params: Mapping[str,
         operands = [env[name] if name in env else stored(name) if i in raw else params[name] for i, name in enumerate(inst.ins)]  # type: ignore[misc]
         if inst.op in COLLECTIVES:
             outs: tuple[np.ndarray, ...] = ((yield inst, operands[0]),)
+        elif inst.op == "paged_attention":
+            outs = _paged_attention(inst, operands, kv[inst.attrs["kv_index"]], block_size)
         else:
-            ctx = ExecContext(kv=kv[inst.attrs["kv_index"]] if inst.op == "paged_attention" else None, block_size=block_size)
-            outs = execute(inst, operands, ctx)
+            outs = execute(inst, operands, ExecContext(block_size=block_size))
         env.update(zip(inst.outs, outs))
         if TRACE:
             print(f"[npu] {inst.op:16s} {','.join(inst.ins)} -> {inst.outs[0]} {outs[0].shape}", file=sys.stderr)
         for name in inst.free:
             env.pop(name, None)
     return [env[name] for name in program.outputs]
+
+
+def _paged_attention(inst: Instruction, operands: list[np.ndarray], kv: KVCacheLayer | ReplicaKV, block_size: int) -> tuple[np.ndarray, ...]:
+    """A paged-attention instruction over one cache, or over the rows of several
+    data-parallel replicas, each replica's rows against its own cache (every operand is
+    batch-first)."""
+    if isinstance(kv, KVCacheLayer):
+        return execute(inst, operands, ExecContext(kv=kv, block_size=block_size))
+    out: np.ndarray | None = None
+    for cache, rows in kv.parts:
+        (part,) = execute(inst, [x[rows] for x in operands], ExecContext(kv=cache, block_size=block_size))
+        if out is None:
+            out = np.empty((operands[0].shape[0], *part.shape[1:]), dtype=part.dtype)
+        out[rows] = part
+    assert out is not None, "a batch has rows"
+    return (out,)
 
 
 def run_group(runs: list[ProgramRun]) -> list[list[np.ndarray]]:
@@ -185,13 +203,45 @@ def run_group(runs: list[ProgramRun]) -> list[list[np.ndarray]]:
         replies = [combined] * len(runs)
 
 
-def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: list[KVCacheLayer], block_size: int) -> list[np.ndarray]:
+def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: Sequence[KVCacheLayer | ReplicaKV], block_size: int) -> list[np.ndarray]:
     """Execute one single-PE program (a collective is over a group of one)."""
     return run_group([program_run(program, inputs, params, kv, block_size)])[0]
 
 
 def _flatten(transfers: dict[str, list[Transfer]]) -> list[Transfer]:
     return [t for sends in transfers.values() for t in sends]
+
+
+@dataclass(frozen=True)
+class ReplicaKV:
+    """One layer's KV cache for a batch whose rows live on several data-parallel replicas:
+    ``parts`` pairs each replica's cache with the rows (batch indices) it holds."""
+
+    parts: tuple[tuple[KVCacheLayer, np.ndarray], ...]
+
+
+#: The rows of a batch by data-parallel replica: replica -> its rows (batch indices), or
+#: None when the replica serves every row.
+ReplicaRows = dict[int, np.ndarray | None]
+
+
+def _replica_rows(replica: int | Sequence[int], batch: int) -> ReplicaRows:
+    """``replica`` (one for the batch, or one per row) as the rows of each replica."""
+    if isinstance(replica, int | np.integer):
+        return {int(replica): None}
+    per_row = np.asarray(replica)
+    assert per_row.shape == (batch,), f"one replica per row: {per_row.shape} for a batch of {batch}"
+    replicas = np.unique(per_row)
+    if len(replicas) == 1:
+        return {int(replicas[0]): None}
+    return {int(r): np.flatnonzero(per_row == r) for r in replicas}
+
+
+def _layer_caches(layer: int, pes: dict[int, PE], rows: ReplicaRows) -> KVCacheLayer | ReplicaKV:
+    """The KV cache of ``layer`` that each replica's rows read and write."""
+    if len(rows) == 1:
+        return pes[next(iter(rows))].kv[layer]
+    return ReplicaKV(tuple((pes[replica].kv[layer], part) for replica, part in rows.items()))  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -312,6 +362,28 @@ def _token_tables(program: Program, task: Task) -> list[str]:
     return tables
 
 
+def keep_freed_memory() -> None:
+    """Let the C allocator keep freed activation memory for the next step (glibc only).
+
+    Every step allocates and frees the same activation sizes.  By default glibc gives
+    large freed blocks back to the OS (``munmap``, heap trimming), so the next step faults
+    their pages in afresh: a tenth of the CPU time of a 256-token prefill step.  Serving
+    blocks up to ``MMAP_THRESHOLD`` from the heap and trimming it only above
+    ``TRIM_THRESHOLD`` of free memory keeps them mapped; other allocators are left alone.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest dynamic threshold, above any activation of a step
+TRIM_THRESHOLD = 256 * 2**20
+
+
 class NPUSimulator:
     """Programs and weights of one artifact placed on a mesh of simulated PEs.
 
@@ -332,7 +404,7 @@ class NPUSimulator:
         self,
         files: ArtifactFiles | str | Path,
         artifact: Artifact,
-        hw: HardwareSpec = RNGD,
+        hw: HardwareSpec | None = None,
         *,
         devices: str | None = None,
         pipeline_parallel_size: int | None = None,
@@ -340,22 +412,23 @@ class NPUSimulator:
         weight_cache_bytes: int | None = None,
     ) -> None:
         check_budget(weight_cache_bytes)
+        keep_freed_memory()
         if artifact.shape_only:
             raise ValueError(f"artifact {artifact.metadata.name!r} was built without weights (build.weights=none): "
                              "it can be planned and simulated, not run; build it with weights to generate")  # fmt: skip
         files = files if isinstance(files, ArtifactFiles) else ArtifactFiles(files, artifact.manifest)
         self.artifact = artifact
-        self.hw = hw
+        self.hw = hw or artifact.hardware
         self.block_size = artifact.generator_config.paged_attention_config.block_size
         self.layers_per_stage = self._layers_per_stage(pipeline_parallel_size)
         par = artifact.parallel_config
-        self.mesh: Mesh = plan_mesh(devices or artifact.devices, par.tensor_parallel_size, len(self.layers_per_stage), data_parallel_size, hw)
+        self.mesh: Mesh = plan_mesh(devices or artifact.devices, par.tensor_parallel_size, len(self.layers_per_stage), data_parallel_size, self.hw)
         self.programs = {key: _load_program(files, key) for key in self._program_keys()}
         tensors = self._read_weights(files)
         #: How many token ids the embedding holds (``embedding_rows``): the bound on prompt ids.
         self.token_rows = embedding_rows(artifact, self.programs, tensors)
         self.schedules = {p.name: self._schedule(p) for p in artifact.pipelines}
-        timing = StepModel(self.programs, hw, self.block_size, artifact.model_metadata.weight_dtype, artifact.generator_config.kv_cache_dtype)
+        timing = StepModel(self.programs, self.hw, self.block_size, artifact.model_metadata.weight_dtype, artifact.generator_config.kv_cache_dtype)
         #: Modelled latency of one step of each bucket's pipeline (``timing.py``).
         self.step_seconds = {
             p.name: timing.step_seconds(p, _flatten(self.schedules[p.name].transfers), lambda s: self.mesh.pe(0, s, 0))
@@ -369,7 +442,7 @@ class NPUSimulator:
         if weight_cache_bytes is None:
             weight_cache_bytes = self.default_weight_cache_bytes()
         #: The float32 copies of bf16 weights, within ``weight_cache_bytes`` (shared by replicas).
-        self.widened = WidenedWeights(weight_cache_bytes)
+        self.widened = WidenedWeights(weight_cache_bytes, self._linear_weights())
 
     # -- layout ----------------------------------------------------------------------------
     def _layers_per_stage(self, pipeline_parallel_size: int | None) -> list[int]:
@@ -484,6 +557,16 @@ class NPUSimulator:
         kv = sum(layer.nbytes for pe in self.pes.values() for layer in pe.kv.values())
         return default_budget(largest, sum(array.nbytes for array in stored.values()), kv)
 
+    def _linear_weights(self) -> set[str]:
+        """The tensors some task reads as the ``[N, K]`` weight of a ``linear`` instruction
+        (``w_layout`` "nk"): their widened copies are kept column-major (``WidenedWeights``)."""
+        names = set()
+        for task, _ in self._placements():
+            for inst in self.programs[task.program].instructions:
+                if inst.op == "linear" and inst.attrs.get("w_layout", "nk") == "nk" and inst.ins[1].startswith("p:"):
+                    names.add(task.params[inst.ins[1].removeprefix("p:")])
+        return names
+
     def copy_kv_blocks(self, replica: int, src: int, dst: int) -> None:
         """Copy KV block ``src`` into ``dst`` in every layer on the PEs of ``replica`` (the
         private last block of a forked sequence)."""
@@ -492,50 +575,58 @@ class NPUSimulator:
         for stage in range(self.mesh.pp):
             for name in self.mesh.group(replica, stage):
                 for layer in self.pes[name].kv.values():
-                    layer.k[dst_slots] = layer.k[src_slots]
-                    layer.v[dst_slots] = layer.v[src_slots]
+                    layer.kv[dst_slots] = layer.kv[src_slots]
         self.stats["kv_block_copies"] += 1
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int = 0) -> np.ndarray:
-        """Run the pipeline of ``bucket`` on data-parallel ``replica`` and return its output.
+    def run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int | Sequence[int] = 0) -> np.ndarray:
+        """Run the pipeline of ``bucket`` and return its output.
 
-        The host gives every stage the user inputs (``feeds``); activations reach later
-        stages only through the pipeline's transfers.
+        ``replica`` is the data-parallel replica serving every row, or one per row.  The rows
+        of several replicas run as one batch on the host: the replicas hold the same weights,
+        so one execution of each program computes every row, while each row's K/V is written
+        to and read from the KV cache of its own replica's PEs.  (The timing model still
+        counts each replica as a device of its own.)  The host gives every stage the user
+        inputs (``feeds``); activations reach later stages only through the transfers.
         """
+        rows = _replica_rows(replica, next(iter(feeds.values())).shape[0])  # feeds are batch-first
         pipeline = self.artifact.pipeline_for(bucket)
         schedule = self.schedules[pipeline.name]
         values = [dict(feeds) for _ in range(self.mesh.pp)]  # what each stage's PEs hold
         for name, group in groupby(pipeline.tasks, key=lambda t: t.name):
             stage = schedule.stages[name]
-            outputs = self._run_group(list(group), replica, stage, values[stage])
+            outputs = self._run_group(list(group), rows, stage, values[stage])
             values[stage].update(outputs)
             for transfer in schedule.transfers.get(name, []):
-                self._transfer(transfer, values, replica)
+                self._transfer(transfer, values, list(rows))
         return values[schedule.stages[pipeline.tasks[-1].name]][pipeline.output]
 
-    def _run_group(self, tasks: list[Task], replica: int, stage: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One supertask on its tensor-parallel group; its outputs are replicated, so rank 0's stand for all."""
+    def _run_group(self, tasks: list[Task], rows: ReplicaRows, stage: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One supertask on the tensor-parallel group of every replica in ``rows``, in one
+        execution per rank; its outputs are replicated, so rank 0's stand for all."""
         runs = []
+        first = next(iter(rows))
         for task in tasks:
             program = self.programs[task.program]
-            pe = self.pes[self.mesh.pe(replica, stage, task.shard)]
+            pe = self.pes[self.mesh.pe(first, stage, task.shard)]  # every replica holds these same tensors
             params = TaskWeights({spec.name: task.params[spec.name[2:]] for spec in program.params}, pe, self.widened)
-            kv = [pe.kv[layer] for layer in task.kv_layers]
+            pes = {replica: self.pes[self.mesh.pe(replica, stage, task.shard)] for replica in rows}
+            kv = [_layer_caches(layer, pes, rows) for layer in task.kv_layers]
             runs.append(program_run(program, [values[v] for v in task.inputs], params, kv, self.block_size))
         outputs = run_group(runs)
-        self.stats["collectives"] += self._collectives[tasks[0].program]
+        self.stats["collectives"] += self._collectives[tasks[0].program] * len(rows)
         return dict(zip(tasks[0].outputs, outputs[0]))
 
-    def _transfer(self, transfer: Transfer, values: list[dict[str, np.ndarray]], replica: int) -> None:
-        """Send an activation from every PE of the source stage to the same rank of the destination."""
+    def _transfer(self, transfer: Transfer, values: list[dict[str, np.ndarray]], replicas: list[int]) -> None:
+        """Send an activation from every PE of the source stage to the same rank of the
+        destination, in every replica (each sends its own rows)."""
         data = values[transfer.src_stage][transfer.value]
         values[transfer.dst_stage][transfer.value] = np.array(data, copy=True)
-        self.stats["transfers"] += 1
+        self.stats["transfers"] += len(replicas)
         self.stats["transfer_bytes"] += data.nbytes * self.mesh.tp
         if TRACE:
-            src = self.mesh.group(replica, transfer.src_stage)
-            dst = self.mesh.group(replica, transfer.dst_stage)
+            src = [pe for replica in replicas for pe in self.mesh.group(replica, transfer.src_stage)]
+            dst = [pe for replica in replicas for pe in self.mesh.group(replica, transfer.dst_stage)]
             print(f"[npu] transfer         {transfer.value} {','.join(src)} -> {','.join(dst)} {data.shape}", file=sys.stderr)
 
     def pipeline(self, bucket: Bucket) -> Pipeline:

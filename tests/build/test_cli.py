@@ -121,7 +121,7 @@ def test_random_weights_need_a_seed(model_dir: Path) -> None:
     ["build", "m", "out", "-pb", "1x512"],
     ["build", "m", "out", "-tp", "two"],
     ["build", "m", "out", "--additional-model-config", "no_equals_sign"],
-    ["serve", "m"],
+    ["serve", "m", "--port", "x"],  # serve is the runtime's server (tests/runtime/entrypoints/test_cli.py)
 ])
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

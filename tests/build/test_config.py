@@ -304,7 +304,7 @@ def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("args", "expected"), [
     (["buckets.decode=[[1,4096]]"], "error: buckets.decode[0]: attention_size 4096 exceeds"),
     (["parallel.tensor_parallel_size=3"], "error: parallel.tensor_parallel_size: must be a power of two"),
-    (["-m", "model=tiny-llama,nope"], "error: job 1 (model=nope): model: unknown option 'nope'"),
+    (["-m", "model=nope,nope2"], "error: job 0 (model=nope): model: unknown option 'nope'"),
     (["model.bogus=1"], "error: model.bogus: unknown key"),
 ])
 def test_python_m_furiosa_build_rejects_bad_input_and_writes_nothing(tmp_path: Path, args: list[str],
@@ -316,16 +316,36 @@ def test_python_m_furiosa_build_rejects_bad_input_and_writes_nothing(tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sweep_is_validated_job_by_job_before_anything_runs(fake_builder: list[Any],
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    # Job 2 (model=tiny-gpt2 with 4 blocks) cannot hold the largest tiny bucket; nothing may run.
+def test_a_bad_sweep_job_is_named_up_front_and_the_others_still_build(fake_builder: list[Any], monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Job 1 (model=tiny-llama with 4 blocks) cannot hold the largest tiny bucket; jobs 0 and 2 build.
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        entry.main(["-m", "model=tiny-llama,tiny-gpt2", "buckets=tiny", "buckets.paged_attention_num_blocks=100,4"])
+        entry.main(["-m", "model=tiny-llama", "buckets=tiny", "buckets.paged_attention_num_blocks=100,4,200"])
     assert exit_info.value.code == 2
-    line = one_error_line(capsys)
-    assert line.startswith("job 1 (model=tiny-llama buckets=tiny buckets.paged_attention_num_blocks=4): "
-                           "buckets.paged_attention_num_blocks: 4 blocks")
+    first, last = capsys.readouterr().err.splitlines()
+    job = "job 1 (model=tiny-llama buckets=tiny buckets.paged_attention_num_blocks=4)"
+    assert first.startswith(f"error: {job}: buckets.paged_attention_num_blocks: 4 blocks") and first.endswith("other jobs still run")
+    assert last == f"error: 1 sweep job(s) failed: {job}"
+    assert [spec.buckets.paged_attention_num_blocks for spec in fake_builder] == [100, 200]
+
+
+def test_a_sweep_of_only_bad_jobs_fails_up_front(fake_builder: list[Any], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main(["-m", "model=tiny-llama", "buckets=tiny", "buckets.paged_attention_num_blocks=3,4"])
+    assert exit_info.value.code == 2
+    assert one_error_line(capsys).startswith("job 0 (model=tiny-llama buckets=tiny buckets.paged_attention_num_blocks=3): ")
     assert fake_builder == []
+
+
+def test_each_sweep_job_keeps_its_composed_config(fake_builder: list[Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    entry.main(["-m", "model=tiny-llama", "buckets=tiny", "buckets.paged_attention_block_size=4,8"])
+    [sweep] = (tmp_path / "artifacts" / "multirun").iterdir()
+    for spec in fake_builder:
+        kept = OmegaConf.load(sweep / "configs" / f"{Path(str(spec.build.save_dir)).name}.yaml")
+        assert kept.buckets.paged_attention_block_size == spec.buckets.paged_attention_block_size
+        assert kept.model.name == "tiny-llama" and "hydra" not in kept
 
 
 def test_sweep_jobs_get_distinct_artifact_directories() -> None:
@@ -371,7 +391,7 @@ def test_multirun_builds_each_job_into_its_own_directory(fake_builder: list[Any]
     assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["multirun"]  # not in artifacts/<model.name>
     [sweep] = (tmp_path / "artifacts" / "multirun").iterdir()
     assert sorted(p.name for p in sweep.iterdir()) == ["buckets=tiny,model=tiny-gpt2", "buckets=tiny,model=tiny-llama",
-                                                       "multirun.yaml"]  # Hydra's record of the sweep
+                                                       "configs", "multirun.yaml"]  # Hydra's record of the sweep
     assert [Path(str(spec.build.save_dir)).parent.name for spec in fake_builder] == [sweep.name, sweep.name]
 
 
@@ -518,3 +538,24 @@ def _clean_hydra() -> Iterator[None]:
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
+
+
+def test_a_job_that_fails_while_building_does_not_stop_the_sweep(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    built: list[int] = []
+
+    def run(spec: BuildSpec) -> int:  # job 0 fails as a full disk would: one line, status 2
+        if spec.buckets.paged_attention_block_size == 4:
+            entry.report_error("build.save_dir: no space left on device")
+            return 2
+        built.append(spec.buckets.paged_attention_block_size)
+        return 0
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(entry, "run", run)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main(["-m", "model=tiny-llama", "buckets=tiny", "buckets.paged_attention_block_size=4,8,16"])
+    assert exit_info.value.code == 2
+    assert built == [8, 16]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: 1 sweep job(s) failed: job 0 (model=tiny-llama buckets=tiny buckets.paged_attention_block_size=4)")

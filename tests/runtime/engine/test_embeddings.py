@@ -129,6 +129,13 @@ def test_too_long_token_ids_are_refused(minilm) -> None:
         minilm.encode({"prompt_token_ids": [101] + [1000] * 298 + [102]}, use_tqdm=False)
 
 
+def test_prefix_caching_does_not_apply_to_an_encoder(minilm) -> None:
+    """BERT attends both ways: a token's KV depends on the tokens after it, so nothing is cached."""
+    assert not minilm.engine.blocks.enable_caching
+    minilm.embed(["the same start, then one ending", "the same start, then another"])
+    assert minilm.engine.blocks.num_cached == 0
+
+
 def test_each_task_refuses_the_other_api(minilm, tiny_llama_artifact) -> None:
     with pytest.raises(ValueError, match=r"^LLM.generate: artifact 'all-minilm-l6-v2' is an embedding model"):
         minilm.generate("hello")
@@ -136,21 +143,13 @@ def test_each_task_refuses_the_other_api(minilm, tiny_llama_artifact) -> None:
         LLM(tiny_llama_artifact).embed("hello")
 
 
-def test_random_bert_with_cls_pooling_matches_transformers(tmp_path_factory, cache_dir) -> None:
+def test_random_bert_with_cls_pooling_matches_transformers(tiny_bert_artifact) -> None:
     """A random-weight BERT, CLS pooling without normalisation: exactly transformers' first-token state."""
     import torch
 
     from tests.helpers import hf_random_model
 
-    out = tmp_path_factory.mktemp("embed") / "tiny-bert"
-    overrides = [
-        "model=all-minilm-l6-v2", "model.name=tiny-bert", "model.model_id_or_path=null", "model.seed_for_random_weight=0",
-        "model.auto_bfloat16_cast=false", "+model.pooling={mode: cls, normalize: false}", "buckets=embed",
-        "buckets.prefill=[[1,16],[4,32]]", "buckets.max_seq_len_to_capture=32", "buckets.paged_attention_block_size=8",
-        "model.hf_config={model_type: bert, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
-        "intermediate_size: 128, vocab_size: 512, max_position_embeddings: 64, dtype: bfloat16}",
-    ]  # fmt: skip
-    build(overrides, out, cache_dir)
+    out = tiny_bert_artifact
     prompts = [[5, 17, 33, 101, 7, 9], [300, 2, 44], [11] * 20 + [400, 401], [7]]
     got = LLM(out).encode([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
     hf_config = json.loads((Path(out) / "artifact.json").read_text())["hf_config"]

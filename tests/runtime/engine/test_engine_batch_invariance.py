@@ -3,12 +3,15 @@
 A tiny random-weight Llama with small buckets and a deliberately small KV cache (48 usable
 blocks of 4 tokens, while up to 48-token requests run many at a time), so the scheduler
 must batch, rotate, chunk and preempt.  Requests arrive at random steps and some are
-aborted; every finished one is compared with the same request run alone, and every KV
-block must be free at the end.
+aborted; every finished one is compared with the same request run alone with prefix
+caching off, and every KV block must be free (or cached, evictable) at the end.  The
+random prompts often start with one of a few shared prefixes, so with prefix caching on
+(the default) later requests reuse the KV blocks of earlier ones.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +37,20 @@ def small_cache_artifact(request, tmp_path_factory, cache_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(small_cache_artifact: Path) -> LLM:
+    """The engine without prefix caching: what every request must produce."""
+    return LLM(small_cache_artifact, enable_prefix_caching=False)
+
+
+SHARED_PREFIXES = [list(range(100, 100 + n)) for n in (5, 12, 20)]  # a "system prompt" of 1, 3 or 5 blocks (and a bit)
+
+
 def random_request(rng: np.random.Generator, max_prompt: int) -> tuple[list[int], SamplingParams]:
+    """Random tokens, half of the time after a shared prefix, and a random greedy budget."""
     prompt = rng.integers(3, 500, size=int(rng.integers(1, max_prompt + 1))).tolist()
+    if rng.random() < 0.5:
+        prompt = (SHARED_PREFIXES[int(rng.integers(len(SHARED_PREFIXES)))] + prompt)[:max_prompt]
     max_tokens = int(rng.integers(1, min(24, 48 - len(prompt)) + 1))
     return prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=bool(rng.random() < 0.5))
 
@@ -59,7 +74,7 @@ def serve_randomly(engine: LLMEngine, requests: list[tuple[list[int], SamplingPa
             if output.finished:
                 finished[output.request_id] = output.outputs[0].token_ids
         blocks.check_invariants()
-    assert blocks.num_free == blocks.num_usable and not blocks.tables
+    assert blocks.num_free == blocks.num_usable and not blocks.tables  # free or cached (evictable)
     return finished
 
 
@@ -67,27 +82,35 @@ def alone(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
     return llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
 
 
-def test_two_hundred_random_requests_match_each_alone(small_cache_artifact: Path) -> None:
-    llm = LLM(small_cache_artifact, scheduler_config=SchedulerConfig(spare_blocks_ratio=0.0))  # admit greedily: preempt later
+@pytest.mark.parametrize("enable_prefix_caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
+def test_two_hundred_random_requests_match_each_alone(
+    small_cache_artifact: Path, reference: LLM, enable_prefix_caching: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm = LLM(small_cache_artifact, scheduler_config=SchedulerConfig(spare_blocks_ratio=0.0),  # admit greedily: preempt later
+              enable_prefix_caching=enable_prefix_caching)  # fmt: skip
     rng = np.random.default_rng(0)
     requests = [random_request(rng, max_prompt=32) for _ in range(200)]
     finished = serve_randomly(LLMEngine.from_llm(llm), requests, seed=1)
     assert 100 <= len(finished) < 200  # most finish, some were aborted
-    assert llm.engine.scheduler.num_preemptions > 0  # the small cache forced recomputation
+    stats = llm.engine.stats()
+    assert stats.preemptions > 0  # the small cache forced recomputation, and each one was logged
+    assert sum("preempted" in r.message for r in caplog.records if r.levelno == logging.WARNING) == stats.preemptions
+    assert (stats.prefix_cache_hit_tokens > 0) == enable_prefix_caching  # shared prefixes were reused, only when on
     for request_id, tokens in finished.items():
         prompt, params = requests[int(request_id.split("-")[1])]
-        assert tokens == alone(llm, prompt, params), request_id
+        assert tokens == alone(reference, prompt, params), request_id
 
 
 @pytest.mark.parametrize("config", [SchedulerConfig(prefill_chunk_size=8), SchedulerConfig(prefill_chunk_size=8, is_offline=True, max_processing_samples=6)])
 def test_chunked_prefill_and_long_prompts_match_each_alone(small_cache_artifact: Path, config: SchedulerConfig) -> None:
     llm = LLM(small_cache_artifact, scheduler_config=config)
+    reference = LLM(small_cache_artifact, scheduler_config=config, enable_prefix_caching=False)
     rng = np.random.default_rng(2)
     requests = [random_request(rng, max_prompt=44) for _ in range(40)]  # up to 44 > the 32-token prefill buckets
     finished = serve_randomly(LLMEngine.from_llm(llm), requests, seed=3)
     for request_id, tokens in finished.items():
         prompt, params = requests[int(request_id.split("-")[1])]
-        assert tokens == alone(llm, prompt, params), request_id
+        assert tokens == alone(reference, prompt, params), request_id
 
 
 def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(small_cache_artifact: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,15 +105,35 @@ def test_usage_errors_exit_2(capsys) -> None:
 # -- sub-commands: generate, chat, embed with the EngineArgs flags -----------------------------
 
 
-def test_generate_subcommand_prints_one_completion_per_prompt(tiny_llama_artifact: Path, capsys) -> None:
+def test_generate_subcommand_prints_a_header_before_each_completion(tiny_llama_artifact: Path, capsys) -> None:
     from furiosa_runtime import LLM, SamplingParams
 
     argv = ["generate", "--model", str(tiny_llama_artifact), "--prompt", "Hello", "--prompt", "The cat",
             "--max-tokens", "4", "--max-processing-samples", "1", "--devices", "npu:0:0"]  # fmt: skip
     assert main(argv) == 0
-    lines = capsys.readouterr().out.splitlines()
     expected = LLM(tiny_llama_artifact).generate(["Hello", "The cat"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-    assert len(lines) >= 2 and "".join(lines) == "".join(o.outputs[0].text.replace("\n", "") for o in expected)
+    want = "".join(f"--- prompt {i} ---\n{o.outputs[0].text}" + ("" if o.outputs[0].text.endswith("\n") else "\n")
+                   for i, o in enumerate(expected, 1))  # fmt: skip
+    assert capsys.readouterr().out == want
+
+
+def test_generate_samples_are_numbered(tiny_llama_artifact: Path, capsys) -> None:
+    argv = ["generate", "--model", str(tiny_llama_artifact), "--prompt", "Hello", "--n", "2", "--temperature", "0.8", "--seed", "1",
+            "--max-tokens", "3"]  # fmt: skip
+    assert main(argv) == 0
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--- ")]
+    assert headers == ["--- prompt 1, sample 1 ---", "--- prompt 1, sample 2 ---"]
+    assert main(argv[:5] + ["--max-tokens", "3"]) == 0  # one completion: no header
+    assert not capsys.readouterr().out.startswith("--- ")
+
+
+@pytest.mark.slow
+def test_a_text_prompt_gets_the_chat_template_everywhere(smollm2_artifact: Path, capsys) -> None:
+    question = "What is the capital of France?"
+    assert main([str(smollm2_artifact), question, "--max-tokens", "8"]) == 0
+    default = capsys.readouterr().out
+    assert main(["generate", "--model", str(smollm2_artifact), "--prompt", question, "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == default and "Paris" in default
 
 
 def test_chat_subcommand_streams_each_reply(smollm2_artifact: Path, capsys, monkeypatch) -> None:
@@ -120,7 +141,35 @@ def test_chat_subcommand_streams_each_reply(smollm2_artifact: Path, capsys, monk
 
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/exit\nnever read\n"))
     assert main(["chat", "--model", str(smollm2_artifact), "--max-tokens", "8"]) == 0
-    assert "Paris" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Paris" in out and "> " not in out  # no prompts when stdin is not a terminal
+
+
+@pytest.mark.slow
+def test_chat_on_a_terminal_shows_a_prompt(smollm2_artifact: Path, capsys, monkeypatch) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("What is the capital of France?\n"))
+    assert main(["chat", "--model", str(smollm2_artifact), "--max-tokens", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "/exit" in lines[0] and "Ctrl-D" in lines[0]  # how to leave
+    assert lines[1].startswith("> ") and "Paris" in lines[1]  # the reply follows the prompt
+    assert lines[2:] == ["> "]  # asked again, then Ctrl-D (EOF) ends the chat on a fresh line
+
+
+def test_help_names_the_program_as_invoked(capsys, monkeypatch) -> None:
+    monkeypatch.setattr("sys.argv", ["/venv/bin/furiosa-run", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    assert capsys.readouterr().out.startswith("usage: furiosa-run ")
+    monkeypatch.setattr("sys.argv", [str(REPO / "furiosa_runtime" / "__main__.py")])
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m furiosa_runtime generate ")
 
 
 @pytest.mark.parametrize(
@@ -195,3 +244,39 @@ def test_subcommand_in_a_subprocess(tiny_llama_artifact: Path) -> None:
     result = run_cli("generate", "--model", tiny_llama_artifact, "--prompt", "Hello", "--max-tokens", "3")
     assert result.returncode == 0 and result.stdout.strip() and not result.stderr.strip()
     assert_user_error(run_cli("generate", "--model", tiny_llama_artifact, "--prompt", "Hello", "--max-tokens", "100"), "maximum context length")
+
+
+# -- serve: the HTTP server's command line (its behaviour: test_openai_server.py) -------------------
+
+
+def test_serve_user_errors_are_one_line(tiny_llama_artifact: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--port", "x"])
+    assert exc.value.code == 2 and "argument --port: invalid int value" in capsys.readouterr().err
+    for argv, needle in [
+        (["serve"], "required: ARTIFACT (or --model)"),
+        (["serve", "a", "--model", "b"], "ARTIFACT 'a' and --model 'b' differ"),
+        (["serve", str(tiny_llama_artifact), "--spare-blocks-ratio", "2"], "spare_blocks_ratio"),
+        (["serve", str(tiny_llama_artifact), "--chat-template", "tmplate.jinja"], "neither a file nor a Jinja template"),
+    ]:
+        assert main(argv) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and needle in line
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tiny_llama_artifact), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_furiosa_llm_serve_is_the_runtime_server_without_torch(tmp_path: Path) -> None:
+    code = ("import sys\nfrom furiosa_build.cli import main\nstatus = main(sys.argv[1:])\n"
+            "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'hydra', 'omegaconf'})\n"
+            "print(status, loaded)")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code, "serve", str(tmp_path / "missing"), "--host", "127.0.0.1", "--port", "0"],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "missing" in result.stderr
+    from furiosa_build.cli import make_parser
+
+    assert "serve" in make_parser().format_help()

@@ -100,6 +100,13 @@ def test_engine_args_from_the_command_line(engine_artifact: Path) -> None:
     assert (config.max_processing_samples, config.spare_blocks_ratio, config.npu_queue_limit) == (1, 0.5, 2)  # 2: the artifact's
 
 
+def test_prefix_caching_is_on_unless_the_flag_turns_it_off(engine_artifact: Path) -> None:
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    assert EngineArgs.from_cli_args(parser.parse_args(["--model", str(engine_artifact)])).enable_prefix_caching
+    off = EngineArgs.from_cli_args(parser.parse_args(["--model", str(engine_artifact), "--no-enable-prefix-caching"]))
+    assert not LLMEngine.from_engine_args(off).native_engine.blocks.enable_caching
+
+
 @pytest.mark.parametrize(("field", "value"), [("jit_unit_size", 1), ("jit_threshold", 0), ("jit_max_workers", 0)])
 def test_engine_args_validate_jit_settings(field: str, value: int) -> None:
     with pytest.raises(ValueError, match=rf"^{field} must be >= "):
@@ -144,6 +151,7 @@ def test_from_engine_args_needs_engine_args(engine_artifact: Path) -> None:
         ("max_processing_samples", 0, "max_processing_samples must be >= 1, got 0"),
         ("spare_blocks_ratio", float("nan"), r"spare_blocks_ratio must be None or a number in \[0, 1\), got nan"),
         ("enable_jit_compilation", "yes", "enable_jit_compilation must be True or False, got 'yes'"),
+        ("enable_prefix_caching", 1, "enable_prefix_caching must be True or False, got 1"),
         ("jit_unit_size", "x", "jit_unit_size must be an integer >= 2, got 'x'"),
         ("jit_threshold", None, "jit_threshold must be an integer >= 1, got None"),
     ],

@@ -49,9 +49,28 @@ def test_per_prompt_sampling_params_and_order(llm: LLM) -> None:
         llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
 
 
-def test_progress_bar(llm: LLM, capsys) -> None:
+def test_progress_bar_counts_generated_tokens(llm: LLM, capsys) -> None:
     llm.generate(["a", "b"], GREEDY, use_tqdm=True)
-    assert "2/2" in capsys.readouterr().err
+    bar = capsys.readouterr().err
+    assert "12/12" in bar and "tok/s" in bar and "2/2 requests" in bar  # 2 requests x 6 tokens
+    llm.generate(["a", "b"], [GREEDY, SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=list(range(512)))])
+    assert "7/7" in capsys.readouterr().err  # stopped after 1 token: its unused 5 leave the total
+    llm.generate(["a"], GREEDY, use_tqdm=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_prefix_caching_reuses_a_shared_prompt_and_reports_it(engine_artifact: Path) -> None:
+    llm = LLM(engine_artifact)  # prefix caching is on by default
+    shared = list(range(3, 3 + 24))  # three 8-token KV blocks
+    [first] = llm.generate({"prompt_token_ids": shared + [40]}, GREEDY, use_tqdm=False)
+    [second] = llm.generate({"prompt_token_ids": shared + [41]}, GREEDY, use_tqdm=False)
+    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 24)
+    stats = llm.engine.stats()
+    assert (stats.prefix_cache_hit_tokens, stats.prefix_cache_queried_tokens) == (24, 50)
+    uncached = LLM(engine_artifact, enable_prefix_caching=False)
+    [again] = uncached.generate({"prompt_token_ids": shared + [41]}, GREEDY, use_tqdm=False)
+    assert again.outputs[0].token_ids == second.outputs[0].token_ids and again.num_cached_tokens == 0
+    assert uncached.engine.stats().prefix_cache_queried_tokens == 0
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(llm: LLM) -> None:
@@ -254,6 +273,7 @@ def test_chat_takes_an_explicit_template(llm: LLM) -> None:
         ({"tokenizer": "/no/such/folder"}, r"^tokenizer: tokenizer.json not found in /no/such/folder"),
         ({"tokenizer": 5}, r"^tokenizer must be None or a non-empty path"),
         ({"jit_threshold": 0}, r"^jit_threshold must be >= 1, got 0"),
+        ({"enable_prefix_caching": "no"}, r"^enable_prefix_caching must be True or False, got 'no'"),
     ],
 )
 def test_bad_constructor_arguments_are_one_line(engine_artifact: Path, kwargs: dict, needle: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from furiosa_runtime.npu import isa
 from furiosa_runtime.npu.isa import COLLECTIVES, ExecContext, Instruction, KVCacheLayer, execute
 
 
@@ -82,6 +83,27 @@ def test_a_batch_of_mixed_lengths_and_long_prompts_matches_each_sequence_alone()
         want = _attend(q[b, :, : n + 1], k[b, :, : n + 1], v[b, :, : n + 1], 0.25)
         np.testing.assert_allclose(out[b, width - n :], want[:n], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(step[b, 0], want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_rows_attended_on_several_host_threads_give_the_same_bits(monkeypatch):
+    """Row groups of a decode step run on the host's threads; the result must not depend on
+    how many there are.  K and V share one array per layer, ``k`` and ``v`` being views."""
+    rng = np.random.default_rng(3)
+    rows, heads, kv_heads, dim, block, blocks_per_row = 40, 4, 2, 8, 4, 6
+    kv = KVCacheLayer(rows * blocks_per_row * block, kv_heads, dim, dim, np.dtype(np.float32))
+    assert np.shares_memory(kv.k, kv.kv) and np.shares_memory(kv.v, kv.kv) and kv.nbytes == kv.kv.nbytes
+    kv.k[:] = rng.standard_normal(kv.k.shape)
+    kv.v[:] = rng.standard_normal(kv.v.shape)
+    tables = rng.permutation(rows * blocks_per_row).reshape(rows, blocks_per_row)
+    lengths = rng.integers(1, blocks_per_row * block, size=rows)
+    q = rng.standard_normal((rows, heads, 1, dim)).astype(np.float32)
+    new_k, new_v = (rng.standard_normal((rows, kv_heads, 1, dim)).astype(np.float32) for _ in range(2))
+    slots = tables[np.arange(rows), lengths // block] * block + lengths % block
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(isa, "HOST_THREADS", threads)
+        results.append(_paged(q, new_k, new_v, lengths[:, None], slots[:, None], tables, kv, block))
+    assert np.array_equal(results[0], results[1])
 
 
 def test_a_padding_row_reads_nothing_and_returns_zeros():

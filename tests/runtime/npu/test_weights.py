@@ -183,6 +183,18 @@ def test_the_cache_evicts_least_recently_used_first_and_never_exceeds_its_budget
     assert np.array_equal(zero.get("a", a), wa) and zero.get("a", a) is not zero.get("a", a) and zero.used == 0
 
 
+def test_linear_weights_are_widened_column_major_with_the_same_values() -> None:
+    """A ``linear`` multiplies by its weight transposed: the copy is kept column-major, so
+    that transpose is the row-major operand BLAS wants; values and results are unchanged."""
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((6, 4)).astype(BF16), rng.standard_normal((3, 4)).astype(np.float32)
+    cache = WidenedWeights(1000, column_major={"w"})
+    wide, row_major = cache.get("w", w), cache.get("other", w)
+    assert wide.flags.f_contiguous and wide.T.flags.c_contiguous and row_major.flags.c_contiguous
+    assert np.array_equal(wide, row_major)
+    assert np.array_equal(KERNELS["linear"]([x, wide], {}, ExecContext())[0], KERNELS["linear"]([x, row_major], {}, ExecContext())[0])
+
+
 def test_operands_handed_over_stored_give_the_same_bytes_as_widened() -> None:
     """``STORED_OPERANDS``: the kernel indexes these operands before widening them, so
     the stored weight gives what the widened one gives (guards a change in isa.py)."""
