@@ -1,5 +1,12 @@
 """``python -m furiosa_build [overrides]``: build an artifact from the Hydra config in ``conf/``.
 
+The configs ship in the package (``furiosa_build.conf``, a link to ``conf/``) and Hydra
+finds them as ``pkg://furiosa_build.conf``, so an installed wheel works from any folder.
+Hydra knows the BuildSpec schema (``furiosa_build.hydra_schema``), so every key can be
+overridden and completed; ``--config-dir DIR`` adds a folder of the user's own configs
+(a primary config for ``--config-name``, or more group options) and is validated up front
+like the default.
+
     python -m furiosa_build                                   # the default model and buckets
     python -m furiosa_build model=tiny-llama buckets=tiny build.dry_run=true
     python -m furiosa_build explain model=tiny-llama buckets=tiny     # why each program would compile
@@ -16,7 +23,8 @@ same way.  Ctrl-C ends with one line and status 130.
 In a sweep, one job's failure never stops the others: an invalid job is named up front and
 skipped, a job that fails while building is named when it fails, and the command ends with
 one line listing every failed job and status 2.  Each job's composed config is kept beside
-the artifacts, in ``<sweep dir>/configs/<job folder>.yaml``.
+the artifacts, in ``<sweep dir>/configs/<job folder>.yaml``, with a record of its build (or
+its error) that the sweep report ranks (``sweep_report.py``, a Hydra callback).
 
 In a sweep, a job without an explicit ``build.save_dir`` writes to
 ``<hydra.sweep.dir>/<its overrides>``, i.e. ``artifacts/multirun/<date>_<time>/<overrides>``
@@ -33,14 +41,15 @@ user are refused for an encoder with the hint ``model.task=embed buckets=embed``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -59,10 +68,15 @@ from furiosa_build.config import (
     load_spec,
 )
 from furiosa_build.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, io_error, path_error
+from furiosa_build.hydra_schema import config_data, register_configs
 from furiosa_build.output_paths import check_creatable, check_output_paths
 from furiosa_build.scratch import atomic_write
+from furiosa_build.sweep_report import write_job_record
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+if TYPE_CHECKING:
+    from furiosa_build.builder import BuildReport
+
+CONFIG_PATH = "pkg://furiosa_build.conf"  # conf/, shipped in the package
 CONFIG_NAME = "config"
 DEFAULT_BUCKETS = "default"  # the buckets option conf/config.yaml picks
 
@@ -71,6 +85,7 @@ NON_SEMANTIC_KEYS = frozenset({
     "build.progress", "build.cache_dir", "build.num_pipeline_builder_workers", "build.num_compile_workers",
     "build.backend", "build.dry_run", "build.shared_cache", "build.explain",
     "build.cluster.address", "build.cluster.num_workers", "build.cluster.retries",
+    "sweep.workload", "sweep.num_prompts",
 })  # fmt: skip
 
 
@@ -81,8 +96,9 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- running a spec
 
 
-def run(spec: BuildSpec) -> int:
+def run(spec: BuildSpec, on_built: Callable[[BuildReport], None] | None = None) -> int:
     """Build (or with ``build.dry_run`` only plan) one artifact; return the exit status.
+    ``on_built`` receives the report of a build that finished (a sweep job's record).
 
     User errors (``USER_ERRORS``) and any OSError (a full disk, a read-only or unwritable
     folder...) are printed as ``error: <one line>`` and give 2; Ctrl-C gives 130.
@@ -98,7 +114,9 @@ def run(spec: BuildSpec) -> int:
         elif spec.build.dry_run:
             print(builder.plan().render())
         else:
-            builder.build_from_spec()
+            report = builder.build_from_spec()
+            if on_built is not None:
+                on_built(report)
     except USER_ERRORS as exc:
         report_error(exc)
         return EXIT_USER_ERROR
@@ -114,6 +132,7 @@ def run(spec: BuildSpec) -> int:
 def report_error(exc: BaseException | str) -> None:
     """Print ``error: <message>`` as a single line on stderr."""
     message = " ".join(str(exc).split("\n")).strip()
+    ERROR_LINES.append(message)
     print(f"error: {message}", file=sys.stderr)
 
 
@@ -154,9 +173,7 @@ def decode_buckets_are_defaults(choices: Any, overrides: Sequence[str]) -> bool:
 
 def _spec_of_job(cfg: DictConfig, hydra_cfg: Any) -> BuildSpec:
     """The BuildSpec of one composed job (``hydra_cfg``: its ``hydra`` section)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
+    data = config_data(cfg)
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         place_sweep_job(data, overrides, hydra_cfg.job.num, str(hydra_cfg.sweep.dir))
@@ -216,19 +233,38 @@ def _job_spec(cfg: DictConfig, multirun: bool, job_num: int, sweep_dir: list[str
     return spec
 
 
+@contextlib.contextmanager
+def _hydra_searching(config_path: str, extra_config_dir: Path | None) -> Iterator[None]:
+    """Hydra initialised for ``compose`` with the search path ``@hydra.main`` builds: the
+    primary ``config_path`` (a folder or ``pkg://`` module), then ``--config-dir``."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    search_path = create_automatic_config_search_path(None, None, config_path)
+    if extra_config_dir is not None:  # where and how hydra._internal.utils.run_hydra adds it
+        search_path.prepend("command-line", f"file://{extra_config_dir}", anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name="furiosa_build", config_search_path=search_path)
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def prevalidate(overrides: list[str], multirun: bool = False, config_name: str = CONFIG_NAME,
-                extra_config_dir: Path | None = None, config_dir: Path = CONF_DIR) -> list[BuildSpec]:
+                extra_config_dir: Path | None = None, config_path: str = CONFIG_PATH) -> list[BuildSpec]:
     """Compose and validate every job; raise UsageError with one line for the first bad one.
 
-    ``extra_config_dir`` is Hydra's ``--config-dir``: one more place to look for configs;
-    ``config_dir`` the primary config folder (``--config-path``).
+    ``extra_config_dir`` is Hydra's ``--config-dir``: one more place to look for configs
+    (the primary config ``config_name`` among them); ``config_path`` the primary config
+    folder or module (``--config-path``).
     """
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
-    search = [f"hydra.searchpath=[file://{extra_config_dir}]"] if extra_config_dir else []
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+    with _hydra_searching(config_path, extra_config_dir):
         def compose_job(job: list[str]) -> DictConfig:
-            return compose(config_name, overrides=[*job, *search], return_hydra_config=True)
+            return compose(config_name, overrides=job, return_hydra_config=True)
 
         jobs = _with_one_line(lambda: _job_overrides(overrides, multirun, compose_job), None)
         specs: list[BuildSpec] = []
@@ -243,6 +279,7 @@ def prevalidate(overrides: list[str], multirun: bool = False, config_name: str =
             except UsageError as exc:
                 errors.append(exc)
                 INVALID_JOBS[num] = label
+                JOB_ERRORS[num] = str(exc).removeprefix(where)
     if errors and (not multirun or not specs):
         raise errors[0]
     for error in errors:  # a sweep runs its valid jobs; the invalid ones are named now and at the end
@@ -288,6 +325,10 @@ def _with_one_line(action, where: str | None):
         raise UsageError(f"{where or ''}{io_error(exc, 'reading the config')}") from None
 
 
+#: OmegaConf's wording for a key that is neither in the YAML nor in the schema (a struct node or a dataclass).
+_UNKNOWN_KEY = re.compile(r"not in struct|Key '[^']*' not in '")
+
+
 def one_line(exc: BaseException) -> str:
     """A Hydra/OmegaConf/config error as one line naming the key or group at fault."""
     if isinstance(exc, (ConfigError, *USER_ERRORS)):
@@ -296,8 +337,8 @@ def one_line(exc: BaseException) -> str:
         group, _, option = str(exc.missing_cfg_file).rpartition("/")
         return f"{group}: unknown option {option!r}; available: {', '.join(exc.options)}"
     cause = exc.__cause__
-    full_key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None)
-    if full_key and "not in struct" in f"{cause}{exc}":
+    full_key = getattr(cause, "full_key", None) or getattr(exc, "full_key", None) or _full_key_in(str(exc))
+    if full_key and _UNKNOWN_KEY.search(f"{cause}{exc}"):
         path = tuple(str(full_key).split("."))
         allowed = allowed_keys(path[:-1])
         if allowed is not None:
@@ -311,6 +352,13 @@ def one_line(exc: BaseException) -> str:
     return first
 
 
+def _full_key_in(message: str) -> str | None:
+    """The ``full_key:`` line OmegaConf writes into its messages, which Hydra quotes when a
+    config file has a key the schema does not (the exception itself is not chained)."""
+    found = re.search(r"^\s*full_key: (\S+)$", message, re.MULTILINE)
+    return found[1] if found else None
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -319,16 +367,21 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-# An absolute config path: "../conf" would be resolved as a package path ("pkg://conf") when this
-# module is imported (console script, tests) rather than run as a file.
 #: The sweep jobs that failed in this process, as ``job <num> (<overrides>)``: a failed job is
 #: reported and the sweep goes on; ``main`` exits with status 2 at the end if any failed.
 FAILED_JOBS: list[str] = []
 #: Sweep jobs that ``prevalidate`` found invalid (number -> label): reported there, not run.
 INVALID_JOBS: dict[int, str] = {}
+#: The one-line error of each failed sweep job (number -> message), for the sweep report.
+JOB_ERRORS: dict[int, str] = {}
+#: Every ``error:`` line this process printed, oldest first (a failed job's is the last).
+ERROR_LINES: list[str] = []
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
+register_configs()  # before any composition: conf/config.yaml starts from the schema
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")
 def hydra_task(cfg: DictConfig) -> None:
     """Hydra's task function: config -> BuildSpec -> run (one call per sweep job).
 
@@ -341,7 +394,9 @@ def hydra_task(cfg: DictConfig) -> None:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     if sweep and hydra_cfg.job.num in INVALID_JOBS:
         FAILED_JOBS.append(INVALID_JOBS[hydra_cfg.job.num])
+        _record_failed_job(hydra_cfg)
         return
+    printed = len(ERROR_LINES)
     try:
         status = _run_job(cfg, hydra_cfg, sweep)
     except KeyboardInterrupt:
@@ -349,6 +404,8 @@ def hydra_task(cfg: DictConfig) -> None:
         sys.exit(EXIT_INTERRUPTED)
     if status and sweep:
         FAILED_JOBS.append(f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task) or 'no overrides'})")
+        JOB_ERRORS[hydra_cfg.job.num] = ERROR_LINES[-1] if len(ERROR_LINES) > printed else f"exit status {status}"
+        _record_failed_job(hydra_cfg)
     elif status:
         sys.exit(status)
 
@@ -363,9 +420,18 @@ def _run_job(cfg: DictConfig, hydra_cfg: Any, sweep: bool) -> int:
     except OSError as exc:  # reading the model's folder
         report_error(io_error(exc, "reading the config"))
         return EXIT_USER_ERROR
-    if sweep:
-        _keep_job_config(cfg, hydra_cfg, spec)
-    return run(spec)
+    if not sweep:
+        return run(spec)
+    _keep_job_config(cfg, hydra_cfg, spec)
+    name, sweep_dir, job = Path(str(spec.build.save_dir)).name, str(hydra_cfg.sweep.dir), int(hydra_cfg.job.num)
+    return run(spec, lambda report: write_job_record(sweep_dir, name, job, list(hydra_cfg.overrides.task), report=report))
+
+
+def _record_failed_job(hydra_cfg: Any) -> None:
+    """Leave a failed sweep job's error where the sweep report reads it."""
+    overrides, job = list(hydra_cfg.overrides.task), int(hydra_cfg.job.num)
+    name = job_dir_name(override_dirname(overrides), job)
+    write_job_record(str(hydra_cfg.sweep.dir), name, job, overrides, error=JOB_ERRORS[job])
 
 
 def _keep_job_config(cfg: DictConfig, hydra_cfg: Any, spec: BuildSpec) -> None:
@@ -393,16 +459,28 @@ def _hydra_args(argv: list[str]) -> Any:
     return parser.parse_args(argv)
 
 
-def _primary_config_dir(config_path: str | None) -> Path | None:
-    """The folder ``--config-path`` names, when it can be checked here (an absolute path);
-    None for Hydra's relative or ``pkg://`` forms, which Hydra resolves itself."""
+def _primary_config_path(config_path: str | None) -> str | None:
+    """The primary config location for ``prevalidate``: ours, an absolute folder or a
+    ``pkg://`` module given with ``--config-path``; None for a relative path, which Hydra
+    resolves against this module's folder itself."""
     if not config_path:
-        return CONF_DIR
-    if config_path.startswith("pkg://") or not os.path.isabs(config_path):
+        return CONFIG_PATH
+    if config_path.startswith("pkg://"):
+        return config_path
+    if not os.path.isabs(config_path):
         return None
     if not os.path.isdir(config_path):
         raise UsageError(str(path_error(errno.ENOTDIR, "--config-path", config_path, "is not a folder")))
-    return Path(config_path)
+    return config_path
+
+
+def _extra_config_dir(config_dir: str | None) -> Path | None:
+    """The folder ``--config-dir`` names, which must exist (as Hydra requires)."""
+    if config_dir is None:
+        return None
+    if not os.path.isdir(config_dir):
+        raise UsageError(str(path_error(errno.ENOTDIR, "--config-dir", config_dir, "is not a folder")))
+    return Path(config_dir).resolve()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -420,11 +498,11 @@ def _main(argv: list[str]) -> None:
     args = _hydra_args(argv)
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     if not (informational or args.experimental_rerun):
-        extra_dir = Path(args.config_dir).resolve() if args.config_dir else None
         try:
-            config_dir = _primary_config_dir(args.config_path)
-            if config_dir is not None:
-                prevalidate(args.overrides, args.multirun, args.config_name or CONFIG_NAME, extra_dir, config_dir)
+            extra_dir = _extra_config_dir(args.config_dir)
+            config_path = _primary_config_path(args.config_path)
+            if config_path is not None:
+                prevalidate(args.overrides, args.multirun, args.config_name or CONFIG_NAME, extra_dir, config_path)
         except UsageError as exc:
             report_error(exc)
             sys.exit(EXIT_USER_ERROR)

@@ -52,15 +52,23 @@ from furiosa_build.partition import (
     build_pipeline,
 )
 from furiosa_build.pool import CAPTURE_WORKER, PoolRun, run_pool
+from furiosa_build.quantized_checkpoint import FIELD as QUANTIZED_FIELD
+from furiosa_build.quantized_checkpoint import (
+    QuantizationError,
+    QuantizedCheckpoint,
+    QuantizedWeights,
+)
 from furiosa_build.safetensors_file import TensorSpec
 from furiosa_build.shared_cache import SharedTier
 from furiosa_build.source_memo import SourceMemo
 from furiosa_build.sources import resolve_source
+from furiosa_build.weight_sources import WeightSource
 from furiosa_runtime.npu.artifact import (
     Bucket,
     GeneratorConfig,
     ModelMetadata,
     Pipeline,
+    QuantizationConfig,
 )
 from furiosa_runtime.npu.isa import Constant, ParamShard, Program
 from furiosa_runtime.npu.timing import StepModel, build_placement_seconds
@@ -299,9 +307,29 @@ class ArtifactBuilder:
         _, kv_heads = capture_stage.attention_heads(hf_config)
         return [ShardSpec(tp, rank, min(tp, kv_heads), int(hf_config["vocab_size"])) for rank in range(tp)]
 
+    @cached_property
+    def _checkpoint(self) -> QuantizedCheckpoint | None:
+        """The quantized checkpoint of ``build.quantize_artifact_path``, opened once (headers only)."""
+        path = self.spec.build.quantize_artifact_path
+        if path is None:
+            return None
+        if self.spec.model.task != "generate":
+            raise QuantizationError(f"{QUANTIZED_FIELD}: quantized checkpoints apply to generate models, not to model.task {self.spec.model.task}")
+        return QuantizedCheckpoint.open(path)
+
+    def _quantization(self, captures, hf_config) -> QuantizationConfig | None:
+        """The checkpoint's scheme and quantized modules, checked against the model."""
+        if self._checkpoint is None:
+            return None
+        self._checkpoint.check_model(hf_config)
+        return self._checkpoint.for_model(captures[0].layers_path, capture_stage.num_layers(hf_config))
+
     def _compile_units(self, captures, hf_config) -> tuple[list[CompileUnit], list[dict[str, list[str]]]]:
-        """Compile units of every pipeline and, per pipeline, role -> unit key of each rank."""
+        """Compile units of every pipeline and, per pipeline, role -> unit key of each rank.
+        Blocks of a quantized build get the compile option ``quantization``."""
         options = {**DEFAULT_OPTIONS, **(self.spec.build.compiler_config_overrides or {})}
+        quantization = self._quantization(captures, hf_config)
+        block_options = options if quantization is None else {**options, "quantization": quantization.model_dump(exclude={"scheme"})}
         blockwise = self.spec.build.use_blockwise_compile
         shards = self._shard_specs(hf_config)
         units, roles = [], []
@@ -313,7 +341,8 @@ class ArtifactBuilder:
             for role, (task, salt) in graphs.items():
                 graph = self._graph_json(task, cap)
                 bucket = (cap.bucket.batch_size, cap.bucket.attention_size, cap.bucket.kv_cache_size)
-                mine[role] = [CompileUnit(task.kind, graph, options, salt, shard, f"{cap.bucket.phase} {role}", bucket)
+                unit_options = block_options if task.kind == "block" else options
+                mine[role] = [CompileUnit(task.kind, graph, unit_options, salt, shard, f"{cap.bucket.phase} {role}", bucket)
                               for shard in shards]  # fmt: skip
             units.extend(u for ranks in mine.values() for u in ranks)
             roles.append({role: [u.key for u in ranks] for role, ranks in mine.items()})
@@ -369,6 +398,8 @@ class ArtifactBuilder:
             check_param_file(Path(opts.param_file_path).expanduser())
         self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         self._source_memo.flush()
+        if self._checkpoint is not None:
+            self._checkpoint.check_model(hf_config)
         if opts.weights == "none":
             return self._build_loaded(ShapeOnlyModel(hf_config, self.spec.model.task), times)
         with _timed(times, "load"):
@@ -396,10 +427,11 @@ class ArtifactBuilder:
         with _timed(times, "partition"):
             pipelines, slices = self._pipelines(captures, roles, hf_config, compiled.programs)
         with _timed(times, "package"):
-            artifact_fields = self._artifact_fields(hf_config, pipelines)
+            artifact_fields = self._artifact_fields(hf_config, pipelines, self._quantization(captures, hf_config))
             used = {key for p in pipelines for key in (t.program for t in p.tasks)}
             programs = {k: v for k, v in compiled.programs.items() if k in used}
-            specs, tensor = self._tensors(slices, captures, loaded)
+            source = loaded.weights() if self._checkpoint is None else QuantizedWeights(self._checkpoint)
+            specs, tensor = self._tensors(slices, captures, source)
             weights = tensor if opts.weights == "included" else None
             size = write_artifact(self.save_dir, artifact_fields, programs, specs, weights, loaded.tokenizer_files())
         weights = WeightReport.of(pipelines, slices, specs, self.spec.parallel.tensor_parallel_size)
@@ -426,14 +458,13 @@ class ArtifactBuilder:
             slices.extend(bound)
         return pipelines, list(dict.fromkeys(slices))
 
-    def _tensors(self, slices: list[TensorSlice], captures, loaded: LoadedModel | ShapeOnlyModel) -> tuple[dict[str, TensorSpec], Callable[[str], np.ndarray]]:
+    def _tensors(self, slices: list[TensorSlice], captures, source: WeightSource) -> tuple[dict[str, TensorSpec], Callable[[str], np.ndarray]]:
         """Exactly the weights and constants that some task binds, cut into tensor-parallel
         chunks: the spec of each (chunk shapes from the layout, nothing read) and a function
         making one at a time.  It reads a source tensor when first asked for one of its
         tensors and keeps it (one tensor) while its chunks, adjacent in name order
         (``name``, ``name@tpR/N``), are cut; captured constants (small) stay in memory."""
         constants = {f"const:{k}": v for cap in captures for k, v in cap.constants.items()}
-        source = loaded.weights()
         available = source.specs()
         full: dict[str, TensorSpec] = {}
         for name in sorted({s.source for s in slices}):
@@ -472,7 +503,7 @@ class ArtifactBuilder:
                           ModelMetadata.model_validate(fields["model_metadata"]).weight_dtype, generator.kv_cache_dtype)  # fmt: skip
         return [(p.bucket, build_placement_seconds(p, model)) for p in pipelines]
 
-    def _artifact_fields(self, hf_config: dict[str, Any], pipelines: list[Pipeline]) -> dict[str, Any]:
+    def _artifact_fields(self, hf_config: dict[str, Any], pipelines: list[Pipeline], quantization: QuantizationConfig | None) -> dict[str, Any]:
         spec = self.spec
         eos = hf_config.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -489,6 +520,7 @@ class ArtifactBuilder:
                 "decode_buckets": [b.model_dump() for b in spec.buckets.decode_buckets()],
                 "max_seq_len_to_capture": spec.buckets.max_seq_len_to_capture,
                 "paged_attention_config": {"num_blocks": spec.buckets.num_blocks(), "block_size": spec.buckets.paged_attention_block_size},
+                "kv_cache_sharing_across_beams_config": beams.model_dump() if (beams := spec.buckets.kv_cache_sharing_across_beams_config) else None,
             },
             "hf_config": hf_config,
             "model_metadata": {
@@ -500,6 +532,7 @@ class ArtifactBuilder:
                 "trust_remote_code": spec.model.trust_remote_code,
                 "eos_token_ids": eos_ids,
                 "weights": spec.build.weights,
+                "quantization": quantization and quantization.model_dump(),
             },
             "model_rewriting_config": {
                 "do_decompositions_for_model_rewrite": spec.build.do_decompositions_for_model_rewrite,

@@ -58,7 +58,7 @@ def _bucket(text: str) -> tuple[int, int]:
 
 
 def _beams(text: str) -> dict[str, int]:
-    """``beam_width,max_new_tokens`` as in the reference (accepted, then refused as not supported yet)."""
+    """``beam_width,max_new_tokens`` as in the reference."""
     try:
         beam_width, max_new_tokens = (int(part) for part in text.split(","))
     except ValueError:
@@ -102,9 +102,10 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow model code from the Hub")
     p.add_argument("--additional-model-config", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="any other ArtifactBuilder parameter, e.g. calculate_logit_only_for_last_token=true")
-    p.add_argument("--quantization-artifact-path", dest="quantize_artifact_path", help="(not supported yet)")
+    p.add_argument("--quantization-artifact-path", dest="quantize_artifact_path", help="a compressed-tensors FP8 or INT8 checkpoint of the model (python -m furiosa_build.quantize makes one)")
     p.add_argument("--kv-cache-sharing-across-beams-config", type=_beams, metavar="BEAM_WIDTH,MAX_NEW_TOKENS",
-                   help="(not supported yet)")
+                   help="build every decode bucket B,L as B*BEAM_WIDTH,L for beam search of that width, "
+                        "generating at most MAX_NEW_TOKENS tokens (e.g. 4,128)")
     p.add_argument("--num-pipeline-builder-workers", type=int, help="workers for capturing pipelines (default: 1)")
     p.add_argument("--num-compile-workers", type=int, help="workers for compiling (default: 1)")
     p.add_argument("--backend", help="joblib backend: loky (default), threading, multiprocessing, sequential, dask, ray")

@@ -96,6 +96,7 @@ from furiosa_build.config_sections import (
     ParallelSpec,
     SchedulerSpec,
     Section,
+    SweepOptions,
 )
 from furiosa_build.errors import BuildIOError, ConfigError, UnitError, show_value
 from furiosa_build.load import LoadError, load_config
@@ -153,6 +154,7 @@ class BuildSpec(Section):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     build: BuildOptions = Field(default_factory=BuildOptions)
     hardware: HardwareSpec = RNGD
+    sweep: SweepOptions = Field(default_factory=SweepOptions)  # what a sweep's report ranks jobs by
 
     DEFAULT_ARTIFACTS_DIR: ClassVar[str] = "artifacts"
 

@@ -133,8 +133,21 @@ MAX_TOKENS = 2**31 - 1
 MAX_BATCH = 2**16
 
 
+class BeamsConfig(Section):
+    """furiosa-llm's ``KvCacheSharingAcrossBeamsConfig``: the decode buckets are built for
+    ``beam_width`` beams per sequence, and beam search requests generate at most
+    ``max_new_tokens`` tokens (the runtime refuses other widths and longer requests)."""
+
+    beam_width: int = Field(ge=2, le=MAX_BATCH)
+    max_new_tokens: int = Field(gt=0, le=MAX_TOKENS)
+
+
 class BucketsConfig(Section):
-    """Static shapes to compile, as ``(batch_size, attention_size)`` pairs, and the paged KV cache."""
+    """Static shapes to compile, as ``(batch_size, attention_size)`` pairs, and the paged KV cache.
+
+    With ``kv_cache_sharing_across_beams_config`` every decode pair ``(batch, attention)``
+    is built as ``(batch * beam_width, attention)``, as the reference does: one row per beam.
+    """
 
     prefill: list[tuple[int, int]] = Field(default_factory=list)
     decode: list[tuple[int, int]] = Field(default_factory=list)
@@ -143,7 +156,7 @@ class BucketsConfig(Section):
     paged_attention_block_size: int = Field(default=1, gt=0, le=MAX_TOKENS)
     calculate_logit_only_for_last_token: bool | None = None
     add_prefill_last_block_slice: bool = False
-    kv_cache_sharing_across_beams_config: dict[str, Any] | None = None
+    kv_cache_sharing_across_beams_config: BeamsConfig | None = None
 
     @field_validator("prefill", "decode", mode="before")
     @classmethod
@@ -160,7 +173,6 @@ class BucketsConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> BucketsConfig:
-        _not_supported("kv_cache_sharing_across_beams_config", self.kv_cache_sharing_across_beams_config, None)
         if self.decode and not self.prefill:
             raise Invalid(("prefill",), "empty while buckets.decode is not; give at least one prefill bucket "
                           "(or leave both empty for one (1, max_seq_len_to_capture) bucket each)")
@@ -177,6 +189,9 @@ class BucketsConfig(Section):
                 raise Invalid(where, f"batch_size and attention_size must be positive, got ({batch}, {attention})")
             if batch > MAX_BATCH:
                 raise Invalid(where, f"batch_size {batch} is larger than {MAX_BATCH}")
+            beams = self.kv_cache_sharing_across_beams_config
+            if phase == "decode" and beams is not None and batch * beams.beam_width > MAX_BATCH:
+                raise Invalid(where, f"batch_size {batch} x beam_width {beams.beam_width} is larger than {MAX_BATCH}")
             if attention > self.max_seq_len_to_capture:
                 raise Invalid(where, f"attention_size {attention} exceeds buckets.max_seq_len_to_capture="
                               f"{self.max_seq_len_to_capture}")
@@ -200,10 +215,13 @@ class BucketsConfig(Section):
                           "padding block), or null for that default")
 
     def _pairs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        if not self.prefill and not self.decode:
-            default = (1, self.max_seq_len_to_capture)
-            return [default], [default]
-        return list(self.prefill), list(self.decode)
+        """The prefill and decode pairs to build, decode batches times the beam width."""
+        prefill, decode = list(self.prefill), list(self.decode)
+        if not prefill and not decode:
+            prefill = decode = [(1, self.max_seq_len_to_capture)]
+        beams = self.kv_cache_sharing_across_beams_config
+        width = beams.beam_width if beams is not None else 1
+        return prefill, [(b * width, a) for b, a in decode]
 
     def prefill_buckets(self) -> list[Bucket]:
         """The prefill buckets; with no buckets at all, one of ``(1, max_seq_len_to_capture)``."""
@@ -287,6 +305,25 @@ class SchedulerSpec(Section):
         return self
 
 
+class SweepOptions(Section):
+    """What a sweep's report ranks its jobs by (``furiosa_build/sweep_report.py``): modelled
+    serving of ``workload`` (the grammar of ``python -m furiosa_runtime simulate``), with
+    ``num_prompts`` requests sent at once.  Not part of what a job builds."""
+
+    workload: str = "fixed:128:128"
+    num_prompts: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepOptions:
+        from furiosa_runtime.engine.workload import WorkloadError, parse_workload
+
+        try:
+            parse_workload(self.workload, self.num_prompts, None)
+        except WorkloadError as err:
+            raise Invalid(("workload",), str(err)) from None
+        return self
+
+
 # --------------------------------------------------------------------------- build
 
 
@@ -342,7 +379,6 @@ class BuildOptions(Section):
         if self.param_saved_format not in ("safetensors", "pt"):
             raise Invalid(("param_saved_format",), f"expected one of safetensors, pt, got {self.param_saved_format!r}")
         _not_supported("param_saved_format", self.param_saved_format, "safetensors")
-        _not_supported("quantize_artifact_path", self.quantize_artifact_path, None)
         _not_supported("do_decompositions_for_model_rewrite", self.do_decompositions_for_model_rewrite, False)
         _check_compiler_overrides(self.compiler_config_overrides or {})
         if self.weights == "none" and self.param_file_path is not None:

@@ -26,6 +26,9 @@ __all__ = [
     "LLM",
     "AsyncEngineArgs",
     "AsyncLLMEngine",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
     "CompletionOutput",
     "ContextLengthExceededError",
     "EngineArgs",
@@ -59,9 +62,13 @@ _EXPORTS = {
     "EmbeddingRequestOutput": "furiosa_runtime.engine.pooling",
     "TextPrompt": "furiosa_runtime.engine.inputs",
     "TokensPrompt": "furiosa_runtime.engine.inputs",
+    "BeamSearchParams": "furiosa_runtime.engine.beam_search",
+    "BeamSearchOutput": "furiosa_runtime.engine.beam_search",
+    "BeamSearchSequence": "furiosa_runtime.engine.beam_search",
 }
 
 if TYPE_CHECKING:
+    from furiosa_runtime.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
     from furiosa_runtime.engine.errors import ContextLengthExceededError
     from furiosa_runtime.engine.inputs import TextPrompt, TokensPrompt
     from furiosa_runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput

@@ -28,3 +28,18 @@ def smollm2_artifact(tmp_path_factory, cache_dir) -> Path:
     out = tmp_path_factory.mktemp("artifacts") / "smollm2"
     build([], out, cache_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_quantized(tmp_path_factory, cache_dir) -> dict[str, tuple[Path, Path]]:
+    """SmolLM2-135M-Instruct quantized by ``python -m furiosa_build.quantize`` (FP8 W8A8
+    dynamic and INT8 weight-only) and built from those checkpoints: scheme -> (checkpoint, artifact)."""
+    from furiosa_build.quantize import quantize_model
+
+    root = tmp_path_factory.mktemp("quantized")
+    made = {}
+    for scheme in ("fp8-dynamic", "int8-weight-only"):
+        checkpoint = quantize_model("smollm2-135m-instruct", root / f"{scheme}-checkpoint", scheme, cache_dir=str(cache_dir))
+        build([f"build.quantize_artifact_path={checkpoint}"], root / scheme, cache_dir)
+        made[scheme] = (checkpoint, root / scheme)
+    return made

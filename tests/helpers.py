@@ -47,7 +47,9 @@ def compose_spec(overrides: list[str]):
     from omegaconf import OmegaConf
 
     from furiosa_build.config import load_spec
+    from furiosa_build.hydra_schema import register_configs
 
+    register_configs()  # conf/config.yaml starts from the schema (build_schema)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     return load_spec(OmegaConf.to_container(cfg, resolve=True))
@@ -133,3 +135,50 @@ def npu_greedy(llm, prompt_ids: list[int], max_new_tokens: int, prefill_bucket=N
     finally:
         blocks.free(seq.request_id)
     return seq.output_token_ids, steps
+
+
+def fake_quant_model(model, checkpoint: Path):
+    """The oracle for a quantized checkpoint (``furiosa_build/quantized_checkpoint.py``):
+    ``model`` with every tensor of the checkpoint loaded, and each quantized ``nn.Linear``
+    computing as ``isa.quantized_linear`` specifies, in the same order of operations: the
+    input quantised per token to float8_e4m3fn (W8A8 dynamic; static: by ``input_scale``),
+    the product with the widened 8-bit weight in fp32, then the activation scale, the
+    weight scale and the bias."""
+    import torch
+
+    from furiosa_build.quantized_checkpoint import QuantizedCheckpoint, QuantizedWeights
+
+    ckpt = QuantizedCheckpoint.open(checkpoint)
+    source = QuantizedWeights(ckpt)
+    tensors = {name: torch.from_numpy(source.tensor(name).astype(np.float32)) for name in source.specs()}
+    scheme = ckpt.scheme
+    fp8_max = float(torch.finfo(torch.float8_e4m3fn).max)
+
+    def forward(module, x):
+        rows = x.reshape(-1, x.shape[-1])  # (T, K)
+        scale = None
+        if scheme.activations == "static":
+            scale = module.input_scale.reshape(1, 1)
+        elif scheme.activations == "dynamic":
+            peak = rows.abs().amax(dim=-1, keepdim=True)
+            scale = torch.where(peak > 0, peak, torch.tensor(fp8_max)) / fp8_max
+        if scale is not None:
+            rows = (rows / scale).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn).float()
+        y = rows @ module.qweight.T
+        if scale is not None:
+            y = y * scale
+        y = y * module.weight_scale.reshape(1, -1)
+        if module.bias is not None:
+            y = y + module.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+    for name, module in model.named_modules():
+        if f"{name}.weight_scale" in tensors:
+            module.register_buffer("qweight", tensors.pop(f"{name}.weight"))
+            module.register_buffer("weight_scale", tensors.pop(f"{name}.weight_scale"))
+            if f"{name}.input_scale" in tensors:
+                module.register_buffer("input_scale", tensors.pop(f"{name}.input_scale"))
+            module.forward = forward.__get__(module)
+    _, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected, unexpected
+    return model.eval()

@@ -220,7 +220,7 @@ HYDRA_CASES: list[tuple[list[str], str]] = [
     ([*TINY, "buckets.prefill=[[1,32],[1,32]]"], "buckets.prefill[1]: duplicate of buckets.prefill[0] (1, 32)"),
     ([*TINY, "buckets.prefill=[[0,32]]"], "buckets.prefill[0]: batch_size and attention_size must be positive, got (0, 32)"),
     ([*TINY, "buckets.decode=[[1,-64]]"], "buckets.decode[0]: batch_size and attention_size must be positive"),
-    ([*TINY, "+buckets.kv_cache_sharing_across_beams_config={beam_width: 4}"], "buckets.kv_cache_sharing_across_beams_config: not supported yet"),
+    ([*TINY, "+buckets.kv_cache_sharing_across_beams_config={beam_width: 4}"], "buckets.kv_cache_sharing_across_beams_config.max_new_tokens: required"),
     # device strings
     ([*TINY, "parallel.devices=gpu:0"], "parallel.devices: 'gpu:0' is not a device"),
     ([*TINY, "parallel.devices=npu:0:9"], "parallel.devices: 'npu:0:9' names PEs outside 0-7"),
@@ -383,7 +383,7 @@ CLI_CASES: list[tuple[list[str], str]] = [
     (["build", "<llama>", "<out>", "--seed-for-random-weight", str(2**70)], "model.seed_for_random_weight: must be an integer in [0, 2**64)"),
     (["build", "<llama>", "<out>", *RANDOM, "--prefill-chunk-size", "0"], "scheduler.prefill_chunk_size: must be greater than or equal to 1"),
     (["build", "<llama>", "<out>", *RANDOM, "--quantization-artifact-path", "/q"], "build.quantize_artifact_path: not supported yet (only null)"),
-    (["build", "<llama>", "<out>", *RANDOM, "--kv-cache-sharing-across-beams-config", "4,128"], "buckets.kv_cache_sharing_across_beams_config: not supported"),
+    (["build", "<llama>", "<out>", *RANDOM, "--kv-cache-sharing-across-beams-config", "1,128"], "buckets.kv_cache_sharing_across_beams_config.beam_width: must be greater than or equal to 2"),
     (["build", "<llama>", "<out>", *RANDOM, "--num-compile-workers", "0"], "build.num_compile_workers: must be greater than or equal to 1"),
     (["build", "<llama>", "<out>", *RANDOM, "--num-pipeline-builder-workers", "-2"], "build.num_pipeline_builder_workers: must be greater"),
     (["build", "<llama>", "<out>", *RANDOM, "--backend", "spark"], "build.backend: unknown 'spark'"),

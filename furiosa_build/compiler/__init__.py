@@ -1,6 +1,6 @@
 """The NPU compiler: canonical ATen graph -> ``furiosa_runtime.npu.isa.Program``.
 
-``compile_graph`` runs lowering, fusion, tensor-parallel sharding (when compiling for one
+``compile_graph`` runs lowering, fusion, weight quantization, tensor-parallel sharding (when compiling for one
 rank of a group) and memory planning.  It imports neither torch nor the model, so compile
 workers are cheap processes fed plain JSON.
 """
@@ -13,6 +13,7 @@ from typing import Any
 from furiosa_build.compiler.fuse import LINEAR_PASSES, fuse
 from furiosa_build.compiler.lower import Lowered, LoweringError, constant_specs, lower
 from furiosa_build.compiler.memory import plan_memory
+from furiosa_build.compiler.quantize import quantize_linears
 from furiosa_build.compiler.shard import ShardSpec, shard
 from furiosa_runtime.npu.isa import Program
 
@@ -28,13 +29,17 @@ def compile_graph(
     """Compile one supertask graph (``GraphIR.to_json()``) into a program.
 
     ``name`` is the supertask kind ("embed", "block", "head"); with ``tp`` the program is
-    the one PE ``tp.rank`` of a tensor-parallel group runs (``compiler/shard.py``).
+    the one PE ``tp.rank`` of a tensor-parallel group runs (``compiler/shard.py``); option
+    ``quantization`` makes the quantized layers' linears ``quantized_linear`` (``compiler/quantize.py``).
     """
     lowered = lower(dict(graph))
+    quantization = options.get("quantization")
     if options.get("fuse", True):
         fuse(lowered)
-    elif tp is not None:
-        fuse(lowered, LINEAR_PASSES)  # sharding splits linear instructions
+    elif tp is not None or quantization:
+        fuse(lowered, LINEAR_PASSES)  # sharding splits linear instructions, quantization rewrites them
+    if quantization:
+        quantize_linears(lowered, quantization)
     return compile_lowered(lowered, name, tp)
 
 

@@ -20,6 +20,8 @@ The pass walks the fused instruction list once and tracks which values are *spli
   of those few numbers per row, and ``norm_apply`` of this PE's slice with its slice of the
   weight; a sum or mean over the split dim (the unfused form) is reduced locally and
   all-reduced the same way.
+* quantized linear: split as a linear, per-channel scales with their output channels; a
+  row-parallel one with dynamic activations all-reduces the rows' absmax (``op`` max).
 * mixture-of-experts: every expert is split on its intermediate features, like a gated
   MLP, and the routed partial sums are all-reduced (the router stays replicated).
 * a split program output (the head's logits) is ``all_gather``-ed, so every value that
@@ -210,6 +212,8 @@ class _Sharder:
     def dispatch(self, inst: Instruction) -> None:
         if inst.op == "linear":
             return self.linear(inst)
+        if inst.op == "quantized_linear":
+            return self.quantized_linear(inst)
         if inst.op == "gather" and self.vocab_parallel(inst.ins[0]):
             return self.gather(inst)
         if inst.op == "moe_experts":
@@ -292,6 +296,60 @@ class _Sharder:
         self.emit("all_reduce", (partial,), summed, {"group": "tp"})
         if bias:
             self.emit("binary", (summed, bias[0]), out, {"fn": "add"})
+
+    def quantized_linear(self, inst: Instruction) -> None:
+        """A quantized linear splits like a linear, its per-channel scales with the output
+        channels (column-parallel; a per-tensor scale stays whole).  Row-parallel, each PE
+        scales its partial sums by the whole ``w_scale`` before the all-reduce, and dynamic
+        activations are quantised with the absmax of the whole row: the PEs' row maxima are
+        all-reduced with ``op`` "max" first, so every element gets the scale it gets on one PE."""
+        x, w, w_scale, *rest = inst.ins
+        extra = 1 if inst.attrs["activations"] == "static" else 0
+        if any(name in self.split for name in rest):
+            raise ShardingError(f"quantized_linear {inst.outs[0]}: a split scale or bias")
+        x_split = self.split.get(x)
+        if x_split is not None and x_split.dim == len(self.shape(x)) - 1:
+            return self.row_parallel_quantized(inst, x_split)
+        if x_split is not None:
+            raise ShardingError(f"quantized_linear {inst.outs[0]}: input split on a batch dim")
+        column = self.column_layout(w, 0, inst.outs[0])
+        if column is None:
+            return self.out.append(inst)
+        self.shard_param(w, column)
+        for param in ([w_scale] if self.shape(w_scale)[0] != 1 else []) + rest[extra:]:
+            self.shard_param(param, column.model_copy(update={"dim": 0}))
+        self.keep(inst, column.model_copy(update={"dim": len(self.shape(inst.outs[0])) - 1}))
+
+    def row_parallel_quantized(self, inst: Instruction, x_split: ParamShard) -> None:
+        if x_split.parts != self.spec.size or x_split.segments != 1:
+            raise ShardingError(f"quantized_linear {inst.outs[0]}: a row-parallel input must be split over every PE")
+        x, w, w_scale, *rest = inst.ins
+        extra = 1 if inst.attrs["activations"] == "static" else 0
+        self.shard_param(w, ParamShard(dim=1, parts=self.spec.size))
+        out = inst.outs[0]
+        spec = self.low.values[out]
+        ins, attrs = [x, w, w_scale, *rest[:extra]], dict(inst.attrs)
+        if inst.attrs["activations"] == "dynamic":
+            ins.append(self.row_absmax(x))
+            attrs["row_absmax"] = True
+        partial = self.new_value(out, "partial", spec.shape, spec.dtype)
+        self.emit("quantized_linear", tuple(ins), partial, attrs)
+        bias = rest[extra:]
+        summed = self.new_value(out, "sum", spec.shape, spec.dtype) if bias else out
+        self.emit("all_reduce", (partial,), summed, {"group": "tp"})
+        if bias:
+            self.emit("binary", (summed, bias[0]), out, {"fn": "add"})
+
+    def row_absmax(self, x: str) -> str:
+        """max |x| over the whole last dim of split ``x``, on every PE: ``(..., 1)``."""
+        rows = (*self.shape(x)[:-1], 1)
+        magnitude = self.new_value(x, "abs", self.shape(x), "f32")
+        self.emit("unary", (x,), magnitude, {"fn": "abs"})
+        local = self.new_value(x, "absmax_local", rows, "f32")
+        self.emit("reduce", (magnitude,), local, {"fn": "max", "dims": [len(rows) - 1], "keepdim": True})
+        whole = self.new_value(x, "absmax", rows, "f32")
+        self.emit("all_reduce", (local,), whole, {"group": "tp", "op": "max"})
+        return whole
 
     def moe_experts(self, inst: Instruction) -> None:
         """Every expert split like a gated MLP: this PE's chunk of the intermediate features

@@ -22,13 +22,16 @@ load and prefix-cache hit rate at DEBUG.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from furiosa_runtime.engine.beam_search import BeamSearch, Hypothesis
 from furiosa_runtime.engine.block_manager import BlockManager
 from furiosa_runtime.engine.errors import validate_context_length, validate_min_tokens
 from furiosa_runtime.engine.inputs import check_token_ids
@@ -37,7 +40,7 @@ from furiosa_runtime.engine.outputs import CompletionOutput, Logprob, RequestMet
 from furiosa_runtime.engine.sampler import Sampler, log_softmax, min_tokens_banned_ids, top_logprobs
 from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
 from furiosa_runtime.engine.scheduler import Batch, Scheduler
-from furiosa_runtime.engine.sequence import Sequence, SequenceGroup
+from furiosa_runtime.engine.sequence import Sequence, SequenceGroup, Status
 from furiosa_runtime.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from furiosa_runtime.npu.artifact import ArtifactFiles, SchedulerConfig, open_artifact
 from furiosa_runtime.npu.simulator import NPUSimulator
@@ -107,7 +110,10 @@ class EngineCore:
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sequence key
         self._emitted: dict[str, tuple[int, int, int]] = {}  # tokens, characters, logprobs already streamed
         self._forks: dict[str, list[Sequence]] = {}  # first sample's key -> samples waiting for its prompt
-        self.npu_seconds = 0.0  # modelled NPU time of every step run so far (timing.py)
+        self.beams: dict[str, BeamSearch] = {}  # request id -> its beam search (use_beam_search)
+        self._beam_logits: dict[str, np.ndarray] = {}  # beam's key -> its next-token logits, until its siblings' are in
+        self._beam_keys = itertools.count(1)  # the block-table keys of forked beams: "<request id>#b<n>"
+        self.npu_seconds = 0.0  # modelled NPU clock: every step run so far (timing.py), plus idle waits (wait_until)
         self.num_generated_tokens = 0  # tokens sampled so far, for progress bars
         self._stats_logged_at = time.monotonic()
         self._log_start()
@@ -152,19 +158,29 @@ class EngineCore:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        npu_arrival_time: float | None = None,
     ) -> None:
-        """Validate the request (see `validate_request`), then queue it."""
+        """Validate the request (see `validate_request`), then queue it.  ``npu_arrival_time``
+        is when it arrived on the modelled NPU clock (default: now; ``simulate.serve``
+        gives a workload's arrival times, which may be earlier)."""
         if request_id in self.groups:
             raise ValueError(f"Request ID {request_id} already exist in the engine.")
         self.validate_request(prompt_token_ids, params)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
-        metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time(), npu_arrival_time=self.npu_seconds)
+        metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time(),
+                                 npu_arrival_time=self.npu_seconds if npu_arrival_time is None else npu_arrival_time)  # fmt: skip
+        num_seqs = 1 if params.use_beam_search else params.num_samples  # beams fork off the prompt's sequence
         seqs = [
-            Sequence(self._seq_key(request_id, i, params.num_samples), prompt, list(prompt_token_ids), params,
+            Sequence(self._seq_key(request_id, i, num_seqs), prompt, list(prompt_token_ids), params,
                      self.sampler.make_generator(params, i), max_tokens, group_id=request_id, index=i, metrics=metrics)
-            for i in range(params.num_samples)
+            for i in range(num_seqs)
         ]  # fmt: skip
-        self.groups[request_id] = SequenceGroup(request_id, prompt, list(prompt_token_ids), params, seqs, metrics)
+        self.groups[request_id] = group = SequenceGroup(request_id, prompt, list(prompt_token_ids), params, seqs, metrics)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None] * len(prompt_token_ids)
+        if params.use_beam_search:
+            self.beams[request_id] = BeamSearch(params.num_samples, max_tokens, self._beam_stop_ids(params), params.length_penalty,
+                                                params.early_stopping)  # fmt: skip
         for seq in seqs:
             if self.tokenizer is not None:
                 self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
@@ -193,6 +209,36 @@ class EngineCore:
         if params.max_tokens is None:
             validate_min_tokens(self.max_model_len, len(prompt_token_ids), params.min_tokens)
         params.verify_vocab(vocab)
+        if params.prompt_logprobs is not None and self.artifact.model_rewriting_config.calculate_logit_only_for_last_token:
+            raise ValueError("prompt_logprobs: this artifact computes the logits of the last prompt token only; build it "
+                             "with buckets.calculate_logit_only_for_last_token=false to get every prompt position's")  # fmt: skip
+        if params.use_beam_search:
+            self._validate_beams(len(prompt_token_ids), params)
+
+    def _validate_beams(self, prompt_len: int, params: SamplingParams) -> None:
+        """Refuse a beam search the artifact's buckets or the engine cannot hold: a width other
+        than the one the decode buckets were built for (kv_cache_sharing_across_beams_config)
+        or more tokens than it allows, more beams than ``max_processing_samples``, or beams
+        whose KV cannot all be held at once."""
+        width, built = params.num_samples, self.artifact.generator_config.kv_cache_sharing_across_beams_config
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - prompt_len
+        if built is not None and width != built.beam_width:
+            raise ValueError(f"best_of: beam width {width} does not match this artifact's decode buckets, built for "
+                             f"kv_cache_sharing_across_beams_config.beam_width={built.beam_width}")  # fmt: skip
+        if built is not None and max_tokens > built.max_new_tokens:
+            raise ValueError(f"max_tokens: at most {built.max_new_tokens} with beam search on this artifact "
+                             f"(kv_cache_sharing_across_beams_config.max_new_tokens), got {max_tokens}")  # fmt: skip
+        if width > self.scheduler_config.max_processing_samples:
+            raise ValueError(f"best_of: {width} beams exceed scheduler_config.max_processing_samples="
+                             f"{self.scheduler_config.max_processing_samples}")  # fmt: skip
+        need = width * self.blocks.blocks_needed(prompt_len + max_tokens)
+        if need > self.blocks.num_usable:
+            raise ValueError(f"best_of: {width} beams of {prompt_len + max_tokens} tokens may need {need} KV blocks, "
+                             f"the cache has {self.blocks.num_usable}; fewer beams or max_tokens")  # fmt: skip
+
+    def _beam_stop_ids(self, params: SamplingParams) -> set[int]:
+        """The tokens that end a beam: the stop token ids, and EOS unless ``ignore_eos``."""
+        return set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
 
     @staticmethod
     def _seq_key(request_id: str, index: int, num_samples: int) -> str:
@@ -204,6 +250,7 @@ class EngineCore:
         if group is None:
             return False
         self._forks.pop(group.seqs[0].request_id, None)
+        self.beams.pop(request_id, None)
         for seq in group.seqs:
             self.scheduler.abort(seq)
             self._forget(seq)
@@ -211,6 +258,11 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
+
+    def wait_until(self, npu_time: float) -> None:
+        """Let the modelled NPU clock idle until ``npu_time`` (the next arrival of a modelled
+        workload, when nothing runs); it never goes back."""
+        self.npu_seconds = max(self.npu_seconds, npu_time)
 
     def stats(self) -> EngineStats:
         """The current load and the counters since the engine started."""
@@ -236,14 +288,34 @@ class EngineCore:
         self.npu_seconds += self.runner.last_step_seconds
         self._maybe_log_stats()
         advanced: dict[str, SequenceGroup] = {}
-        for seq, (_, end), row in zip(batch.seqs, batch.spans, logits):
+        for index, (seq, (start, end), row) in enumerate(zip(batch.seqs, batch.spans, logits)):
             self.scheduler.computed(seq, end)
-            if end == seq.num_tokens:  # caught up: this row's logits give the next token
+            self._record_prompt_logprobs(seq, batch.phase, index, start, end, row)
+            if end < seq.num_tokens:
+                continue
+            if seq.group_id in self.beams:  # a beam: its siblings' logits may still be missing
+                self._beam_logits[seq.request_id] = row
+            else:  # caught up: this row's logits give the next token
                 for child in self._forks.pop(seq.request_id, ()):
                     self._fork(seq, child, row)
                 self._append(seq, row)
-                advanced[seq.group_id] = self.groups[seq.group_id]
+            advanced[seq.group_id] = self.groups[seq.group_id]
+        for group_id in [g for g in advanced if g in self.beams]:
+            if not self._step_beams(advanced[group_id]):
+                del advanced[group_id]
         return [out for group in advanced.values() if (out := self._output(group)) is not None]
+
+    def _record_prompt_logprobs(self, seq: Sequence, phase: str, row: int, start: int, end: int, last: np.ndarray) -> None:
+        """Fill the request's prompt logprobs from this step's logits of positions ``[start, end)``
+        (a prefill row's are every column of an un-sliced program, left-padded; a decode
+        row's is ``last``): position p's logits give the logprobs of prompt token p + 1."""
+        group = self.groups[seq.group_id]
+        prompt, k = seq.prompt_token_ids, group.params.prompt_logprobs
+        if k is None or start >= len(prompt) - 1:
+            return
+        columns = self.runner.last_logits[row, start - end :] if phase == "prefill" else last[None]  # (end - start, vocab)
+        for position, logits in enumerate(columns[: len(prompt) - 1 - start], start):
+            group.prompt_logprobs[position + 1] = self._logprob_dict(log_softmax(logits), prompt[position + 1], k)
 
     def _maybe_log_stats(self) -> None:
         """Every ``STATS_LOG_INTERVAL`` seconds, the load and prefix-cache hit rate at DEBUG."""
@@ -280,12 +352,7 @@ class EngineCore:
         token = self.sampler.sample(logits, params, seq.rng, banned, seq.prompt_token_ids, seq.output_token_ids)
         self._record_logprobs(seq, logits, token)
         seq.output_token_ids.append(token)
-        self.num_generated_tokens += 1
-        now = time.time()
-        seq.metrics.first_token_time = seq.metrics.first_token_time or now
-        seq.metrics.last_token_time = now
-        if seq.metrics.npu_first_token_time is None:
-            seq.metrics.npu_first_token_time = self.npu_seconds
+        self._count_token(seq.metrics)
         detok = self._detok.get(seq.request_id)
         if detok is not None:
             seq.text += detok.add_tokens([token])
@@ -304,8 +371,20 @@ class EngineCore:
         logprobs = log_softmax(logits)
         seq.cumulative_logprob += float(logprobs[token])
         if params.logprobs is not None:
-            top = top_logprobs(logprobs, token, params.logprobs)
-            seq.logprobs.append({i: Logprob(lp, rank, self._token_text(i)) for i, (lp, rank) in top.items()})
+            seq.logprobs.append(self._logprob_dict(logprobs, token, params.logprobs))
+
+    def _logprob_dict(self, logprobs: np.ndarray, token: int, k: int) -> dict[int, Logprob]:
+        """``token``'s and the ``k`` most likely tokens' Logprobs at one position."""
+        return {i: Logprob(lp, rank, self._token_text(i)) for i, (lp, rank) in top_logprobs(logprobs, token, k).items()}
+
+    def _count_token(self, metrics: RequestMetrics) -> None:
+        """Count one generated token of a request in its metrics and the progress counter."""
+        self.num_generated_tokens += 1
+        now = time.time()
+        metrics.first_token_time = metrics.first_token_time or now
+        metrics.last_token_time = now
+        if metrics.npu_first_token_time is None:
+            metrics.npu_first_token_time = self.npu_seconds
 
     def _token_text(self, token: int) -> str | None:
         """A logprob's ``decoded_token`` (None without a tokenizer, as vLLM leaves it undecoded)."""
@@ -328,10 +407,86 @@ class EngineCore:
         if capped:
             return seq.finish("length")
 
+    # -- beam search --------------------------------------------------------------------
+
+    def _step_beams(self, group: SequenceGroup) -> bool:
+        """Advance a beam search by one token once the logits of every live beam are in
+        (``BeamSearch.step``); False while some are still missing."""
+        if any(seq.request_id not in self._beam_logits for seq in group.seqs):
+            return False
+        search = self.beams[group.request_id]
+        logprobs = np.stack([log_softmax(self._beam_logits.pop(seq.request_id)) for seq in group.seqs])  # (beams, vocab)
+        banned = min_tokens_banned_ids(group.params, len(group.seqs[0].output_token_ids), search.stop_ids)
+        logprobs[:, [i for i in banned if i < logprobs.shape[1]]] = -np.inf  # as transformers' min_new_tokens does
+
+        def entry(beam: int, token: int) -> dict[int, Logprob]:
+            return self._logprob_dict(logprobs[beam], token, group.params.logprobs or 0)
+
+        choices = search.step(group.seqs, logprobs, entry)
+        group.seqs = self._next_beams(group, choices, entry)
+        self._count_token(group.metrics)
+        if search.done:
+            for seq in group.seqs:
+                self.scheduler.abort(seq)
+            group.metrics.finished_time, group.metrics.npu_finished_time = time.time(), self.npu_seconds
+        return True
+
+    def _next_beams(self, group: SequenceGroup, choices: list[tuple[int, int]], entry: Callable[[int, int], dict[int, Logprob]]) -> list[Sequence]:
+        """The live beams after a step: pruned parents free their blocks, a parent chosen
+        once continues itself, one chosen again forks (shared full blocks, a copied partial
+        last block), then every beam takes its token."""
+        parents, chosen = group.seqs, {parent for parent, _ in choices}
+        for index, seq in enumerate(parents):
+            if index not in chosen:
+                self.scheduler.abort(seq)
+        beams: list[Sequence] = []
+        continued: set[int] = set()
+        for parent, _ in choices:
+            beams.append(self._fork_beam(group, parents[parent]) if parent in continued else parents[parent])
+            continued.add(parent)
+        for beam, (parent, token) in zip(beams, choices):
+            beam.logprobs.append(entry(parent, token))
+            beam.cumulative_logprob += beam.logprobs[-1][token].logprob
+            beam.output_token_ids.append(token)
+        return beams
+
+    def _fork_beam(self, group: SequenceGroup, parent: Sequence) -> Sequence:
+        """A new beam continuing ``parent`` (before its next token); it shares ``parent``'s
+        KV when there is room, else it is queued to compute its tokens itself."""
+        child = Sequence(f"{group.request_id}#b{next(self._beam_keys)}", parent.prompt, parent.prompt_token_ids, parent.params,
+                         None, parent.max_tokens, group_id=group.request_id, output_token_ids=list(parent.output_token_ids),
+                         cumulative_logprob=parent.cumulative_logprob, logprobs=list(parent.logprobs), metrics=parent.metrics)  # fmt: skip
+        if parent.status is Status.RUNNING and not parent.num_uncomputed and self.scheduler.can_fork(parent):
+            self.runner.fork(parent, child)
+            self.scheduler.admit_fork(child)
+        else:
+            self.scheduler.add(child)
+        return child
+
+    def _beam_output(self, group: SequenceGroup) -> RequestOutput | None:
+        """A finished beam search's RequestOutput: its ``n`` best hypotheses, best first."""
+        search = self.beams[group.request_id]
+        if not search.done:
+            return None
+        del self.beams[group.request_id], self.groups[group.request_id]
+        completions = [self._hypothesis_output(i, h, group.params, search.stop_ids) for i, h in enumerate(search.best(group.params.n))]
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, True, group.metrics,
+                             self._prompt_logprobs(group))  # fmt: skip
+
+    def _hypothesis_output(self, index: int, hyp: Hypothesis, params: SamplingParams, stop_ids: set[int]) -> CompletionOutput:
+        last = hyp.token_ids[-1]
+        text = self.tokenizer.decode(hyp.token_ids, params.skip_special_tokens) if self.tokenizer is not None else ""
+        return CompletionOutput(
+            index, text, hyp.token_ids, hyp.cumulative_logprob, hyp.logprobs if params.logprobs is not None else None,
+            finish_reason="stop" if last in stop_ids else "length", stop_reason=last if last in (params.stop_token_ids or ()) else None,
+        )  # fmt: skip
+
     # -- outputs ------------------------------------------------------------------------
 
     def _output(self, group: SequenceGroup) -> RequestOutput | None:
         """The group's RequestOutput as its ``output_kind`` asks, or None (FINAL_ONLY, running)."""
+        if group.request_id in self.beams:
+            return self._beam_output(group)
         finished = group.is_finished
         if group.params.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
@@ -344,7 +499,11 @@ class EngineCore:
             for seq in group.seqs:
                 self._forget(seq)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished, group.metrics,
-                             num_cached_tokens=group.seqs[0].num_cached_tokens)  # fmt: skip
+                             self._prompt_logprobs(group), num_cached_tokens=group.seqs[0].num_cached_tokens)  # fmt: skip
+
+    @staticmethod
+    def _prompt_logprobs(group: SequenceGroup) -> list[dict[int, Logprob] | None] | None:
+        return group.prompt_logprobs if group.params.prompt_logprobs is not None else None
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         delta = seq.params.output_kind is RequestOutputKind.DELTA
@@ -361,6 +520,7 @@ class EngineCore:
     def _forget(self, seq: Sequence) -> None:
         self._detok.pop(seq.request_id, None)
         self._emitted.pop(seq.request_id, None)
+        self._beam_logits.pop(seq.request_id, None)
 
 
 def _artifact_tokenizer(files: ArtifactFiles) -> Tokenizer | None:

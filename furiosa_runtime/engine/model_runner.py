@@ -39,6 +39,7 @@ class ModelRunner:
         self.decode_buckets = list(artifact.generator_config.decode_buckets)
         self._replica: dict[str, int] = {}  # request id -> data-parallel replica holding its KV
         self.last_step_seconds = 0.0  # modelled NPU latency of the last step (replicas run side by side)
+        self.last_logits = np.empty((0, 0, 0), dtype=np.float32)  # every column the last step's program computed
 
     @property
     def max_prefill_len(self) -> int:
@@ -139,7 +140,7 @@ class ModelRunner:
         return self.simulator.step_seconds[self.simulator.pipeline(bucket).name]
 
     def _run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int | list[int]) -> np.ndarray:
-        logits = self.simulator.run(bucket, feeds, replica)  # (B, 1 or S, vocab)
+        logits = self.last_logits = self.simulator.run(bucket, feeds, replica)  # (B, 1 or S, vocab)
         return logits[:, -1, :]
 
     def _same_shape_bucket(self, bucket: Bucket, rows: int) -> Bucket:

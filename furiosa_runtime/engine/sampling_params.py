@@ -2,10 +2,13 @@
 
 Names, defaults and normalisation follow vLLM so that existing client code works. Every
 field is validated on construction with a one-line `ValueError` naming the field and its
-allowed values. Features the engine does not implement (beam search, prompt logprobs) are
-rejected with "<field>: not supported yet" instead of being silently ignored, so nobody gets
-a different distribution from the one they asked for; so are contradictory combinations
-(several samples with greedy decoding, streamed deltas of a best-of choice).
+allowed values. Contradictory combinations (several samples with greedy decoding, streamed
+deltas of a best-of choice, beam search with sampling settings) are rejected too, so nobody
+gets a different distribution from the one they asked for.
+
+Beam search takes vLLM's older form: ``use_beam_search=True`` with ``best_of`` beams
+(default ``n``), returning the ``n`` best, ranked as transformers ranks them
+(``length_penalty``, ``early_stopping`` True / False / "never"; see ``beam_search.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
     use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -162,16 +167,31 @@ class SamplingParams:
 
     def _verify_supported(self) -> None:
         """Reject valid requests the engine cannot honour, and contradictory combinations."""
-        _unsupported(self.use_beam_search, "use_beam_search",
-                     "beam search is not implemented", self.use_beam_search)
-        _unsupported(self.prompt_logprobs is not None, "prompt_logprobs",
-                     "only None is implemented", self.prompt_logprobs)
+        self._verify_beam_search()
         greedy = self.temperature < _SAMPLING_EPS
-        _check(not (greedy and self.num_samples > 1), "best_of" if self.best_of else "n",
+        _check(self.use_beam_search or not (greedy and self.num_samples > 1), "best_of" if self.best_of else "n",
                "1 when using greedy sampling (temperature 0)", self.best_of or self.n)
         _check(not (self.num_samples > self.n and self.output_kind is RequestOutputKind.DELTA),
                "output_kind", "CUMULATIVE or FINAL_ONLY when best_of > n (the best n are only "
                "known at the end)", self.output_kind)
+
+    def _verify_beam_search(self) -> None:
+        """Beam search ranks raw log-probabilities of at least two beams: no sampling settings,
+        penalties or stop strings; its own settings only with ``use_beam_search``."""
+        _check_real(self.length_penalty, "length_penalty", "(of any sign)", lambda v: True)
+        _check(isinstance(self.early_stopping, bool) or self.early_stopping == "never", "early_stopping",
+               "True, False or 'never'", self.early_stopping)
+        if not self.use_beam_search:
+            _check(self.length_penalty == 1.0, "length_penalty", "1.0 without use_beam_search", self.length_penalty)
+            _check(self.early_stopping is False, "early_stopping", "False without use_beam_search", self.early_stopping)
+            return
+        _check(self.num_samples >= 2, "best_of", "an integer >= 2 with use_beam_search (the beam width; one beam is "
+               "greedy decoding: temperature=0)", self.num_samples)
+        defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+        for name, default in defaults.items():
+            _check(getattr(self, name) == default, name, f"{default} with use_beam_search", getattr(self, name))
+        _check(not self.stop, "stop", "empty with use_beam_search (stop_token_ids end beams)", self.stop)
 
     # -- derived values -----------------------------------------------------------
 
@@ -226,8 +246,9 @@ class SamplingParams:
         outside = [t for t in self.stop_token_ids if t >= vocab_size]
         _check(not outside, "stop_token_ids", f"token ids below the vocabulary size ({vocab_size})",
                outside)
-        _check(self.logprobs is None or self.logprobs <= vocab_size, "logprobs",
-               f"None or an integer <= the vocabulary size ({vocab_size})", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or value <= vocab_size, name, f"None or an integer <= the vocabulary size ({vocab_size})", value)
 
     def clone(self) -> SamplingParams:
         """A deep copy, so per-request updates never leak into a shared default."""
@@ -260,9 +281,3 @@ def _check(ok: bool, name: str, allowed: str, value: object) -> None:
     """Raise a one-line ValueError naming the field and its domain unless `ok`."""
     if not ok:
         raise ValueError(f"{name} must be {allowed}, got {value!r}.")
-
-
-def _unsupported(bad: bool, name: str, detail: str, value: object) -> None:
-    """Raise the 'not supported yet' error for a feature the engine lacks."""
-    if bad:
-        raise ValueError(f"{name}: not supported yet ({detail}), got {value!r}.")

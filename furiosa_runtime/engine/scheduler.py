@@ -40,7 +40,10 @@ extra steps before the first token).
 
 The samples of an ``n > 1`` request are forks: only the first one prefills the prompt; the
 engine then admits the others on its KV (``can_fork`` / ``admit_fork``), or queues them to
-prefill on their own when there is no room.
+prefill on their own when there is no room.  Beam search forks the same way at every step;
+a beam whose next-token logits are computed waits, with nothing to compute, until its
+siblings' are too.  A request asking for prompt logprobs takes nothing from the prefix
+cache: every prompt position must be computed to give its logits.
 """
 
 from __future__ import annotations
@@ -83,6 +86,22 @@ def validate_scheduler_config(config: SchedulerConfig) -> None:
             raise ValueError(f"scheduler_config.{name} must be {allowed}, got {value!r}")
 
 
+def _reach(buckets: list[Bucket]) -> list[int]:
+    """``reach[n]``: the longest context some bucket of at least ``n`` rows holds, for n up
+    to the largest batch (what ``smallest_bucket`` finds a bucket for, as a table lookup:
+    the scheduler asks once per candidate row and step)."""
+    reach = [0] * (max((b.batch_size for b in buckets), default=0) + 1)
+    for b in buckets:
+        for n in range(b.batch_size + 1):
+            reach[n] = max(reach[n], b.attention_size)
+    return reach
+
+
+def _fits(reach: list[int], batch: int, length: int) -> bool:
+    """Whether some bucket holds ``batch`` rows of ``length`` context (see ``_reach``)."""
+    return batch < len(reach) and length <= reach[batch]
+
+
 class Scheduler:
     def __init__(self, prefill: list[Bucket], decode: list[Bucket], blocks: BlockManager, config: SchedulerConfig) -> None:
         validate_scheduler_config(config)
@@ -93,6 +112,8 @@ class Scheduler:
         self.max_prefill_len = max(b.attention_size for b in prefill)
         # An embedding artifact (task=embed) has no decode buckets.
         self.max_decode_batch = min(max((b.batch_size for b in decode), default=0), config.max_processing_samples)
+        self._prefill_reach = _reach(prefill)
+        self._decode_reach = _reach(decode)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
@@ -150,7 +171,7 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self._admission_limit():
             seq = self.waiting[0]
-            cached = self.blocks.cached_prefix(self._hashes(seq), seq.num_tokens)
+            cached = [] if seq.params.prompt_logprobs is not None else self.blocks.cached_prefix(self._hashes(seq), seq.num_tokens)
             if not self.blocks.can_allocate(seq.num_tokens, reserve=self._spare_blocks(), cached=cached):
                 return
             self.waiting.popleft()
@@ -165,7 +186,7 @@ class Scheduler:
         if not self.blocks.enable_caching:
             return
         for seq in self.running:
-            if seq.num_uncomputed > self.blocks.block_size:
+            if seq.num_uncomputed > self.blocks.block_size and seq.params.prompt_logprobs is None:
                 computed = self.blocks.reuse_cached(seq.request_id, self._hashes(seq), seq.num_computed_tokens, seq.num_tokens)
                 self._count_hit(seq, computed - seq.num_computed_tokens)
                 seq.num_computed_tokens = computed
@@ -180,6 +201,8 @@ class Scheduler:
         """The prefix-cache keys of ``seq``'s full blocks (extended as it grows)."""
         if not self.blocks.enable_caching:
             return []
+        if len(seq.block_hashes) == seq.num_tokens // self.blocks.block_size:  # no new full block: skip joining the tokens
+            return seq.block_hashes
         return block_hashes(seq.token_ids, self.blocks.block_size, seq.block_hashes)
 
     def _spare_blocks(self) -> int:
@@ -204,7 +227,7 @@ class Scheduler:
     def _prefill_span(self, seq: Sequence) -> Span | None:
         """The next chunk of ``seq`` a prefill bucket can compute, if any."""
         start = seq.num_computed_tokens
-        if seq.num_uncomputed < 2 or start >= self.max_prefill_len:
+        if seq.num_tokens - start < 2 or start >= self.max_prefill_len:
             return None
         end = min(seq.num_tokens, self.max_prefill_len)
         if self.config.prefill_chunk_size is not None:
@@ -223,15 +246,16 @@ class Scheduler:
     def _schedule_prefill(self) -> Batch | None:
         seqs: list[Sequence] = []
         spans: list[Span] = []
+        longest = 0  # the furthest span end of the rows taken
         for seq in self.running:
             span = self._prefill_span(seq)
             if span is None or len(seqs) == self.config.max_processing_samples:
                 continue
-            longest = max([span[1], *(s[1] for s in spans)])
-            if smallest_bucket(self.prefill_buckets, len(seqs) + 1, longest) is None:
+            if not _fits(self._prefill_reach, len(seqs) + 1, max(longest, span[1])):
                 continue
             seqs.append(seq)
             spans.append(span)
+            longest = max(longest, span[1])
         if not seqs:
             return None
         bucket = smallest_bucket(self.prefill_buckets, len(seqs), max(end for _, end in spans))
@@ -241,20 +265,21 @@ class Scheduler:
     # -- decode ---------------------------------------------------------------------
 
     def _schedule_decode(self) -> Batch | None:
-        candidates = [s for s in self.running if self._prefill_span(s) is None]
+        candidates = [s for s in self.running if s.num_uncomputed and self._prefill_span(s) is None]
         candidates.sort(key=lambda s: (s.last_step, s.admitted_at))  # least recently decoded first
         seqs: list[Sequence] = []
+        longest = 0  # the longest context of the rows taken
         for seq in candidates:
             if len(seqs) == self.max_decode_batch:
                 break
             if seq.status is not Status.RUNNING:  # preempted to make room for an earlier row
                 continue
             position = seq.num_computed_tokens
-            longest = max([position + 1, *(s.num_computed_tokens + 1 for s in seqs)])
-            if smallest_bucket(self.decode_buckets, len(seqs) + 1, longest) is None:
+            if not _fits(self._decode_reach, len(seqs) + 1, max(longest, position + 1)):
                 continue
             if self._make_room(seq, position + 1, seqs):
                 seqs.append(seq)
+                longest = max(longest, position + 1)
         if not seqs:
             return None
         for seq in seqs:

@@ -79,7 +79,12 @@ class Sequence:
 
 @dataclass
 class SequenceGroup:
-    """One request: its id, prompt, parameters, sequences and timing."""
+    """One request: its id, prompt, parameters, sequences and timing.
+
+    With beam search ``seqs`` are the live beams (best first).  ``prompt_logprobs`` holds,
+    when the request asks for them, the logprob dict of every prompt position (None for the
+    first, which nothing predicts), filled as the prompt is computed.
+    """
 
     request_id: str
     prompt: str | None
@@ -87,6 +92,7 @@ class SequenceGroup:
     params: SamplingParams
     seqs: list[Sequence]
     metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Any] | None] = field(default_factory=list)
 
     @property
     def is_finished(self) -> bool:

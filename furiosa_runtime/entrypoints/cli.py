@@ -5,6 +5,7 @@
     python -m furiosa_runtime chat --model ARTIFACT                  # interactive, streams each reply
     python -m furiosa_runtime embed --model ARTIFACT --prompt "a"    # one JSON vector per line
     python -m furiosa_runtime serve ARTIFACT --port 8000             # the OpenAI-compatible HTTP server
+    python -m furiosa_runtime simulate ARTIFACT --workload fixed:128:128   # modelled serving (simulate_cli.py)
 
 A text prompt means the same everywhere: when the artifact's tokenizer has a chat
 template, the prompt is sent as a user message of it (as ``chat`` does), so the default
@@ -34,7 +35,7 @@ __all__ = ["build_parser", "main", "run_command"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-SUBCOMMANDS = ("generate", "chat", "embed", "serve")
+SUBCOMMANDS = ("generate", "chat", "embed", "serve", "simulate")
 EXIT_WORDS = ("/exit", "/quit")
 
 
@@ -98,7 +99,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def build_subcommand_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """``generate``, ``chat``, ``embed`` or ``serve``: the EngineArgs flags plus the command's own."""
+    """``generate``, ``chat``, ``embed``, ``serve`` or ``simulate``: the EngineArgs flags plus the command's own."""
     from furiosa_runtime.entrypoints.engine_args import EngineArgs
     from furiosa_runtime.entrypoints.openai.cli_args import add_serve_args
 
@@ -106,6 +107,10 @@ def build_subcommand_parser(command: str, prog: str | None = None) -> argparse.A
     if command == "serve":
         parser.description = "Serve the artifact over an OpenAI-compatible HTTP API."
         return add_serve_args(parser)
+    if command == "simulate":
+        from furiosa_runtime.entrypoints.simulate_cli import add_simulate_args
+
+        return add_simulate_args(parser)
     EngineArgs.add_cli_args(parser)
     if command in ("generate", "embed"):
         parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
@@ -197,6 +202,12 @@ def _serve(args: argparse.Namespace, _out: TextIO, _in: TextIO) -> None:
     run_server(args)
 
 
+def _simulate(args: argparse.Namespace, out: TextIO, _in: TextIO) -> None:
+    from furiosa_runtime.entrypoints.simulate_cli import run_simulate
+
+    run_simulate(args, out)
+
+
 def _write(out: TextIO, text: str, newline: bool = True) -> None:
     """Write text, replacing what the console cannot encode (random byte tokens) instead of failing."""
     if newline and not text.endswith("\n"):
@@ -213,7 +224,7 @@ def _error(message: object) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], None]] = {
-    "generate": _generate, "chat": _chat, "embed": _embed, "serve": _serve,
+    "generate": _generate, "chat": _chat, "embed": _embed, "serve": _serve, "simulate": _simulate,
 }  # fmt: skip
 
 

@@ -9,9 +9,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from furiosa_runtime.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from furiosa_runtime.engine.core import EngineCore
 from furiosa_runtime.engine.inputs import PromptType, batch_prompts, parse_prompt
-from furiosa_runtime.engine.outputs import RequestOutput
+from furiosa_runtime.engine.outputs import CompletionOutput, RequestOutput
 from furiosa_runtime.engine.pooling import Embedder, EmbeddingRequestOutput, PoolingRequestOutput, require_task
 from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
 from furiosa_runtime.engine.tokenizer import Tokenizer, require_tokenizer, validate_messages
@@ -145,6 +146,26 @@ class LLM:
             for request_id in ids:
                 self.engine.abort_request(request_id)
             raise
+
+    def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: the ``beam_width`` best beams of every prompt, best first,
+        ranked as transformers' ``generate(num_beams=beam_width)`` ranks them; each sequence's
+        ``tokens`` and ``text`` include the prompt's."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params: must be a BeamSearchParams, got {type(params).__name__}")
+        sampling = SamplingParams(
+            n=params.beam_width, best_of=params.beam_width, use_beam_search=True, temperature=params.temperature,
+            max_tokens=params.max_tokens, ignore_eos=params.ignore_eos, length_penalty=params.length_penalty,
+            early_stopping=params.early_stopping, logprobs=2 * params.beam_width, skip_special_tokens=False,
+        )  # fmt: skip
+        outputs = self.generate(prompts, sampling, use_tqdm=use_tqdm)
+        return [BeamSearchOutput([self._beam_sequence(out.prompt_token_ids or [], c) for c in out.outputs]) for out in outputs]
+
+    def _beam_sequence(self, prompt_token_ids: list[int], completion: CompletionOutput) -> BeamSearchSequence:
+        tokens = [*prompt_token_ids, *completion.token_ids]
+        text = self.engine.tokenizer.decode(tokens) if self.engine.tokenizer is not None else None
+        return BeamSearchSequence(tokens, completion.logprobs or [], completion.cumulative_logprob or 0.0, text,
+                                  completion.finish_reason, completion.stop_reason)  # fmt: skip
 
     def chat(
         self,

@@ -143,12 +143,22 @@ class PagedAttentionConfig(_Model):
         return self
 
 
+class KvCacheSharingAcrossBeamsConfig(_Model):
+    """The beam search the decode buckets were built for (furiosa-llm's config of this name):
+    each decode bucket holds ``beam_width`` beams per sequence, each generating at most
+    ``max_new_tokens`` tokens."""
+
+    beam_width: int = Field(ge=2, le=MAX_BATCH_SIZE)
+    max_new_tokens: int = Field(gt=0)
+
+
 class GeneratorConfig(_Model):
     prefill_buckets: list[Bucket]
     decode_buckets: list[Bucket]
     max_seq_len_to_capture: int = Field(gt=0, le=MAX_ATTENTION_SIZE)
     paged_attention_config: PagedAttentionConfig
     kv_cache_dtype: Literal["f32", "bf16"] = "f32"
+    kv_cache_sharing_across_beams_config: KvCacheSharingAcrossBeamsConfig | None = None
 
     @model_validator(mode="after")
     def _buckets_fit(self) -> GeneratorConfig:
@@ -189,13 +199,31 @@ class PoolingConfig(_Model):
     max_seq_length: int | None = Field(default=None, gt=0)
 
 
+class QuantizationConfig(_Model):
+    """How the artifact's quantized linear layers store and compute (``isa.quantized_linear``),
+    read from a compressed-tensors checkpoint (``build.quantize_artifact_path``).
+
+    ``weights`` is the storage dtype, ``strategy`` one scale per output channel or per
+    tensor, ``activations`` how inputs are quantised ("none": weight-only); ``modules``
+    are the linear layers of every decoder layer that are quantized (e.g.
+    ``self_attn.q_proj``), the others stay in ``weight_dtype``.
+    """
+
+    scheme: Literal["fp8-dynamic", "fp8-static", "fp8-weight-only", "int8-weight-only"]
+    weights: Literal["f8_e4m3fn", "i8"]
+    strategy: Literal["channel", "tensor"]
+    activations: Literal["none", "dynamic", "static"]
+    modules: list[str]
+
+
 class ModelMetadata(_Model):
     pretrained_id: str
     architecture: str
     task: Literal["generate", "embed"] = "generate"
     pooling: PoolingConfig | None = None  # set when task is "embed"
     num_hidden_layers: int
-    weight_dtype: Literal["bf16"] = "bf16"
+    weight_dtype: Literal["bf16"] = "bf16"  # of every weight but the quantized ones
+    quantization: QuantizationConfig | None = None  # None: no quantized weights
     # "none": a shape-only artifact (build.weights=none), without param files: it can be
     # planned and its serving simulated, but not run.
     weights: Literal["included", "none"] = "included"

@@ -55,6 +55,11 @@ class HardwareSpec(BaseModel):
         return self.bf16_tflops * 1e12 * self.compute_efficiency / self.pes_per_device
 
     @property
+    def pe_fp8_flops(self) -> float:
+        """A PE's sustained share of the FP8 peak, FLOP/s (the W8A8 linear layers)."""
+        return self.fp8_tflops * 1e12 * self.compute_efficiency / self.pes_per_device
+
+    @property
     def pe_hbm_bandwidth(self) -> float:
         """A PE's sustained share of the HBM bandwidth, bytes/s."""
         return self.hbm_bandwidth * self.hbm_efficiency / self.pes_per_device

@@ -12,6 +12,8 @@ rank order and returns what each PE receives.
 
 Opcodes (ins -> outs, attrs):
   linear          x[..., K], w[N, K] (, b[N]) -> y[..., N]      w_layout "nk" | "kn"
+  quantized_linear x[..., K], w[N, K] stored f8_e4m3fn or i8, w_scale[N, 1] or [1] (, x_scale[1])
+                  (, b[N]) -> y[..., N]; see ``_quantized_linear``   activations "none" | "dynamic" | "static"
   matmul          a[..., M, K], b[..., K, N] -> c                  batched, broadcasting
   rms_norm        x, w -> y                                        eps, weight_offset
   layer_norm      x, w, b -> y                                     eps
@@ -27,7 +29,7 @@ Opcodes (ins -> outs, attrs):
                   sum over a token's k experts of weight * down_e(act(gate_e x) * up_e x)     act
   paged_attention q, k, v, positions, slot_mapping, block_tables -> o[B,S,H,D]
                   scale, causal, sliding_window, softcap; writes k/v into the bound KV cache
-  all_reduce      x -> sum of x over the tensor-parallel group      group (collective)
+  all_reduce      x -> sum (or max) of x over the tensor-parallel group   group (, op) (collective)
   all_gather      x -> concatenation of x over the group along dim  group, dim (, segments)
                   (collective; see ``_all_gather`` for chunks held by several PEs and fused segments)
   unary / binary  elementwise math                                 fn (, scalar)
@@ -64,10 +66,17 @@ DTYPES: dict[str, np.dtype] = {
     "i64": np.dtype(np.int64),
     "i32": np.dtype(np.int32),
     "bool": np.dtype(np.bool_),
+    "f8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),  # quantized weights (``quantized_linear``)
+    "i8": np.dtype(np.int8),
 }
-COMPUTE_DTYPE = {"f32": "f32", "bf16": "f32", "f16": "f32", "i64": "i64", "i32": "i64", "bool": "bool"}
+COMPUTE_DTYPE = {"f32": "f32", "bf16": "f32", "f16": "f32", "i64": "i64", "i32": "i64", "bool": "bool", "f8_e4m3fn": "f32", "i8": "f32"}
+#: Storage dtypes of quantized weights: a program declares such a parameter in it (not in
+#: its compute dtype), so its stored bytes are known from the program alone.
+QUANTIZED_DTYPES = ("f8_e4m3fn", "i8")
+#: The largest finite float8_e4m3fn value: an absmax scale maps a row onto [-448, 448].
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
 
-DType = Literal["f32", "bf16", "f16", "i64", "i32", "bool"]
+DType = Literal["f32", "bf16", "f16", "i64", "i32", "bool", "f8_e4m3fn", "i8"]
 
 
 class _Strict(BaseModel):
@@ -239,6 +248,45 @@ def _linear(ins, attrs, ctx):
     if len(ins) > 2:
         y = y + _f32(ins[2])
     return (y,)
+
+
+@kernel("quantized_linear")
+def _quantized_linear(ins, attrs, ctx):
+    """A linear layer over 8-bit weights, in the order of operations of compressed-tensors'
+    fake quantisation (the PyTorch reference of the tests does the same):
+
+    * ``activations`` "none" (weight-only): ``y = (x @ w.T) * w_scale``;
+    * "dynamic" (W8A8): each row (token) of x is quantised to float8_e4m3fn with its own
+      scale ``s = max|x_row| / 448`` (a row of zeros keeps scale 1), ``q = fp8(x / s)``, then
+      ``y = (q @ w.T) * s * w_scale``;
+    * "static": the same with the one calibrated ``x_scale`` operand for every row, and
+      ``x / x_scale`` clipped to [-448, 448] before the cast.
+
+    The 8-bit operands are widened to float32 exactly (through ``ml_dtypes``), the product
+    accumulates in float32, and the bias, if any, is added last.  ``w_scale`` is one scale
+    per output channel (``[N, 1]``) or one for the whole tensor (``[1]``).  With attr
+    ``row_absmax`` a dynamic instruction takes ``max|x_row|`` as an operand after
+    ``w_scale`` (``[..., 1]``) instead of computing it: a tensor-parallel PE holding a slice
+    of each row gets the whole row's maximum from an ``all_reduce`` with ``op`` "max".
+    """
+    x, w, w_scale, *rest = ins
+    rows = x.reshape(-1, x.shape[-1])  # (T, K)
+    mode = attrs["activations"]
+    x_scale = None
+    if mode == "static":
+        x_scale = _f32(rest.pop(0)).reshape(1, 1)
+    elif mode == "dynamic":
+        peak = _f32(rest.pop(0)).reshape(-1, 1) if attrs.get("row_absmax") else np.abs(rows).max(axis=-1, keepdims=True)
+        x_scale = np.where(peak > 0, peak, np.float32(FP8_MAX)).astype(np.float32) / np.float32(FP8_MAX)  # (T, 1)
+    if x_scale is not None:
+        rows = np.clip(rows / x_scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    y = rows @ _f32(w).T  # (T, N)
+    if x_scale is not None:
+        y *= x_scale
+    y *= _f32(w_scale).reshape(1, -1)
+    if rest:
+        y += _f32(rest[0])
+    return (y.reshape(*x.shape[:-1], -1),)
 
 
 @kernel("matmul")
@@ -527,7 +575,10 @@ def collective(name: str) -> Callable[[Collective], Collective]:
 
 @collective("all_reduce")
 def _all_reduce(parts: list[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
-    """Sum in rank order, in float32, so every PE receives bit-identical values."""
+    """Sum in rank order, in float32, so every PE receives bit-identical values (with attr
+    ``op`` "max", the elementwise maximum instead)."""
+    if attrs.get("op") == "max":
+        return np.maximum.reduce([_f32(part) for part in parts])
     total = _f32(parts[0]).copy()
     for part in parts[1:]:
         total += part
@@ -564,7 +615,7 @@ ATTENTION_QUERY_CHUNK = 64
 HOST_THREADS = int(os.environ.get("FURIOSA_HOST_THREADS", "0")) or (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
-_scratch = threading.local()  # a reused gather buffer per host thread (see _gather_blocks)
+_scratch = threading.local()  # per host thread: a reused gather buffer (_gather_blocks), in_parallel's state
 
 
 @kernel("paged_attention")
@@ -609,20 +660,20 @@ def _paged_attention(ins, attrs, ctx):
     order = np.argsort(context_len, kind="stable")
     groups = [order[first : first + ATTENTION_ROW_GROUP] for first in range(0, batch, ATTENTION_ROW_GROUP)]
     costs = [len(rows) * (int(context_len[rows].max()) + 1) for rows in groups]
-    _in_parallel(attend, groups, costs, HOST_THREADS if seq == 1 else 1)
+    in_parallel(attend, groups, costs, HOST_THREADS if seq == 1 else 1)
     return (out,)
 
 
-def _in_parallel(fn: Callable[[Any], None], items: list[Any], costs: list[int], threads: int) -> None:
+def in_parallel(fn: Callable[[Any], None], items: list[Any], costs: list[int], threads: int) -> None:
     """Call ``fn`` on every item, spread over up to ``threads`` host threads.
 
     The calls must be independent (each writes its own part of an output), so the result
     is the same in any order.  Items are dealt out largest cost first to the least loaded
     thread, and the calling thread works through one share itself: one hand-over per
-    thread, not one per item.
+    thread, not one per item.  Called again from inside a share, it runs serially.
     """
     threads = min(threads, len(items))
-    if threads <= 1:
+    if threads <= 1 or getattr(_scratch, "in_share", False):
         for item in items:
             fn(item)
         return
@@ -632,11 +683,20 @@ def _in_parallel(fn: Callable[[Any], None], items: list[Any], costs: list[int], 
         least = loads.index(min(loads))
         shares[least].append(items[i])
         loads[least] += costs[i]
-    work = lambda share: [fn(item) for item in share]  # noqa: E731
-    futures = [_host_pool().submit(work, share) for share in shares[1:]]
-    work(shares[0])
+    futures = [_host_pool().submit(_work_through, fn, share) for share in shares[1:]]
+    _work_through(fn, shares[0])
     for future in futures:
         future.result()
+
+
+def _work_through(fn: Callable[[Any], None], share: list[Any]) -> None:
+    """One thread's share of ``in_parallel``; nested calls inside it stay on this thread."""
+    _scratch.in_share = True
+    try:
+        for item in share:
+            fn(item)
+    finally:
+        _scratch.in_share = False
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)

@@ -45,11 +45,14 @@ from furiosa_runtime.npu.isa import (
     COLLECTIVES,
     COMPUTE_DTYPE,
     DTYPES,
+    HOST_THREADS,
+    QUANTIZED_DTYPES,
     ExecContext,
     Instruction,
     KVCacheLayer,
     Program,
     execute,
+    in_parallel,
 )
 from furiosa_runtime.npu.timing import StepModel
 from furiosa_runtime.npu.weights import (
@@ -166,13 +169,15 @@ def _paged_attention(inst: Instruction, operands: list[np.ndarray], kv: KVCacheL
     batch-first)."""
     if isinstance(kv, KVCacheLayer):
         return execute(inst, operands, ExecContext(kv=kv, block_size=block_size))
-    out: np.ndarray | None = None
-    for cache, rows in kv.parts:
-        (part,) = execute(inst, [x[rows] for x in operands], ExecContext(kv=cache, block_size=block_size))
-        if out is None:
-            out = np.empty((operands[0].shape[0], *part.shape[1:]), dtype=part.dtype)
-        out[rows] = part
-    assert out is not None, "a batch has rows"
+    batch, heads, seq, _ = operands[0].shape  # q (B, H, S, D), v (B, Hkv, S, Dv)
+    out = np.empty((batch, seq, heads, operands[2].shape[-1]), dtype=np.float32)
+
+    def attend(part: tuple[KVCacheLayer, np.ndarray]) -> None:
+        cache, rows = part
+        (out[rows],) = execute(inst, [x[rows] for x in operands], ExecContext(kv=cache, block_size=block_size))
+
+    # Like the kernel's own row groups: the replicas of a decode step side by side on the host's threads.
+    in_parallel(attend, list(kv.parts), [len(rows) for _, rows in kv.parts], HOST_THREADS if seq == 1 else 1)
     return (out,)
 
 
@@ -261,7 +266,7 @@ def _load_program(files: ArtifactFiles, key: str) -> Program:
 
 
 #: The safetensors names of the dtypes weights may be stored in.
-_STORED_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32", "I64": "i64", "I32": "i32", "BOOL": "bool"}
+_STORED_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32", "I64": "i64", "I32": "i32", "BOOL": "bool", "F8_E4M3": "f8_e4m3fn", "I8": "i8"}
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
@@ -309,7 +314,8 @@ def check_task(pipeline: Pipeline, task: Task, program: Program, tensors: dict[s
             raise ArtifactError(f"{where}: parameter {rel} has shape {list(spec.shape)} in the program but tensor "
                                 f"{task.params[rel]} has shape {list(array.shape)}")  # fmt: skip
         stored = _DTYPE_NAMES[array.dtype]
-        if COMPUTE_DTYPE[stored] != spec.dtype:
+        # a quantized weight is declared in its storage dtype, any other in its compute dtype
+        if (stored if stored in QUANTIZED_DTYPES or spec.dtype in QUANTIZED_DTYPES else COMPUTE_DTYPE[stored]) != spec.dtype:
             raise ArtifactError(f"{where}: parameter {rel} is {spec.dtype} in the program but tensor {task.params[rel]} is "
                                 f"stored as {stored}")  # fmt: skip
     _check_signature(where, pipeline, task, program)
@@ -563,7 +569,8 @@ class NPUSimulator:
         names = set()
         for task, _ in self._placements():
             for inst in self.programs[task.program].instructions:
-                if inst.op == "linear" and inst.attrs.get("w_layout", "nk") == "nk" and inst.ins[1].startswith("p:"):
+                nk = inst.op == "quantized_linear" or inst.attrs.get("w_layout", "nk") == "nk"
+                if inst.op in ("linear", "quantized_linear") and nk and inst.ins[1].startswith("p:"):
                     names.add(task.params[inst.ins[1].removeprefix("p:")])
         return names
 

@@ -1,9 +1,10 @@
 """The timing face of the simulated NPU: a roofline cost per instruction, program and step.
 
 An instruction takes ``max(compute, memory)`` on its PE plus a fixed dispatch time:
-compute is its FLOPs at the PE's share of the chip's BF16 peak; memory is the bytes it
-moves between HBM and the PE at the PE's share of HBM bandwidth, namely the parameters it
-reads (in their stored dtype) and, for paged attention, the KV cache it reads and writes.
+compute is its FLOPs at the PE's share of the chip's BF16 peak (FP8 peak for a W8A8
+``quantized_linear``); memory is the bytes it moves between HBM and the PE at the PE's
+share of HBM bandwidth, namely the parameters it reads (in their stored dtype: one byte per
+weight of a quantized linear, plus its float32 scales) and, for paged attention, the KV cache it reads and writes.
 Activations are taken to stay in SRAM.  A collective is a ring over the tensor-parallel
 group's PE links; a pipeline transfer sends its bytes over the link between the two
 stages' PEs (on one device or between devices).  One step walks the bucket's pipeline
@@ -24,7 +25,14 @@ from itertools import groupby
 
 from furiosa_runtime.npu.artifact import Pipeline, Transfer
 from furiosa_runtime.npu.hardware import HardwareSpec, device_of
-from furiosa_runtime.npu.isa import COLLECTIVES, DTYPES, Instruction, Program, TensorSpec
+from furiosa_runtime.npu.isa import (
+    COLLECTIVES,
+    DTYPES,
+    QUANTIZED_DTYPES,
+    Instruction,
+    Program,
+    TensorSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ class StepModel:
             return Cost(dispatch + collective_seconds(inst.op, specs[inst.outs[0]].nbytes, group, hw))
         flops = self._flops(inst, specs)
         params = [specs[name] for name in inst.ins if name.startswith("p:")]
-        hbm = sum(math.prod(p.shape) for p in params) * self.weight_itemsize
+        hbm = sum(math.prod(p.shape) * self._stored_itemsize(inst, p) for p in params)
         if inst.op == "gather" and params:  # an embedding reads only the rows it looks up
             hbm = math.prod(specs[inst.outs[0]].shape) * self.weight_itemsize
         if inst.op == "moe_experts":  # at most one expert per routed (token, slot) is read
@@ -95,11 +103,19 @@ class StepModel:
             hbm = hbm * min(experts, math.prod(specs[inst.ins[1]].shape)) // experts
         if inst.op == "paged_attention":
             hbm += self._kv_bytes(inst, specs)
-        return Cost(dispatch + max(flops / hw.pe_flops, hbm / hw.pe_hbm_bandwidth), flops, hbm)
+        peak = hw.pe_fp8_flops if inst.op == "quantized_linear" and inst.attrs["activations"] != "none" else hw.pe_flops
+        return Cost(dispatch + max(flops / peak, hbm / hw.pe_hbm_bandwidth), flops, hbm)
+
+    def _stored_itemsize(self, inst: Instruction, param: TensorSpec) -> int:
+        """Bytes per element of a parameter in HBM: a quantized weight's own 8-bit dtype and
+        its float32 scales, ``weight_dtype`` for every other weight."""
+        if param.dtype in QUANTIZED_DTYPES or (inst.op == "quantized_linear" and param.name in inst.ins[2:4]):
+            return DTYPES[param.dtype].itemsize
+        return self.weight_itemsize
 
     def _flops(self, inst: Instruction, specs: dict[str, TensorSpec]) -> float:
         out = specs[inst.outs[0]].shape
-        if inst.op in ("linear", "matmul"):
+        if inst.op in ("linear", "quantized_linear", "matmul"):
             return 2.0 * math.prod(out) * specs[inst.ins[0]].shape[-1]
         if inst.op == "paged_attention":
             batch, heads, seq, dim = specs[inst.ins[0]].shape

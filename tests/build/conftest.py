@@ -29,8 +29,11 @@ def fake_builder(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         def plan(self) -> types.SimpleNamespace:
             return types.SimpleNamespace(render=lambda: f"plan for {self.spec.model.name}")
 
-        def build_from_spec(self) -> None:
+        def build_from_spec(self) -> types.SimpleNamespace:
+            """An empty folder, and the parts of a BuildReport a sweep job records."""
             Path(str(self.spec.build.save_dir)).mkdir(parents=True)
+            return types.SimpleNamespace(save_dir=self.spec.build.save_dir, compile=types.SimpleNamespace(unique=0, compiled=0),
+                                         seconds={}, artifact_bytes=0, weights=None)  # fmt: skip
 
     module = types.ModuleType("furiosa_build.builder")
     module.ArtifactBuilder = ArtifactBuilder  # type: ignore[attr-defined]

@@ -63,13 +63,32 @@ def test_out_of_range_values_name_the_field(kwargs: dict, field: str) -> None:
     assert "\n" not in str(info.value)
 
 
+BEAMS = {"use_beam_search": True, "n": 2, "temperature": 0.0}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"use_beam_search": True}, "use_beam_search"), ({"prompt_logprobs": 1}, "prompt_logprobs")],
+    [
+        ({**BEAMS, "n": 1}, "best_of"),  # one beam is greedy decoding
+        ({**BEAMS, "temperature": 0.8}, "temperature"),  # beam search ranks, it does not sample
+        ({**BEAMS, "top_p": 0.9}, "top_p"),
+        ({**BEAMS, "repetition_penalty": 1.2}, "repetition_penalty"),
+        ({**BEAMS, "stop": "\n"}, "stop"),
+        ({**BEAMS, "early_stopping": "sometimes"}, "early_stopping"),
+        ({**BEAMS, "length_penalty": float("nan")}, "length_penalty"),
+        ({"length_penalty": 2.0}, "length_penalty"),  # beam search settings without beam search
+        ({"early_stopping": True}, "early_stopping"),
+    ],
 )
-def test_unimplemented_features_are_refused(kwargs: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=rf"^{field}: not supported yet"):
+def test_beam_search_combinations_that_make_no_sense_are_refused(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field} must be ") as info:
         SamplingParams(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_beam_search_takes_best_of_beams_and_returns_n() -> None:
+    params = SamplingParams(use_beam_search=True, n=2, best_of=4, temperature=0, length_penalty=0.5, early_stopping="never")
+    assert (params.num_samples, params.n) == (4, 2)
 
 
 @pytest.mark.parametrize(
