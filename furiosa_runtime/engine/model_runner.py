@@ -15,20 +15,13 @@ that holds them.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 
 from furiosa_runtime.engine.block_manager import BlockManager
+from furiosa_runtime.engine.replica_timer import ReplicaTimer
 from furiosa_runtime.engine.sequence import Sequence
 from furiosa_runtime.npu.artifact import Artifact, Bucket
 from furiosa_runtime.npu.simulator import NPUSimulator
-
-
-def smallest_bucket(buckets: list[Bucket], batch: int, length: int) -> Bucket | None:
-    """The cheapest bucket holding ``batch`` rows of ``length`` context, if any."""
-    fitting = [b for b in buckets if b.batch_size >= batch and b.attention_size >= length]
-    return min(fitting, key=lambda b: (b.batch_size * b.attention_size, b.attention_size), default=None)
 
 
 class ModelRunner:
@@ -37,7 +30,7 @@ class ModelRunner:
         self.blocks = blocks
         self.prefill_buckets = list(artifact.generator_config.prefill_buckets)
         self.decode_buckets = list(artifact.generator_config.decode_buckets)
-        self._replica: dict[str, int] = {}  # request id -> data-parallel replica holding its KV
+        self.timer = ReplicaTimer(artifact, simulator.step_seconds, simulator.mesh.dp, blocks)  # replica placement and step time
         self.last_step_seconds = 0.0  # modelled NPU latency of the last step (replicas run side by side)
         self.last_logits = np.empty((0, 0, 0), dtype=np.float32)  # every column the last step's program computed
 
@@ -89,7 +82,7 @@ class ModelRunner:
         """Give ``child`` the KV of ``parent``'s computed tokens, on ``parent``'s replica:
         full blocks are shared, the partly filled last one is copied."""
         copy = self.blocks.fork(parent.request_id, child.request_id, parent.num_computed_tokens)
-        replica = self._replica[child.request_id] = self._replica[parent.request_id]
+        replica = self.timer.follow(child.request_id, parent.request_id)
         if copy is not None:
             self.simulator.copy_kv_blocks(replica, *copy)
 
@@ -109,16 +102,6 @@ class ModelRunner:
         table = self.blocks.tables[request_id][: feeds["block_tables"].shape[1]]  # a chunk's bucket may not span them all
         feeds["block_tables"][row, : len(table)] = table
 
-    def _assign(self, seqs: list[Sequence]) -> None:
-        """Give each new sequence the data-parallel replica serving the fewest live sequences."""
-        live = {rid: r for rid, r in self._replica.items() if rid in self.blocks.tables}
-        load = Counter(live.values())
-        for seq in seqs:
-            replica = min(range(self.simulator.mesh.dp), key=lambda r: (load[r], r))
-            live[seq.request_id] = replica
-            load[replica] += 1
-        self._replica = live
-
     def _last_logits(self, bucket: Bucket, feeds: dict[str, np.ndarray], seqs: list[Sequence]) -> np.ndarray:
         """Logits of each row's last column, each row served by its sequence's replica.
 
@@ -126,27 +109,13 @@ class ModelRunner:
         the modelled step is that of the slowest replica, each running its own rows in
         the smallest bucket of this shape that holds them.
         """
-        self._assign([seq for seq in seqs if seq.request_id not in self._replica])
-        replicas = [self._replica[seq.request_id] for seq in seqs]
-        rows = Counter(replicas)
-        if len(rows) == 1:
-            self.last_step_seconds = self._step_seconds(bucket)
+        replicas = self.timer.place(seqs)
+        self.last_step_seconds = self.timer.seconds(bucket, replicas)
+        if len(set(replicas)) == 1:
             return self._run(bucket, feeds, replicas[0])[: len(seqs)]
-        self.last_step_seconds = max(self._step_seconds(self._same_shape_bucket(bucket, n)) for n in rows.values())
         padding = [replicas[0]] * (bucket.batch_size - len(seqs))  # padding rows read (never write) any cache
         return self._run(bucket, feeds, replicas + padding)[: len(seqs)]
-
-    def _step_seconds(self, bucket: Bucket) -> float:
-        return self.simulator.step_seconds[self.simulator.pipeline(bucket).name]
 
     def _run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int | list[int]) -> np.ndarray:
         logits = self.last_logits = self.simulator.run(bucket, feeds, replica)  # (B, 1 or S, vocab)
         return logits[:, -1, :]
-
-    def _same_shape_bucket(self, bucket: Bucket, rows: int) -> Bucket:
-        """The smallest bucket with ``bucket``'s context shape holding ``rows`` rows."""
-        buckets = self.prefill_buckets if bucket.is_prefill else self.decode_buckets
-        same = [b for b in buckets if (b.attention_size, b.kv_cache_size) == (bucket.attention_size, bucket.kv_cache_size)]
-        part = smallest_bucket(same, rows, bucket.attention_size)
-        assert part is not None, "bucket itself holds the rows"
-        return part

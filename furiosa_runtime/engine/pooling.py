@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from furiosa_runtime.engine.errors import ContextLengthExceededError
 from furiosa_runtime.engine.inputs import PromptType, batch_prompts, check_token_ids, parse_prompt, single_prompt
-from furiosa_runtime.engine.model_runner import ModelRunner, smallest_bucket
+from furiosa_runtime.engine.model_runner import ModelRunner
 from furiosa_runtime.engine.tokenizer import Tokenizer
-from furiosa_runtime.npu.artifact import Artifact, Bucket
+from furiosa_runtime.npu.artifact import Artifact, Bucket, smallest_bucket
 
 __all__ = [
     "EmbeddingOutput",

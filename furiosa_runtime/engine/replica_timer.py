@@ -4,8 +4,7 @@ The model runner's placement rule, without the runner: a new sequence goes to th
 serving the fewest live sequences (ties to the lowest) and stays there while it holds KV
 blocks; a step lasts as long as its slowest replica, each replica running its own rows in
 the smallest bucket of the step's shape that holds them.  ``simulate`` times steps with
-it so that its schedule and clock are the functional engine's (``ModelRunner`` places and
-times sequences by the same rule).
+it, and so does ``ModelRunner``, so that its schedule and clock are the functional engine's.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ from __future__ import annotations
 from collections import Counter
 
 from furiosa_runtime.engine.block_manager import BlockManager
-from furiosa_runtime.engine.model_runner import smallest_bucket
 from furiosa_runtime.engine.sequence import Sequence
-from furiosa_runtime.npu.artifact import Artifact, Bucket
+from furiosa_runtime.npu.artifact import Artifact, Bucket, smallest_bucket
 
 #: One replica's part of a step: the bucket it runs and the rows (batch indices) it holds.
 ReplicaRun = tuple[Bucket, list[int]]
@@ -37,16 +35,34 @@ class ReplicaTimer:
 
     def step(self, bucket: Bucket, seqs: list[Sequence]) -> tuple[float, list[ReplicaRun]]:
         """Place new sequences, then the step's modelled seconds and what each replica ran."""
-        if self.replicas == 1:  # nothing to place
-            return self._seconds[bucket], [(bucket, list(range(len(seqs))))]
-        self._assign([seq for seq in seqs if seq.request_id not in self._replica])
+        replicas = self.place(seqs)
         rows: dict[int, list[int]] = {}
-        for row, seq in enumerate(seqs):
-            rows.setdefault(self._replica[seq.request_id], []).append(row)
+        for row, replica in enumerate(replicas):
+            rows.setdefault(replica, []).append(row)
         if len(rows) == 1:
             return self._seconds[bucket], [(bucket, list(range(len(seqs))))]
         runs = [(self._same_shape_bucket(bucket, len(held)), held) for held in rows.values()]
         return max(self._seconds[run] for run, _ in runs), runs
+
+    def place(self, seqs: list[Sequence]) -> list[int]:
+        """The replica of each row, giving new sequences one first."""
+        if self.replicas == 1:
+            return [0] * len(seqs)
+        self._assign([seq for seq in seqs if seq.request_id not in self._replica])
+        return [self._replica[seq.request_id] for seq in seqs]
+
+    def seconds(self, bucket: Bucket, replicas: list[int]) -> float:
+        """A step of ``bucket`` whose rows sit on ``replicas``: the slowest replica, each running
+        its rows in the smallest bucket of this shape that holds them."""
+        rows = Counter(replicas)
+        if len(rows) == 1:
+            return self._seconds[bucket]
+        return max(self._seconds[self._same_shape_bucket(bucket, n)] for n in rows.values())
+
+    def follow(self, child_id: str, parent_id: str) -> int:
+        """Put a fork on its parent's replica (its KV is there) and return that replica."""
+        replica = self._replica[child_id] = self._replica.get(parent_id, 0)
+        return replica
 
     def _assign(self, seqs: list[Sequence]) -> None:
         """Give each new sequence the replica serving the fewest live sequences."""

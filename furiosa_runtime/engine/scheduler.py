@@ -54,9 +54,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from furiosa_runtime.engine.block_manager import BlockManager, block_hashes
-from furiosa_runtime.engine.model_runner import smallest_bucket
 from furiosa_runtime.engine.sequence import Sequence, Status
-from furiosa_runtime.npu.artifact import Bucket, SchedulerConfig
+from furiosa_runtime.npu.artifact import Bucket, SchedulerConfig, smallest_bucket
 
 logger = logging.getLogger(__name__)
 

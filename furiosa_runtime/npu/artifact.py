@@ -119,6 +119,12 @@ class Bucket(_Model):
         return cls(batch_size=batch_size, attention_size=attention_size, kv_cache_size=attention_size - 1)
 
 
+def smallest_bucket(buckets: list[Bucket], batch: int, length: int) -> Bucket | None:
+    """The cheapest bucket holding ``batch`` rows of ``length`` context, if any."""
+    fitting = [b for b in buckets if b.batch_size >= batch and b.attention_size >= length]
+    return min(fitting, key=lambda b: (b.batch_size * b.attention_size, b.attention_size), default=None)
+
+
 class ArtifactVersion(_Model):
     furiosa_llm: str
     furiosa_compiler: str

@@ -16,9 +16,8 @@ import pytest
 
 from furiosa_build.config import ConfigError
 from furiosa_runtime import LLM, SamplingParams
-from furiosa_runtime.engine.model_runner import smallest_bucket
 from furiosa_runtime.engine.sequence import Sequence
-from furiosa_runtime.npu.artifact import load_artifact
+from furiosa_runtime.npu.artifact import load_artifact, smallest_bucket
 from furiosa_runtime.npu.hardware import HardwareSpec
 from furiosa_runtime.npu.isa import Program
 from furiosa_runtime.npu.simulator import DeviceMemoryError, NPUSimulator

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from furiosa_runtime import LLM, SamplingParams
-from furiosa_runtime.engine.model_runner import smallest_bucket
+from furiosa_runtime.npu.artifact import smallest_bucket
 from furiosa_runtime.npu.hardware import RNGD
 from furiosa_runtime.npu.isa import Instruction, MemoryPlan, Program, TensorParallel, TensorSpec
 from furiosa_runtime.npu.timing import StepModel, collective_seconds, transfer_seconds
