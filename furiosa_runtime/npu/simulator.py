@@ -24,7 +24,6 @@ from itertools import groupby
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
 from furiosa_runtime.npu.artifact import (
     Artifact,
@@ -34,13 +33,8 @@ from furiosa_runtime.npu.artifact import (
     Pipeline,
     Task,
     Transfer,
-    assign_stages,
-    first_error,
-    plan_transfers,
-    program_file,
-    split_layers,
 )
-from furiosa_runtime.npu.hardware import HardwareSpec, Mesh, device_of, plan_mesh
+from furiosa_runtime.npu.hardware import HardwareSpec, Mesh, device_of
 from furiosa_runtime.npu.isa import (
     COLLECTIVES,
     COMPUTE_DTYPE,
@@ -54,7 +48,7 @@ from furiosa_runtime.npu.isa import (
     execute,
     in_parallel,
 )
-from furiosa_runtime.npu.timing import StepModel
+from furiosa_runtime.npu.step_times import StepTimes, layers_per_stage, load_programs, stage_plan
 from furiosa_runtime.npu.weights import (
     SafetensorsFormatError,
     WidenedWeights,
@@ -213,10 +207,6 @@ def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np
     return run_group([program_run(program, inputs, params, kv, block_size)])[0]
 
 
-def _flatten(transfers: dict[str, list[Transfer]]) -> list[Transfer]:
-    return [t for sends in transfers.values() for t in sends]
-
-
 @dataclass(frozen=True)
 class ReplicaKV:
     """One layer's KV cache for a batch whose rows live on several data-parallel replicas:
@@ -255,14 +245,6 @@ class Schedule:
 
     stages: dict[str, int]
     transfers: dict[str, list[Transfer]]  # after task name -> sends
-
-
-def _load_program(files: ArtifactFiles, key: str) -> Program:
-    rel = program_file(key)
-    try:
-        return Program.model_validate_json(files.read(rel))
-    except ValidationError as err:
-        raise ArtifactError(f"artifact: {rel} is not a valid program ({first_error(err)})") from None
 
 
 #: The safetensors names of the dtypes weights may be stored in.
@@ -426,20 +408,17 @@ class NPUSimulator:
         self.artifact = artifact
         self.hw = hw or artifact.hardware
         self.block_size = artifact.generator_config.paged_attention_config.block_size
-        self.layers_per_stage = self._layers_per_stage(pipeline_parallel_size)
-        par = artifact.parallel_config
-        self.mesh: Mesh = plan_mesh(devices or artifact.devices, par.tensor_parallel_size, len(self.layers_per_stage), data_parallel_size, self.hw)
-        self.programs = {key: _load_program(files, key) for key in self._program_keys()}
+        self.layers_per_stage = layers_per_stage(artifact, pipeline_parallel_size)
+        self.programs = load_programs(files, artifact)
+        times = StepTimes(artifact, self.programs, self.hw, devices=devices, pipeline_parallel_size=pipeline_parallel_size,
+                          data_parallel_size=data_parallel_size)  # fmt: skip
+        self.mesh: Mesh = times.mesh
+        #: Modelled latency of one step of each bucket's pipeline (``timing.py``, ``step_times.py``).
+        self.step_seconds = times.seconds
         tensors = self._read_weights(files)
         #: How many token ids the embedding holds (``embedding_rows``): the bound on prompt ids.
         self.token_rows = embedding_rows(artifact, self.programs, tensors)
         self.schedules = {p.name: self._schedule(p) for p in artifact.pipelines}
-        timing = StepModel(self.programs, self.hw, self.block_size, artifact.model_metadata.weight_dtype, artifact.generator_config.kv_cache_dtype)
-        #: Modelled latency of one step of each bucket's pipeline (``timing.py``).
-        self.step_seconds = {
-            p.name: timing.step_seconds(p, _flatten(self.schedules[p.name].transfers), lambda s: self.mesh.pe(0, s, 0))
-            for p in artifact.pipelines
-        }  # fmt: skip
         self._collectives = {key: sum(i.op in COLLECTIVES for i in p.instructions) for key, p in self.programs.items()}
         self.pes: dict[str, PE] = {}
         self.stats: Counter[str] = Counter()  # collectives run, transfers and bytes moved
@@ -451,26 +430,8 @@ class NPUSimulator:
         self.widened = WidenedWeights(weight_cache_bytes, self._linear_weights())
 
     # -- layout ----------------------------------------------------------------------------
-    def _layers_per_stage(self, pipeline_parallel_size: int | None) -> list[int]:
-        """The artifact's stages, or an equal split when a blockwise artifact is re-staged."""
-        par = self.artifact.parallel_config
-        if pipeline_parallel_size in (None, par.pipeline_parallel_size):
-            return list(par.num_blocks_per_pp_stage)
-        if not self.artifact.model_rewriting_config.use_blockwise_compile:
-            raise ValueError(f"pipeline_parallel_size: only blockwise artifacts can be re-staged at load; this one "
-                             f"was built for {par.pipeline_parallel_size}")  # fmt: skip
-        layers = self.artifact.model_metadata.num_hidden_layers
-        if not 1 <= pipeline_parallel_size <= layers:
-            raise ValueError(f"pipeline_parallel_size: must be between 1 and the {layers} decoder layers, got {pipeline_parallel_size}")
-        return split_layers(layers, pipeline_parallel_size)
-
     def _schedule(self, pipeline: Pipeline) -> Schedule:
-        if self.layers_per_stage == self.artifact.parallel_config.num_blocks_per_pp_stage:
-            stages = {t.name: t.stage for t in pipeline.tasks}
-            transfers = pipeline.transfers
-        else:
-            stages = assign_stages(pipeline.tasks, self.layers_per_stage)
-            transfers = plan_transfers(pipeline.tasks, stages)
+        stages, transfers = stage_plan(self.artifact, pipeline, self.layers_per_stage)
         after: dict[str, list[Transfer]] = {}
         for transfer in transfers:
             after.setdefault(transfer.after_task, []).append(transfer)
@@ -484,9 +445,6 @@ class NPUSimulator:
             for task in p.tasks
             for replica in range(self.mesh.dp)
         ]
-
-    def _program_keys(self) -> list[str]:
-        return sorted({t.program for p in self.artifact.pipelines for t in p.tasks})
 
     def pe(self, name: str) -> PE:
         if name not in self.pes:

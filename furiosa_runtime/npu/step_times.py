@@ -5,8 +5,8 @@ where each pipeline stage runs, never the weights, so a shape-only artifact
 (``build.weights=none``) can be timed as well as a full one.  ``StepTimes`` lays an
 artifact out as the simulator does (tensor parallelism as built, pipeline stages as built
 or re-staged at load for blockwise artifacts, data-parallel replicas over the remaining
-PEs) and gives each bucket's pipeline one step of modelled latency on replica 0, as
-``NPUSimulator.step_seconds`` does.
+PEs) and gives each bucket's pipeline one step of modelled latency on replica 0; ``NPUSimulator``
+takes its layout and ``step_seconds`` from here.
 """
 
 from __future__ import annotations
