@@ -311,17 +311,21 @@ class ArtifactBuilder:
     def _checkpoint(self) -> QuantizedCheckpoint | None:
         """The quantized checkpoint of ``build.quantize_artifact_path``, opened once (headers only)."""
         path = self.spec.build.quantize_artifact_path
-        if path is None:
-            return None
+        return None if path is None else QuantizedCheckpoint.open(path)
+
+    def _check_checkpoint(self, hf_config: dict[str, Any]) -> None:
+        """Refuse a quantized checkpoint for a pooling model or of another model (once
+        ``fit_to_model`` has made ``model.task`` concrete)."""
+        if self._checkpoint is None:
+            return
         if self.spec.model.task != "generate":
             raise QuantizationError(f"{QUANTIZED_FIELD}: quantized checkpoints apply to generate models, not to model.task {self.spec.model.task}")
-        return QuantizedCheckpoint.open(path)
+        self._checkpoint.check_model(hf_config)
 
     def _quantization(self, captures, hf_config) -> QuantizationConfig | None:
-        """The checkpoint's scheme and quantized modules, checked against the model."""
+        """The checkpoint's scheme and quantized modules, every decoder layer's tensors checked."""
         if self._checkpoint is None:
             return None
-        self._checkpoint.check_model(hf_config)
         return self._checkpoint.for_model(captures[0].layers_path, capture_stage.num_layers(hf_config))
 
     def _compile_units(self, captures, hf_config) -> tuple[list[CompileUnit], list[dict[str, list[str]]]]:
@@ -363,6 +367,7 @@ class ArtifactBuilder:
         """Captures, model config and compile units of the build, without compiling."""
         self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         self._source_memo.flush()
+        self._check_checkpoint(hf_config)
         captures = self._capture(hf_config, {})
         units, _ = self._compile_units(captures, hf_config)
         return captures, hf_config, units
@@ -396,10 +401,11 @@ class ArtifactBuilder:
         prepare_save_dir(self.save_dir)
         if opts.param_file_path:
             check_param_file(Path(opts.param_file_path).expanduser())
+        checkpoint = self._checkpoint  # opened here: an unreadable checkpoint is refused before anything is written
         self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         self._source_memo.flush()
-        if self._checkpoint is not None:
-            self._checkpoint.check_model(hf_config)
+        if checkpoint is not None:
+            self._check_checkpoint(hf_config)
         if opts.weights == "none":
             return self._build_loaded(ShapeOnlyModel(hf_config, self.spec.model.task), times)
         with _timed(times, "load"):

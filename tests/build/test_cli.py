@@ -91,7 +91,6 @@ def test_other_options(model_dir: Path) -> None:
     (["-db", "4,64"], "buckets.prefill: empty while buckets.decode is not"),
     (["-pb", "0,64"], "buckets.prefill[0]: batch_size and attention_size must be positive"),
     (["--prefill-chunk-size", "0"], "scheduler.prefill_chunk_size: must be greater than or equal to 1"),
-    (["--quantization-artifact-path", "/q"], "build.quantize_artifact_path: not supported yet (only null)"),
     (["--kv-cache-sharing-across-beams-config", "4,0"], "buckets.kv_cache_sharing_across_beams_config.max_new_tokens: must be greater than 0"),
     (["--num-compile-workers", "0"], "build.num_compile_workers: must be greater than or equal to 1"),
     (["--paged-attention-num-blocks", "5"], "buckets.paged_attention_num_blocks: 5 blocks cannot hold"),

@@ -15,6 +15,7 @@ worker.
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import importlib.util
 import json
@@ -249,7 +250,12 @@ def test_a_bucket_sweep_runs_every_job_on_the_cluster(dask_address, loky_build, 
     """Four jobs, one decode bucket set each, all sent to the same Dask scheduler."""
     entry.main(["-m", *TINY, "buckets.prefill=[[1,32]]", "buckets.decode=[[1,64]],[[2,64]],[[1,32]],[[2,32]]", "build.backend=dask",
                 f"build.cluster.address={dask_address}", f"build.cache_dir={loky_build[1]}", "build.progress=false",
-                f"hydra.sweep.dir={tmp_path}"])  # fmt: skip
+                f"hydra.sweep.dir={tmp_path}", "sweep.workload=fixed:8:16", "sweep.num_prompts=8"])  # fmt: skip
     built = sorted(p.parent.name for p in tmp_path.glob("*/artifact.json"))
     assert len(built) == 4, built
     assert not [name for name in built if "cluster" in name or "backend" in name]  # how a job ran is not in its folder name
+    with (tmp_path / "sweep.csv").open() as f:  # the sweep report, ranked, one row per job
+        ranked = list(csv.DictReader(f))
+    assert sorted(Path(row["artifact"]).name for row in ranked) == built
+    assert all(float(row["output_tokens_per_s"]) > 0 for row in ranked)
+    assert (tmp_path / "sweep.md").is_file() and (tmp_path / "sweep.png").stat().st_size > 0
