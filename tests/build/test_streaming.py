@@ -208,9 +208,8 @@ def test_package_cuts_every_chunk_from_one_read_with_shapes_known_beforehand() -
     slices += [TensorSlice("down.weight", column, c) for c in range(2)] + [TensorSlice("const:rope", None)]
     captures = [types.SimpleNamespace(constants={"rope": np.ones((4, 2), np.float32)})]
     source = _CountingSource(tensors)
-    loaded = types.SimpleNamespace(weights=lambda: source)
 
-    specs, tensor = ArtifactBuilder._tensors(None, slices, captures, loaded)
+    specs, tensor = ArtifactBuilder._tensors(None, slices, captures, source)
 
     assert source.reads == []
     for name in sorted(specs):  # the order the package writes in

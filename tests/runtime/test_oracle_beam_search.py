@@ -90,15 +90,14 @@ def smollm2(smollm2_artifact):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [2, 4])
-def test_smollm2_beam_search_matches_transformers(smollm2, k):
+@pytest.mark.parametrize(("k", "length_penalty", "early_stopping"), [(2, 1.0, False), (4, 0.5, True)])
+def test_smollm2_beam_search_matches_transformers(smollm2, k, length_penalty, early_stopping):
     llm, oracle = smollm2
     text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
     prompt = llm.tokenizer.encode(text, add_special_tokens=False)
-    for length_penalty, early_stopping in [(1.0, False), (0.5, True)]:
-        params = BeamSearchParams(beam_width=k, max_tokens=8, length_penalty=length_penalty, early_stopping=early_stopping)
-        result = llm.beam_search({"prompt_token_ids": prompt}, params)[0]
-        want = hf_beams(oracle, prompt, k, 8, length_penalty, early_stopping, sorted(llm.engine.eos_token_ids))
-        got = [s.tokens[len(prompt) :] for s in result.sequences]
-        assert_same_beams(got, [s.cum_logprob for s in result.sequences], want, length_penalty)
-        assert "Paris" in result.sequences[0].text
+    params = BeamSearchParams(beam_width=k, max_tokens=8, length_penalty=length_penalty, early_stopping=early_stopping)
+    result = llm.beam_search({"prompt_token_ids": prompt}, params)[0]
+    want = hf_beams(oracle, prompt, k, 8, length_penalty, early_stopping, sorted(llm.engine.eos_token_ids))
+    got = [s.tokens[len(prompt) :] for s in result.sequences]
+    assert_same_beams(got, [s.cum_logprob for s in result.sequences], want, length_penalty)
+    assert "Paris" in result.sequences[0].text
