@@ -356,7 +356,7 @@ CLI_CASES: list[tuple[list[str], str]] = [
     (["build", "<llama>", "<out>", "--additional-model-config", "no_equals_sign"], "argument --additional-model-config: expected KEY=VALUE"),
     (["build", "<llama>", "<out>", "--additional-model-config", "x=[1,"], "argument --additional-model-config: cannot read the value"),
     (["build", "<llama>", "<out>", "--kv-cache-sharing-across-beams-config", "4"], "argument --kv-cache-sharing-across-beams-config: expected BEAM_WIDTH"),
-    (["serve", "<llama>"], "argument COMMAND: invalid choice: 'serve'"),
+    (["serve", "<llama>"], "artifact: <llama>/artifact.json is missing"),  # a model folder is not an artifact
     (["build", "<llama>", "<out>", "--bogus"], "unrecognized arguments: --bogus"),
     ([], "the following arguments are required: COMMAND"),
     # configuration
