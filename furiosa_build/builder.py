@@ -30,7 +30,7 @@ from furiosa_build.compile import CompileStats, CompileUnit, compile_all, plan_u
 from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS, ShardSpec
 from furiosa_build.compiler.shard import cut, fallback_notes
 from furiosa_build.config import BuildSpec, fit_to_model, spec_from_builder_args
-from furiosa_build.errors import io_error
+from furiosa_build.errors import ConfigError, io_error
 from furiosa_build.explain import MissReport, explain_misses, key_records, remember
 from furiosa_build.load import (
     LoadedModel,
@@ -52,6 +52,7 @@ from furiosa_build.partition import (
     build_pipeline,
 )
 from furiosa_build.pool import CAPTURE_WORKER, PoolRun, run_pool
+from furiosa_build.quantization_plan import PlannedWeights, planned_scheme
 from furiosa_build.quantized_checkpoint import FIELD as QUANTIZED_FIELD
 from furiosa_build.quantized_checkpoint import (
     QuantizationError,
@@ -71,6 +72,7 @@ from furiosa_runtime.npu.artifact import (
     QuantizationConfig,
 )
 from furiosa_runtime.npu.isa import Constant, ParamShard, Program
+from furiosa_runtime.npu.step_times import kv_cache_bytes
 from furiosa_runtime.npu.timing import StepModel, build_placement_seconds
 
 FURIOSA_LLM_VERSION = "0.1.0"
@@ -87,6 +89,7 @@ class BuildReport:
     artifact_bytes: int = 0
     weights: WeightReport | None = None
     step_seconds: list[tuple[Bucket, float]] = field(default_factory=list)  # modelled NPU latency per bucket
+    kv_cache: dict[str, int] = field(default_factory=dict)  # KV cache bytes each PE of replica 0 reserves
     sharding: list[str] = field(default_factory=list)  # tensor-parallel fallbacks (compiler/shard.py)
     pools: dict[str, PoolRun] = field(default_factory=dict)  # workers each stage ran with
 
@@ -105,6 +108,8 @@ class BuildReport:
             lines += [f"  {stage}: {run.note}" for stage, run in self.pools.items() if run.note]
         if self.weights is not None:
             lines.append(self.weights.render())
+        if self.kv_cache:
+            lines.append(f"KV cache per PE: max {_size(max(self.kv_cache.values()))} over {len(self.kv_cache)} PEs")
         if self.sharding:
             lines.append("tensor parallelism: all-gathered and computed whole on every PE: " + "; ".join(self.sharding))
         if self.step_seconds:
@@ -152,6 +157,8 @@ def _latency_line(bucket: Bucket, seconds: float) -> str:
 
 
 def _size(nbytes: float) -> str:
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
     return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
@@ -314,19 +321,40 @@ class ArtifactBuilder:
         return None if path is None else QuantizedCheckpoint.open(path)
 
     def _check_checkpoint(self, hf_config: dict[str, Any]) -> None:
-        """Refuse a quantized checkpoint for a pooling model or of another model (once
+        """Refuse quantization (a checkpoint or a planned scheme) for a pooling model, and a
+        checkpoint of another model or of another scheme than ``quantization.scheme`` (once
         ``fit_to_model`` has made ``model.task`` concrete)."""
+        scheme, task = self.spec.quantization.scheme, self.spec.model.task
         if self._checkpoint is None:
+            if scheme != "none" and task != "generate":
+                raise QuantizationError(f"quantization.scheme: {scheme} applies to generate models, not to model.task {task}")
             return
-        if self.spec.model.task != "generate":
-            raise QuantizationError(f"{QUANTIZED_FIELD}: quantized checkpoints apply to generate models, not to model.task {self.spec.model.task}")
+        if task != "generate":
+            raise QuantizationError(f"{QUANTIZED_FIELD}: quantized checkpoints apply to generate models, not to model.task {task}")
+        if scheme not in ("none", self._checkpoint.scheme.scheme):
+            raise QuantizationError(f"quantization.scheme: {scheme}, but the checkpoint in {QUANTIZED_FIELD} is "
+                                    f"{self._checkpoint.scheme.scheme}; leave quantization=none to take the checkpoint's")  # fmt: skip
         self._checkpoint.check_model(hf_config)
 
     def _quantization(self, captures, hf_config) -> QuantizationConfig | None:
-        """The checkpoint's scheme and quantized modules, every decoder layer's tensors checked."""
-        if self._checkpoint is None:
+        """The quantized linears: the checkpoint's scheme and modules (every decoder layer's
+        tensors checked), else ``quantization.scheme`` planned over every linear layer of the
+        decoder layers (a shape-only build), else None."""
+        if self._checkpoint is not None:
+            return self._checkpoint.for_model(captures[0].layers_path, capture_stage.num_layers(hf_config))
+        if self.spec.quantization.scheme == "none":
             return None
-        return self._checkpoint.for_model(captures[0].layers_path, capture_stage.num_layers(hf_config))
+        graphs = [captures[0].blocks[sig].graph.to_json() for sig in dict.fromkeys(self._signatures(hf_config))]
+        return planned_scheme(self.spec.quantization.scheme, graphs)
+
+    def _weight_source(self, loaded: LoadedModel | ShapeOnlyModel, quantization: QuantizationConfig | None, captures, hf_config) -> WeightSource:
+        """Where the artifact's tensors come from: the quantized checkpoint, the model with the
+        planned quantized linears' specs (shape-only), or the model as loaded."""
+        if self._checkpoint is not None:
+            return QuantizedWeights(self._checkpoint)
+        if quantization is not None:
+            return PlannedWeights(loaded.weights(), quantization, captures[0].layers_path, capture_stage.num_layers(hf_config))
+        return loaded.weights()
 
     def _compile_units(self, captures, hf_config) -> tuple[list[CompileUnit], list[dict[str, list[str]]]]:
         """Compile units of every pipeline and, per pipeline, role -> unit key of each rank.
@@ -401,11 +429,9 @@ class ArtifactBuilder:
         prepare_save_dir(self.save_dir)
         if opts.param_file_path:
             check_param_file(Path(opts.param_file_path).expanduser())
-        checkpoint = self._checkpoint  # opened here: an unreadable checkpoint is refused before anything is written
         self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         self._source_memo.flush()
-        if checkpoint is not None:
-            self._check_checkpoint(hf_config)
+        self._check_checkpoint(hf_config)  # opens the checkpoint: an unreadable one is refused before the load
         if opts.weights == "none":
             return self._build_loaded(ShapeOnlyModel(hf_config, self.spec.model.task), times)
         with _timed(times, "load"):
@@ -433,16 +459,20 @@ class ArtifactBuilder:
         with _timed(times, "partition"):
             pipelines, slices = self._pipelines(captures, roles, hf_config, compiled.programs)
         with _timed(times, "package"):
-            artifact_fields = self._artifact_fields(hf_config, pipelines, self._quantization(captures, hf_config))
+            quantization = self._quantization(captures, hf_config)
+            artifact_fields = self._artifact_fields(hf_config, pipelines, quantization)
             used = {key for p in pipelines for key in (t.program for t in p.tasks)}
             programs = {k: v for k, v in compiled.programs.items() if k in used}
-            source = loaded.weights() if self._checkpoint is None else QuantizedWeights(self._checkpoint)
-            specs, tensor = self._tensors(slices, captures, source)
-            weights = tensor if opts.weights == "included" else None
-            size = write_artifact(self.save_dir, artifact_fields, programs, specs, weights, loaded.tokenizer_files())
-        weights = WeightReport.of(pipelines, slices, specs, self.spec.parallel.tensor_parallel_size)
+            parsed = {k: Program.model_validate_json(v) for k, v in programs.items()}
+            specs, tensor = self._tensors(slices, captures, self._weight_source(loaded, quantization, captures, hf_config))
+            weights = WeightReport.of(pipelines, slices, specs, self.spec.parallel.tensor_parallel_size)
+            slots = self.spec.buckets.num_blocks() * self.spec.buckets.paged_attention_block_size
+            kv = kv_cache_bytes(pipelines, parsed, slots, self.spec.quantization.kv_cache_dtype)
+            self._check_pe_memory(weights.per_pe, kv)
+            size = write_artifact(self.save_dir, artifact_fields, programs, specs, tensor if opts.weights == "included" else None,
+                                  loaded.tokenizer_files())  # fmt: skip
         report = BuildReport(self.save_dir, len(pipelines), compiled.stats, times, size, weights,
-                             self._step_seconds(pipelines, programs, artifact_fields))  # fmt: skip
+                             self._step_seconds(pipelines, parsed, artifact_fields), kv_cache=kv)  # fmt: skip
         report.sharding = fallback_notes(programs.values())
         report.pools = dict(self.pools)
         if opts.progress:
@@ -501,13 +531,26 @@ class ArtifactBuilder:
 
         return specs, tensor
 
-    def _step_seconds(self, pipelines: list[Pipeline], programs: dict[str, bytes], fields: dict[str, Any]) -> list[tuple[Bucket, float]]:
+    def _step_seconds(self, pipelines: list[Pipeline], programs: dict[str, Program], fields: dict[str, Any]) -> list[tuple[Bucket, float]]:
         """The modelled NPU latency of one step of every bucket, where the build placed it."""
         generator = GeneratorConfig.model_validate(fields["generator_config"])
-        model = StepModel({k: Program.model_validate_json(v) for k, v in programs.items()}, self.spec.hardware,
-                          generator.paged_attention_config.block_size,
+        model = StepModel(programs, self.spec.hardware, generator.paged_attention_config.block_size,
                           ModelMetadata.model_validate(fields["model_metadata"]).weight_dtype, generator.kv_cache_dtype)  # fmt: skip
         return [(p.bucket, build_placement_seconds(p, model)) for p in pipelines]
+
+    def _check_pe_memory(self, weights: dict[str, int], kv: dict[str, int]) -> None:
+        """Refuse an artifact whose weights and KV cache (bytes of each PE of replica 0; the
+        other replicas hold the same) overflow a PE's share of HBM, which the simulator would
+        refuse to load; one line naming what to change."""
+        hw = self.spec.hardware
+        for pe in sorted(weights.keys() | kv.keys()):
+            w, k = weights.get(pe, 0), kv.get(pe, 0)
+            if w + k > hw.pe_hbm_bytes:
+                field = "buckets.paged_attention_num_blocks" if w <= hw.pe_hbm_bytes else "parallel.devices"
+                raise ConfigError(f"{field}: {pe} would hold {_size(w + k)} (weights {_size(w)}, KV cache {_size(k)} of "
+                                  f"{self.spec.buckets.num_blocks()} blocks in {self.spec.quantization.kv_cache_dtype}) but a PE "
+                                  f"has {_size(hw.pe_hbm_bytes)} (1/{hw.pes_per_device} of the HBM); use fewer KV blocks or "
+                                  "smaller buckets, a smaller quantization.kv_cache_dtype, or more PEs")  # fmt: skip
 
     def _artifact_fields(self, hf_config: dict[str, Any], pipelines: list[Pipeline], quantization: QuantizationConfig | None) -> dict[str, Any]:
         spec = self.spec
@@ -526,6 +569,7 @@ class ArtifactBuilder:
                 "decode_buckets": [b.model_dump() for b in spec.buckets.decode_buckets()],
                 "max_seq_len_to_capture": spec.buckets.max_seq_len_to_capture,
                 "paged_attention_config": {"num_blocks": spec.buckets.num_blocks(), "block_size": spec.buckets.paged_attention_block_size},
+                "kv_cache_dtype": spec.quantization.kv_cache_dtype,
                 "kv_cache_sharing_across_beams_config": beams.model_dump() if (beams := spec.buckets.kv_cache_sharing_across_beams_config) else None,
             },
             "hf_config": hf_config,

@@ -7,6 +7,7 @@ groups in ``conf/``::
     buckets:   static shapes and paged attention        conf/buckets/*.yaml
     parallel:  devices and parallelism degrees          conf/parallel/*.yaml
     scheduler: defaults stored for the runtime scheduler conf/scheduler/*.yaml
+    quantization: weight and KV cache storage          conf/quantization/*.yaml
     build:     how the build runs and where it writes   conf/build/*.yaml
 
 Everything is checked before any work starts; a problem raises :class:`ConfigError`
@@ -94,9 +95,11 @@ from furiosa_build.config_sections import (
     Invalid,
     ModelConfig,
     ParallelSpec,
+    QuantizationSpec,
     SchedulerSpec,
     Section,
     SweepOptions,
+    check_quantization,
 )
 from furiosa_build.errors import BuildIOError, ConfigError, UnitError, show_value
 from furiosa_build.load import LoadError, load_config
@@ -153,6 +156,7 @@ class BuildSpec(Section):
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     build: BuildOptions = Field(default_factory=BuildOptions)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     hardware: HardwareSpec = RNGD
     sweep: SweepOptions = Field(default_factory=SweepOptions)  # what a sweep's report ranks jobs by
 
@@ -162,6 +166,7 @@ class BuildSpec(Section):
     def _check(self, info: ValidationInfo) -> BuildSpec:
         source = self._check_source()
         self.parallel.mesh(self.hardware)  # the devices hold the layout
+        check_quantization(self.quantization, self.build)
         config, folder = readable_config(self.model, source)
         origin = config_origin(self.model, source, config, config or {})
         if config is not None:  # what can be checked without transformers; fit_to_model checks the rest

@@ -1,10 +1,11 @@
 """The sections of a :class:`furiosa_build.config.BuildSpec`, one per Hydra config group in ``conf/``.
 
 ``model`` (:class:`ModelConfig`), ``buckets`` (:class:`BucketsConfig`), ``parallel``
-(:class:`ParallelSpec`), ``scheduler`` (:class:`SchedulerSpec`) and ``build``
-(:class:`BuildOptions`).  Each section checks what its own values decide and raises
-:class:`Invalid` naming the field below it, which ``furiosa_build.config.load_spec`` turns
-into a one-line ``ConfigError`` naming the dotted field.
+(:class:`ParallelSpec`), ``scheduler`` (:class:`SchedulerSpec`), ``build``
+(:class:`BuildOptions`) and ``quantization`` (:class:`QuantizationSpec`).  Each section
+checks what its own values decide and raises :class:`Invalid` naming the field below it,
+which ``furiosa_build.config.load_spec`` turns into a one-line ``ConfigError`` naming the
+dotted field.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from furiosa_build.compiler import DEFAULT_OPTIONS
 from furiosa_build.errors import show_value
 from furiosa_build.model_checks import model_type_problem
+from furiosa_build.quantization_plan import PLANNED_SCHEMES
 from furiosa_build.shared_cache import check_shared_cache
 from furiosa_runtime.npu.artifact import Bucket, PoolingConfig, split_layers
 from furiosa_runtime.npu.hardware import RNGD, HardwareSpec, Mesh, plan_mesh
@@ -322,6 +324,44 @@ class SweepOptions(Section):
         except WorkloadError as err:
             raise Invalid(("workload",), str(err)) from None
         return self
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+class QuantizationSpec(Section):
+    """How weights and the KV cache are stored on the device (``conf/quantization/``).
+
+    ``scheme`` none keeps the model's weights (or takes the scheme of the checkpoint in
+    ``build.quantize_artifact_path``); another scheme quantizes every linear layer of the
+    decoder layers (:mod:`furiosa_build.quantization_plan`).  A shape-only build plans it
+    from the config alone; a build with weights takes 8-bit weights only from a checkpoint
+    of that scheme.  ``kv_cache_dtype`` is how the paged KV cache is stored: the memory
+    the build plans for it, the bytes the timing model charges for reading it, and the
+    functional simulator's storage.  f32 (the default) keeps the simulator's numerics equal
+    to transformers in float32; RNGD itself stores bf16 or fp8.
+    """
+
+    scheme: str = "none"
+    kv_cache_dtype: Literal["f32", "bf16", "f8_e4m3fn"] = "f32"
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, scheme: str) -> str:
+        allowed = ("none", *PLANNED_SCHEMES)
+        if scheme not in allowed:
+            raise Invalid((), f"unknown {scheme!r}; allowed: {', '.join(allowed)} (fp8-static only from a checkpoint, "
+                          "build.quantize_artifact_path)")  # fmt: skip
+        return scheme
+
+
+def check_quantization(quantization: QuantizationSpec, build: BuildOptions) -> None:
+    """A scheme needs a shape-only build or a checkpoint: a build with weights never invents
+    8-bit weights and their scales (``Invalid`` names ``quantization.scheme``)."""
+    if quantization.scheme != "none" and build.weights == "included" and build.quantize_artifact_path is None:
+        raise Invalid(("quantization", "scheme"), f"{quantization.scheme} needs its 8-bit weights from a checkpoint when the "
+                      "build includes weights: make one with python -m furiosa_build.quantize and give it as "
+                      "build.quantize_artifact_path, or plan the model without weights (build.weights=none)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- build

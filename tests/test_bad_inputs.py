@@ -548,7 +548,7 @@ RUNTIME_CASES: list[tuple[Callable[[Sandbox], Any], str]] = [
     (lambda s: _llm(s.paths["empty_dir"], data_parallel_size=-1), "data_parallel_size must be"),
     (lambda s: _llm(s.paths["empty_dir"], tokenizer_mode="fast"), "tokenizer_mode"),
     (lambda s: _llm(s.paths["empty_dir"], revision="main"), "revision"),
-    (lambda s: _llm(s.paths["empty_dir"], enable_jit_compilation=True), "enable_jit_compilation"),
+    (lambda s: _llm(s.paths["empty_dir"], enable_jit_compilation="yes"), "enable_jit_compilation must be True or False, got 'yes'"),
     (lambda s: _params(temperature=-1), "temperature must be a finite number >= 0, got -1"),
     (lambda s: _params(temperature=float("nan")), "temperature must be a finite number >= 0"),
     (lambda s: _params(top_p=0), "top_p must be a finite number in (0, 1], got 0"),
@@ -619,6 +619,8 @@ ARTIFACT_CASES: list[tuple[Callable[[Path], Any], str]] = [
     (lambda a: _llm(str(a), data_parallel_size=64), "data_parallel_size: tensor_parallel_size * pipeline_parallel_size"),
     (lambda a: _llm(str(a)).generate("hi", _params(max_tokens=2**70), use_tqdm=False), "This model's maximum context length is 64"),
     (lambda a: _llm(str(a)).generate([[10**9]], _params(max_tokens=2), use_tqdm=False), "prompt_token_ids: every id must be in [0, 512)"),
+    (lambda a: _llm(str(a), enable_jit_compilation=True).generate([[5] * 65], _params(max_tokens=2), use_tqdm=False),
+     "This model's maximum context length is 64"),  # JIT compiles buckets for prompts the artifact can hold, no longer
     (lambda a: _llm(str(a)).embed("hi"), "LLM.embed/encode: artifact 'tiny-llama' is a generation model"),
 ]
 

@@ -41,6 +41,13 @@ def quantize_linears(lowered: Lowered, quantization: Mapping[str, Any]) -> None:
     lowered.instructions = rewritten
 
 
+def linear_modules(lowered: Lowered) -> list[str]:
+    """The modules of a decoder layer whose weight some ``[N, K]`` linear reads: what a scheme
+    planned without a checkpoint quantizes (``furiosa_build/quantization_plan.py``)."""
+    modules = {_module(inst.ins[1]) for inst in lowered.instructions if inst.op == "linear" and inst.attrs.get("w_layout", "nk") == "nk"}
+    return sorted(m for m in modules if m is not None)
+
+
 def _module(weight: str) -> str | None:
     """'p:0.self_attn.q_proj.weight' -> 'self_attn.q_proj' (a block parameter: layer index first)."""
     head, _, rest = weight.removeprefix("p:").partition(".")

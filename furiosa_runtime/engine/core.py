@@ -15,6 +15,10 @@ run one pass per text anyway; and off with several replicas, because a cached bl
 lives on the replica that computed it while the runner places each new sequence on the
 least loaded replica.
 
+With ``jit`` (``enable_jit_compilation``) the engine also compiles, in background worker
+processes, the prefill buckets its traffic asks for and serves each from the step after
+it is ready (``jit.py``); a prompt longer than every prefill bucket is then admitted.
+
 The engine logs its start (artifact, buckets, KV blocks) at INFO, every preemption at
 WARNING (``scheduler.py``) and, every ``STATS_LOG_INTERVAL`` seconds while it runs, its
 load and prefix-cache hit rate at DEBUG.
@@ -35,6 +39,7 @@ from furiosa_runtime.engine.beam_search import BeamSearch, Hypothesis
 from furiosa_runtime.engine.block_manager import BlockManager
 from furiosa_runtime.engine.errors import validate_context_length, validate_min_tokens
 from furiosa_runtime.engine.inputs import check_token_ids
+from furiosa_runtime.engine.jit import BucketCompiler, JitConfig
 from furiosa_runtime.engine.model_runner import ModelRunner
 from furiosa_runtime.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from furiosa_runtime.engine.sampler import Sampler, log_softmax, min_tokens_banned_ids, top_logprobs
@@ -42,7 +47,8 @@ from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingPa
 from furiosa_runtime.engine.scheduler import Batch, Scheduler
 from furiosa_runtime.engine.sequence import Sequence, SequenceGroup, Status
 from furiosa_runtime.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from furiosa_runtime.npu.artifact import ArtifactFiles, SchedulerConfig, open_artifact
+from furiosa_runtime.npu.artifact import ArtifactFiles, Pipeline, SchedulerConfig, open_artifact
+from furiosa_runtime.npu.isa import Program
 from furiosa_runtime.npu.simulator import NPUSimulator
 
 logger = logging.getLogger(__name__)
@@ -88,6 +94,7 @@ class EngineCore:
         data_parallel_size: int | None = None,
         weight_cache_bytes: int | None = None,
         enable_prefix_caching: bool = True,
+        jit: JitConfig | None = None,
     ) -> None:
         self.path = Path(artifact_path)
         self.artifact, files = open_artifact(self.path)
@@ -101,7 +108,7 @@ class EngineCore:
         self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=self._prefix_caching(enable_prefix_caching))
         self.runner = ModelRunner(self.simulator, self.artifact, self.blocks)
         self.scheduler_config = scheduler_config or self.artifact.scheduler_config
-        self.scheduler = Scheduler(self.runner.prefill_buckets, self.runner.decode_buckets, self.blocks, self.scheduler_config)
+        self.scheduler = Scheduler(list(self.runner.prefill_buckets), list(self.runner.decode_buckets), self.blocks, self.scheduler_config)
         self.sampler = Sampler(seed)
         self.eos_token_ids = set(self.artifact.model_metadata.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -116,6 +123,8 @@ class EngineCore:
         self.npu_seconds = 0.0  # modelled NPU clock: every step run so far (timing.py), plus idle waits (wait_until)
         self.num_generated_tokens = 0  # tokens sampled so far, for progress bars
         self._stats_logged_at = time.monotonic()
+        #: Compiles the prefill buckets traffic asks for (``jit.py``); None without enable_jit_compilation.
+        self.jit = BucketCompiler(self.path, self.artifact, jit, self.add_bucket) if jit is not None else None
         self._log_start()
 
     def _prefix_caching(self, requested: bool) -> bool:
@@ -138,6 +147,12 @@ class EngineCore:
                     "prefix caching %s", self.path, self.artifact.metadata.name, len(mesh.pes), mesh.tp, mesh.pp, mesh.dp,
                     buckets, self.blocks.num_usable, self.blocks.block_size, "on" if self.blocks.enable_caching else "off")  # fmt: skip
 
+    def add_bucket(self, pipeline: Pipeline, programs: dict[str, Program]) -> None:
+        """Serve one more bucket, compiled after the artifact (``jit.py``), from the next step on."""
+        self.runner.add_bucket(pipeline, programs)
+        self.scheduler.add_bucket(pipeline.bucket)
+        self.artifact = self.simulator.artifact
+
     @property
     def max_model_len(self) -> int:
         """Longest context a request may reach: the largest bucket, bounded by the KV cache."""
@@ -146,8 +161,10 @@ class EngineCore:
 
     @property
     def max_prompt_len(self) -> int:
-        """Longest prompt: the largest prefill bucket, or the whole context with chunked prefill."""
-        if self.scheduler_config.prefill_chunk_size is not None:
+        """Longest prompt: the largest prefill bucket, or the whole context with chunked prefill
+        or JIT compilation (``jit.py``: past the prefill buckets, positions are caught up in
+        decode steps until a bucket holding the prompt is compiled)."""
+        if self.scheduler_config.prefill_chunk_size is not None or self.jit is not None:
             return self.max_model_len
         return min(self.runner.max_prefill_len, self.max_model_len)
 
@@ -166,6 +183,8 @@ class EngineCore:
         if request_id in self.groups:
             raise ValueError(f"Request ID {request_id} already exist in the engine.")
         self.validate_request(prompt_token_ids, params)
+        if self.jit is not None:
+            self.jit.observe(len(prompt_token_ids))
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
         metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time(),
                                  npu_arrival_time=self.npu_seconds if npu_arrival_time is None else npu_arrival_time)  # fmt: skip
@@ -276,7 +295,10 @@ class EngineCore:
         )  # fmt: skip
 
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; return the outputs of the requests it advanced."""
+        """Run one prefill or decode step; return the outputs of the requests it advanced.
+        Buckets compiled since the last step are served from this one on (``jit.py``)."""
+        if self.jit is not None:
+            self.jit.poll()
         batch = self.scheduler.schedule()
         if batch is None:
             assert not self.scheduler.has_unfinished(), "admission control guarantees every request can be scheduled"

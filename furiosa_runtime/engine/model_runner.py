@@ -20,7 +20,8 @@ import numpy as np
 from furiosa_runtime.engine.block_manager import BlockManager
 from furiosa_runtime.engine.replica_timer import ReplicaTimer
 from furiosa_runtime.engine.sequence import Sequence
-from furiosa_runtime.npu.artifact import Artifact, Bucket
+from furiosa_runtime.npu.artifact import Artifact, Bucket, Pipeline
+from furiosa_runtime.npu.isa import Program
 from furiosa_runtime.npu.simulator import NPUSimulator
 
 
@@ -33,6 +34,12 @@ class ModelRunner:
         self.timer = ReplicaTimer(artifact, simulator.step_seconds, simulator.mesh.dp, blocks)  # replica placement and step time
         self.last_step_seconds = 0.0  # modelled NPU latency of the last step (replicas run side by side)
         self.last_logits = np.empty((0, 0, 0), dtype=np.float32)  # every column the last step's program computed
+
+    def add_bucket(self, pipeline: Pipeline, programs: dict[str, Program]) -> None:
+        """Run one more bucket (compiled after the artifact, ``jit.py``) from the next step on."""
+        self.simulator.add_pipeline(pipeline, programs)
+        self.timer.add_bucket(self.simulator.artifact, pipeline.bucket, self.simulator.step_seconds[pipeline.name])
+        (self.prefill_buckets if pipeline.bucket.is_prefill else self.decode_buckets).append(pipeline.bucket)
 
     @property
     def max_prefill_len(self) -> int:

@@ -44,6 +44,12 @@ class ReplicaTimer:
         runs = [(self._same_shape_bucket(bucket, len(held)), held) for held in rows.values()]
         return max(self._seconds[run] for run, _ in runs), runs
 
+    def add_bucket(self, artifact: Artifact, bucket: Bucket, seconds: float) -> None:
+        """Time one more bucket (compiled after the artifact, ``jit.py``); ``artifact`` is the
+        artifact as served with it."""
+        self.artifact = artifact
+        self._seconds[bucket] = seconds
+
     def place(self, seqs: list[Sequence]) -> list[int]:
         """The replica of each row, giving new sequences one first."""
         if self.replicas == 1:

@@ -108,11 +108,7 @@ class Scheduler:
         self.decode_buckets = decode
         self.blocks = blocks
         self.config = config
-        self.max_prefill_len = max(b.attention_size for b in prefill)
-        # An embedding artifact (task=embed) has no decode buckets.
-        self.max_decode_batch = min(max((b.batch_size for b in decode), default=0), config.max_processing_samples)
-        self._prefill_reach = _reach(prefill)
-        self._decode_reach = _reach(decode)
+        self._index_buckets()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
@@ -120,6 +116,19 @@ class Scheduler:
         self.prefix_cache_queried_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_cache_hit_tokens = 0  # of which were found computed in cached blocks
         self._last_phase = "decode"
+
+    def _index_buckets(self) -> None:
+        """What the scheduling rules read of the bucket lists."""
+        self.max_prefill_len = max(b.attention_size for b in self.prefill_buckets)
+        # An embedding artifact (task=embed) has no decode buckets.
+        self.max_decode_batch = min(max((b.batch_size for b in self.decode_buckets), default=0), self.config.max_processing_samples)
+        self._prefill_reach = _reach(self.prefill_buckets)
+        self._decode_reach = _reach(self.decode_buckets)
+
+    def add_bucket(self, bucket: Bucket) -> None:
+        """Schedule steps in one more bucket (compiled after the artifact, ``jit.py``) from the next step on."""
+        (self.prefill_buckets if bucket.is_prefill else self.decode_buckets).append(bucket)
+        self._index_buckets()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

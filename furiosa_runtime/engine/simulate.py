@@ -242,12 +242,19 @@ def simulate(
         num_prompts = PROMPTS_PER_SLOT * core.scheduler.max_decode_batch
     shapes = parse_workload(workload, num_prompts, request_rate, seed)
     requests = make_requests(shapes, core.vocab_size, shared_prefix, seed)
+    rate = "" if request_rate is None else f", {'offline' if math.isinf(request_rate) else f'{request_rate:g} requests/s'}"
+    return serve_report(core, requests, workload + rate)
+
+
+def serve_report(core: TimingCore, requests: list[TimedRequest], label: str) -> ServingReport:
+    """Serve ``requests`` on a fresh ``core`` and report it as ``simulate`` does (``label``
+    names the workload); ``WorkloadError`` for a request the artifact cannot hold.  The
+    bucket advisor (``furiosa_build/advise.py``) calls it on views of one artifact."""
     _check_fits(core, requests)
     with _quiet_preemptions():
         timings = serve(core, requests)
     hit_rate = core.scheduler.prefix_cache_hit_tokens / max(core.scheduler.prefix_cache_queried_tokens, 1)
-    rate = "" if request_rate is None else f", {'offline' if math.isinf(request_rate) else f'{request_rate:g} requests/s'}"
-    return ServingReport.of(workload + rate, timings, core.stats, core.npu_seconds, core.scheduler.num_preemptions, hit_rate)
+    return ServingReport.of(label, timings, core.stats, core.npu_seconds, core.scheduler.num_preemptions, hit_rate)
 
 
 @contextmanager

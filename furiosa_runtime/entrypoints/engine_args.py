@@ -21,6 +21,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
+from furiosa_runtime.engine.jit import CACHE_DIR, DEFAULT_JIT_MAX_WORKERS, DEFAULT_JIT_THRESHOLD, DEFAULT_JIT_UNIT_SIZE
 from furiosa_runtime.entrypoints.arg_checks import (
     check_bool,
     check_devices,
@@ -32,10 +33,6 @@ from furiosa_runtime.entrypoints.arg_checks import (
 from furiosa_runtime.entrypoints.llm import LLM
 from furiosa_runtime.npu.artifact import load_artifact
 
-CACHE_DIR = Path.home() / ".cache" / "furiosa" / "llm"
-DEFAULT_JIT_THRESHOLD = 8
-DEFAULT_JIT_MAX_WORKERS = 1
-DEFAULT_JIT_UNIT_SIZE = 2
 TokenizerModeType = Literal["auto", "slow"]
 
 
@@ -80,7 +77,7 @@ class EngineArgs:
     npu_queue_limit: int | None = None
     max_processing_samples: int | None = None
     spare_blocks_ratio: float | None = None
-    # experimental JIT wiring
+    # experimental JIT compilation of buckets (engine/jit.py)
     enable_jit_compilation: bool = False
     jit_threshold: int = DEFAULT_JIT_THRESHOLD
     jit_max_workers: int = DEFAULT_JIT_MAX_WORKERS
@@ -137,7 +134,7 @@ class EngineArgs:
         add("--enable-jit-compilation", type=_bool, default=False, help="[EXPERIMENTAL] Enable JIT compilation (true/false).")
         add("--jit-threshold", type=int, default=DEFAULT_JIT_THRESHOLD, help="[EXPERIMENTAL] Requests before triggering JIT compilation.")
         add("--jit-max-workers", type=int, default=DEFAULT_JIT_MAX_WORKERS, help="[EXPERIMENTAL] Maximum concurrent background JIT compilations.")
-        add("--jit-unit-size", type=int, default=DEFAULT_JIT_UNIT_SIZE, help="[EXPERIMENTAL] Stages compiled together; must be >= 2.")
+        add("--jit-unit-size", type=int, default=DEFAULT_JIT_UNIT_SIZE, help="[EXPERIMENTAL] JIT buckets' attention sizes are multiples of it; must be >= 2.")
         add("--weight-cache-bytes", type=parse_size, default=None,
             help="Simulator memory for float32 copies of bf16 weights, least recently used evicted first: bytes or a size "
                  "such as 4GiB or 512MiB; 0 widens on every use (default: half the available memory left after the "

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from furiosa_runtime.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from furiosa_runtime.engine.core import EngineCore
 from furiosa_runtime.engine.inputs import PromptType, batch_prompts, parse_prompt
+from furiosa_runtime.engine.jit import JitConfig
 from furiosa_runtime.engine.outputs import CompletionOutput, RequestOutput
 from furiosa_runtime.engine.pooling import Embedder, EmbeddingRequestOutput, PoolingRequestOutput, require_task
 from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -45,9 +46,14 @@ class LLM:
     ``NPUSimulator.default_weight_cache_bytes``; 0 widens on every use); outputs do not
     depend on it.  ``enable_prefix_caching`` (on by default, as in furiosa-llm and vLLM)
     keeps the KV blocks of finished prompts and reuses them for later prompts that start
-    with the same tokens; outputs do not depend on it.  Settings the simulator cannot honour (a Hub revision, JIT
-    compilation) are refused with a ValueError rather than ignored, and every argument's
-    type and range is checked before the artifact is read (one line naming the argument).
+    with the same tokens; outputs do not depend on it.  ``enable_jit_compilation`` compiles,
+    in background processes, the prefill buckets the traffic asks for (``jit_threshold``
+    prompts a missing bucket would serve better, its attention rounded up to a multiple of
+    ``jit_unit_size``, at most ``jit_max_workers`` compiling at once, through the compile
+    cache at ``cache_dir``) and records them beside the artifact; see ``engine/jit.py``.
+    Settings the simulator cannot honour (a Hub revision) are refused with a ValueError
+    rather than ignored, and every argument's type and range is checked before the artifact
+    is read (one line naming the argument).
     """
 
     def __init__(
@@ -79,14 +85,15 @@ class LLM:
         check_int("data_parallel_size", data_parallel_size, 1, optional=True)
         check_int("weight_cache_bytes", weight_cache_bytes, 0, optional=True)
         check_jit(jit_threshold, jit_max_workers, jit_unit_size, optional=True)
+        check_bool("enable_jit_compilation", enable_jit_compilation)
         check_bool("enable_prefix_caching", enable_prefix_caching)
         _refuse(revision is not None, "revision", "artifacts are local folders; leave revision unset", revision)
         _refuse(tokenizer_mode not in TOKENIZER_MODES, "tokenizer_mode", "one of auto, slow", tokenizer_mode)
-        _refuse(bool(enable_jit_compilation), "enable_jit_compilation", "False (artifacts are compiled ahead of time)", enable_jit_compilation)
         self.engine = EngineCore(
             model_id_or_path, seed=seed, scheduler_config=scheduler_config, tokenizer=tokenizer,
             devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
             weight_cache_bytes=weight_cache_bytes, enable_prefix_caching=enable_prefix_caching,
+            jit=_jit_config(jit_threshold, jit_max_workers, jit_unit_size, cache_dir) if enable_jit_compilation else None,
         )  # fmt: skip
         self.model_id_or_path = str(model_id_or_path)
         self.model_metadata = self.engine.artifact.model_metadata
@@ -288,6 +295,13 @@ def _check_load_args(model: object, tokenizer: object, cache_dir: object, seed: 
     check_devices(devices)
     if scheduler_config is not None and not isinstance(scheduler_config, SchedulerConfig):
         raise ValueError(f"scheduler_config must be None or a SchedulerConfig, got {type(scheduler_config).__name__}")
+
+
+def _jit_config(threshold: int | None, max_workers: int | None, unit_size: int | None, cache_dir: str | Path | None) -> JitConfig:
+    """The JIT settings given, with furiosa-llm's defaults for those left None."""
+    given = {"threshold": threshold, "max_workers": max_workers, "unit_size": unit_size,
+             "cache_dir": Path(cache_dir).expanduser() if cache_dir is not None else None}  # fmt: skip
+    return JitConfig(**{name: value for name, value in given.items() if value is not None})
 
 
 def _refuse(bad: bool, name: str, allowed: str, value: object) -> None:

@@ -163,7 +163,9 @@ class GeneratorConfig(_Model):
     decode_buckets: list[Bucket]
     max_seq_len_to_capture: int = Field(gt=0, le=MAX_ATTENTION_SIZE)
     paged_attention_config: PagedAttentionConfig
-    kv_cache_dtype: Literal["f32", "bf16"] = "f32"
+    # How the KV cache is stored on the device: the memory the build plans for it, the bytes
+    # the timing model charges for reading it and the simulator's storage (fp8 without scales).
+    kv_cache_dtype: Literal["f32", "bf16", "f8_e4m3fn"] = "f32"
     kv_cache_sharing_across_beams_config: KvCacheSharingAcrossBeamsConfig | None = None
 
     @model_validator(mode="after")
@@ -207,7 +209,8 @@ class PoolingConfig(_Model):
 
 class QuantizationConfig(_Model):
     """How the artifact's quantized linear layers store and compute (``isa.quantized_linear``),
-    read from a compressed-tensors checkpoint (``build.quantize_artifact_path``).
+    read from a compressed-tensors checkpoint (``build.quantize_artifact_path``) or, for a
+    shape-only build, planned by the build's ``quantization`` config group.
 
     ``weights`` is the storage dtype, ``strategy`` one scale per output channel or per
     tensor, ``activations`` how inputs are quantised ("none": weight-only); ``modules``
@@ -373,6 +376,15 @@ class Pipeline(_Model):
 TOKEN_INPUTS = ("input_ids", "positions", "position_ids", "slot_mapping")
 
 
+def check_manifest(manifest: dict[str, str]) -> dict[str, str]:
+    """``manifest`` if it maps safe relative paths (``check_relative_path``) to sha256 digests."""
+    for rel, digest in manifest.items():
+        check_relative_path(rel)
+        if not re.fullmatch(SHA256_HEX, digest):
+            raise ValueError(f"the sha256 of {rel} must be 64 lowercase hex digits, got {digest!r}")
+    return manifest
+
+
 def program_file(key: str) -> str:
     """Where the program ``key`` lives, relative to the artifact folder."""
     return f"programs/{key}.json"
@@ -410,11 +422,7 @@ class Artifact(_Model):
     @field_validator("manifest")
     @classmethod
     def _safe_manifest(cls, manifest: dict[str, str]) -> dict[str, str]:
-        for rel, digest in manifest.items():
-            check_relative_path(rel)
-            if not re.fullmatch(SHA256_HEX, digest):
-                raise ValueError(f"the sha256 of {rel} must be 64 lowercase hex digits, got {digest!r}")
-        return manifest
+        return check_manifest(manifest)
 
     @field_validator("pipelines")
     @classmethod
@@ -458,6 +466,17 @@ class Artifact(_Model):
 
     def pipeline_for(self, bucket: Bucket) -> Pipeline:
         return next(p for p in self.pipelines if p.bucket == bucket)
+
+    def with_pipeline(self, pipeline: Pipeline) -> Artifact:
+        """This artifact as served with one more bucket, compiled after the build (``jit_store.py``).
+
+        A copy that is not validated again: the new pipeline's programs are listed in its
+        JIT entry's manifest, not in this one, and the entry was verified when read.
+        """
+        gen = self.generator_config
+        phase = "prefill_buckets" if pipeline.bucket.is_prefill else "decode_buckets"
+        generator = gen.model_copy(update={phase: [*getattr(gen, phase), pipeline.bucket]})
+        return self.model_copy(update={"generator_config": generator, "pipelines": [*self.pipelines, pipeline]})
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -519,9 +538,10 @@ class ArtifactFiles:
                 self._verified.discard(rel)
                 raise ArtifactError(f"artifact: file {rel} changed while it was being read (rewritten in place?)")
 
-    def read_description(self) -> bytes:
-        """``artifact.json``, confined like every file but unhashed: it holds the manifest."""
-        with self._open(ARTIFACT_FILE) as f:
+    def read_description(self, name: str = ARTIFACT_FILE) -> bytes:
+        """The description file (``artifact.json``, or a JIT entry's), confined like every
+        file but unhashed: it holds the manifest."""
+        with self._open(name) as f:
             return f.read()
 
     def check_layout(self) -> None:

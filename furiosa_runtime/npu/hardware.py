@@ -42,8 +42,8 @@ class HardwareSpec(BaseModel):
     device_link_bandwidth: float = Field(default=64e9, gt=0)  # bytes/s
     link_latency_seconds: float = Field(default=1e-6, ge=0)
     dispatch_cycles: int = Field(default=100, ge=0)
-    compute_efficiency: float = Field(default=1.0, gt=0, le=1)
-    hbm_efficiency: float = Field(default=1.0, gt=0, le=1)
+    compute_efficiency: float = Field(default=0.75, gt=0, le=1)  # large GEMMs sustain ~70-80% of peak
+    hbm_efficiency: float = Field(default=0.85, gt=0, le=1)  # HBM streams at ~80-90% of its pin bandwidth
 
     @property
     def pe_hbm_bytes(self) -> int:

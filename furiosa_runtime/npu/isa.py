@@ -200,8 +200,12 @@ class KVCacheLayer:
     views of it, ``(num_slots, kv_heads, head_dim)`` and ``(num_slots, kv_heads, v_head_dim)``.
     """
 
-    def __init__(self, num_slots: int, kv_heads: int, head_dim: int, v_head_dim: int, dtype: np.dtype) -> None:
-        self.kv = np.zeros((num_slots, kv_heads * (head_dim + v_head_dim)), dtype=dtype)
+    def __init__(self, num_slots: int, kv_heads: int, head_dim: int, v_head_dim: int, dtype: np.dtype, storage: np.ndarray | None = None) -> None:
+        """``storage`` (optional): the ``(num_slots, kv_heads * (head_dim + v_head_dim))`` rows
+        to use, such as a slice of a larger array; zeros of ``dtype`` otherwise."""
+        width = kv_heads * (head_dim + v_head_dim)
+        self.kv = np.zeros((num_slots, width), dtype=dtype) if storage is None else storage
+        assert self.kv.shape == (num_slots, width), f"KV storage of shape {self.kv.shape}, not {(num_slots, width)}"
         self.k, self.v = _split_kv(self.kv, kv_heads, head_dim)
 
     @property

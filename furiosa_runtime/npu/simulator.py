@@ -39,14 +39,12 @@ from furiosa_runtime.npu.isa import (
     COLLECTIVES,
     COMPUTE_DTYPE,
     DTYPES,
-    HOST_THREADS,
     QUANTIZED_DTYPES,
     ExecContext,
     Instruction,
     KVCacheLayer,
     Program,
     execute,
-    in_parallel,
 )
 from furiosa_runtime.npu.step_times import StepTimes, layers_per_stage, load_programs, stage_plan
 from furiosa_runtime.npu.weights import (
@@ -127,7 +125,7 @@ class TaskWeights(Mapping[str, np.ndarray]):
 STORED_OPERANDS: dict[str, tuple[int, ...]] = {"gather": (0,), "moe_experts": (3, 4)}
 
 
-def program_run(program: Program, inputs: list[np.ndarray], params: Mapping[str, np.ndarray], kv: Sequence[KVCacheLayer | ReplicaKV], block_size: int) -> ProgramRun:
+def program_run(program: Program, inputs: list[np.ndarray], params: Mapping[str, np.ndarray], kv: Sequence[KVCacheLayer], block_size: int) -> ProgramRun:
     """Execute one program with its reference semantics; values are released at last use.
 
     ``params`` maps each program parameter to its value in the compute dtype; it is read
@@ -145,34 +143,14 @@ def program_run(program: Program, inputs: list[np.ndarray], params: Mapping[str,
         operands = [env[name] if name in env else stored(name) if i in raw else params[name] for i, name in enumerate(inst.ins)]  # type: ignore[misc]
         if inst.op in COLLECTIVES:
             outs: tuple[np.ndarray, ...] = ((yield inst, operands[0]),)
-        elif inst.op == "paged_attention":
-            outs = _paged_attention(inst, operands, kv[inst.attrs["kv_index"]], block_size)
         else:
-            outs = execute(inst, operands, ExecContext(block_size=block_size))
+            outs = execute(inst, operands, ExecContext(kv=kv[inst.attrs["kv_index"]] if inst.op == "paged_attention" else None, block_size=block_size))
         env.update(zip(inst.outs, outs))
         if TRACE:
             print(f"[npu] {inst.op:16s} {','.join(inst.ins)} -> {inst.outs[0]} {outs[0].shape}", file=sys.stderr)
         for name in inst.free:
             env.pop(name, None)
     return [env[name] for name in program.outputs]
-
-
-def _paged_attention(inst: Instruction, operands: list[np.ndarray], kv: KVCacheLayer | ReplicaKV, block_size: int) -> tuple[np.ndarray, ...]:
-    """A paged-attention instruction over one cache, or over the rows of several
-    data-parallel replicas, each replica's rows against its own cache (every operand is
-    batch-first)."""
-    if isinstance(kv, KVCacheLayer):
-        return execute(inst, operands, ExecContext(kv=kv, block_size=block_size))
-    batch, heads, seq, _ = operands[0].shape  # q (B, H, S, D), v (B, Hkv, S, Dv)
-    out = np.empty((batch, seq, heads, operands[2].shape[-1]), dtype=np.float32)
-
-    def attend(part: tuple[KVCacheLayer, np.ndarray]) -> None:
-        cache, rows = part
-        (out[rows],) = execute(inst, [x[rows] for x in operands], ExecContext(kv=cache, block_size=block_size))
-
-    # Like the kernel's own row groups: the replicas of a decode step side by side on the host's threads.
-    in_parallel(attend, list(kv.parts), [len(rows) for _, rows in kv.parts], HOST_THREADS if seq == 1 else 1)
-    return (out,)
 
 
 def run_group(runs: list[ProgramRun]) -> list[list[np.ndarray]]:
@@ -202,17 +180,9 @@ def run_group(runs: list[ProgramRun]) -> list[list[np.ndarray]]:
         replies = [combined] * len(runs)
 
 
-def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: Sequence[KVCacheLayer | ReplicaKV], block_size: int) -> list[np.ndarray]:
+def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: Sequence[KVCacheLayer], block_size: int) -> list[np.ndarray]:
     """Execute one single-PE program (a collective is over a group of one)."""
     return run_group([program_run(program, inputs, params, kv, block_size)])[0]
-
-
-@dataclass(frozen=True)
-class ReplicaKV:
-    """One layer's KV cache for a batch whose rows live on several data-parallel replicas:
-    ``parts`` pairs each replica's cache with the rows (batch indices) it holds."""
-
-    parts: tuple[tuple[KVCacheLayer, np.ndarray], ...]
 
 
 #: The rows of a batch by data-parallel replica: replica -> its rows (batch indices), or
@@ -230,13 +200,6 @@ def _replica_rows(replica: int | Sequence[int], batch: int) -> ReplicaRows:
     if len(replicas) == 1:
         return {int(replicas[0]): None}
     return {int(r): np.flatnonzero(per_row == r) for r in replicas}
-
-
-def _layer_caches(layer: int, pes: dict[int, PE], rows: ReplicaRows) -> KVCacheLayer | ReplicaKV:
-    """The KV cache of ``layer`` that each replica's rows read and write."""
-    if len(rows) == 1:
-        return pes[next(iter(rows))].kv[layer]
-    return ReplicaKV(tuple((pes[replica].kv[layer], part) for replica, part in rows.items()))  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -422,6 +385,8 @@ class NPUSimulator:
         self._collectives = {key: sum(i.op in COLLECTIVES for i in p.instructions) for key, p in self.programs.items()}
         self.pes: dict[str, PE] = {}
         self.stats: Counter[str] = Counter()  # collectives run, transfers and bytes moved
+        #: The KV cache of each (stage, rank, layer) over every replica (``_allocate_kv_cache``).
+        self._host_kv: dict[tuple[int, int, int], KVCacheLayer] = {}
         self._place_weights(tensors)
         self._allocate_kv_cache()
         if weight_cache_bytes is None:
@@ -471,20 +436,32 @@ class NPUSimulator:
         self._check_devices()
 
     def _allocate_kv_cache(self) -> None:
-        """Give every PE the KV storage (its KV heads) of the layers whose attention it runs."""
+        """Give every PE the KV storage (its KV heads) of the layers whose attention it runs.
+
+        The same PE of every data-parallel replica (same stage and rank) keeps its cache of a
+        layer in one host array, replica r's slots at rows ``[r * slots, (r + 1) * slots)``:
+        a batch whose rows live on several replicas then reads and writes one cache, each
+        row's slots and blocks moved into its replica's range (``_host_slots``).
+        """
         gen = self.artifact.generator_config
         num_slots = gen.paged_attention_config.num_blocks * self.block_size
         dtype = DTYPES[gen.kv_cache_dtype]
-        for task, pe in self._placements():
-            program = self.programs[task.program]
-            attention = [i for i in program.instructions if i.op == "paged_attention"]
-            for layer, inst in zip(task.kv_layers, attention):
-                if layer in pe.kv:
-                    continue
-                k_shape, v_shape = program.values[inst.ins[1]].shape, program.values[inst.ins[2]].shape
-                size = 2 * num_slots * k_shape[1] * max(k_shape[3], v_shape[3]) * dtype.itemsize
-                pe.reserve(size, f"KV cache of layer {layer}")
-                pe.kv[layer] = KVCacheLayer(num_slots, k_shape[1], k_shape[3], v_shape[3], dtype)
+        for p in self.artifact.pipelines:
+            for task in p.tasks:
+                program = self.programs[task.program]
+                attention = [i for i in program.instructions if i.op == "paged_attention"]
+                stage = self.schedules[p.name].stages[task.name]
+                for layer, inst in zip(task.kv_layers, attention):
+                    key = (stage, task.shard, layer)
+                    if key in self._host_kv:
+                        continue
+                    kv_heads, head_dim, v_head_dim = program.values[inst.ins[1]].shape[1], program.values[inst.ins[1]].shape[3], program.values[inst.ins[2]].shape[3]
+                    host = self._host_kv[key] = KVCacheLayer(self.mesh.dp * num_slots, kv_heads, head_dim, v_head_dim, dtype)
+                    for replica in range(self.mesh.dp):
+                        pe = self.pe(self.mesh.pe(replica, stage, task.shard))
+                        rows = host.kv[replica * num_slots : (replica + 1) * num_slots]
+                        pe.reserve(rows.nbytes, f"KV cache of layer {layer}")
+                        pe.kv[layer] = KVCacheLayer(num_slots, kv_heads, head_dim, v_head_dim, dtype, storage=rows)
         self._check_devices()
 
     def _check_devices(self) -> None:
@@ -555,6 +532,8 @@ class NPUSimulator:
         inputs (``feeds``); activations reach later stages only through the transfers.
         """
         rows = _replica_rows(replica, next(iter(feeds.values())).shape[0])  # feeds are batch-first
+        if len(rows) > 1 and "slot_mapping" in feeds:  # a generator's rows on several replicas
+            feeds = self._host_slots(feeds, rows)
         pipeline = self.artifact.pipeline_for(bucket)
         schedule = self.schedules[pipeline.name]
         values = [dict(feeds) for _ in range(self.mesh.pp)]  # what each stage's PEs hold
@@ -566,6 +545,16 @@ class NPUSimulator:
                 self._transfer(transfer, values, list(rows))
         return values[schedule.stages[pipeline.tasks[-1].name]][pipeline.output]
 
+    def _host_slots(self, feeds: dict[str, np.ndarray], rows: ReplicaRows) -> dict[str, np.ndarray]:
+        """``feeds`` with each row's cache slots and block ids moved into its replica's range
+        of the host KV arrays (``_allocate_kv_cache``); padding slots (-1) stay."""
+        num_blocks = self.artifact.generator_config.paged_attention_config.num_blocks
+        slots, tables = feeds["slot_mapping"].copy(), feeds["block_tables"].copy()
+        for replica, part in rows.items():
+            slots[part] = np.where(slots[part] >= 0, slots[part] + replica * num_blocks * self.block_size, -1)
+            tables[part] += replica * num_blocks
+        return {**feeds, "slot_mapping": slots, "block_tables": tables}
+
     def _run_group(self, tasks: list[Task], rows: ReplicaRows, stage: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One supertask on the tensor-parallel group of every replica in ``rows``, in one
         execution per rank; its outputs are replicated, so rank 0's stand for all."""
@@ -575,8 +564,7 @@ class NPUSimulator:
             program = self.programs[task.program]
             pe = self.pes[self.mesh.pe(first, stage, task.shard)]  # every replica holds these same tensors
             params = TaskWeights({spec.name: task.params[spec.name[2:]] for spec in program.params}, pe, self.widened)
-            pes = {replica: self.pes[self.mesh.pe(replica, stage, task.shard)] for replica in rows}
-            kv = [_layer_caches(layer, pes, rows) for layer in task.kv_layers]
+            kv = [pe.kv[layer] if len(rows) == 1 else self._host_kv[(stage, task.shard, layer)] for layer in task.kv_layers]
             runs.append(program_run(program, [values[v] for v in task.inputs], params, kv, self.block_size))
         outputs = run_group(runs)
         self.stats["collectives"] += self._collectives[tasks[0].program] * len(rows)
@@ -596,3 +584,20 @@ class NPUSimulator:
 
     def pipeline(self, bucket: Bucket) -> Pipeline:
         return self.artifact.pipeline_for(bucket)
+
+    def add_pipeline(self, pipeline: Pipeline, programs: dict[str, Program]) -> None:
+        """Serve one more bucket, compiled after the artifact (``engine/jit.py``), from the
+        next step on: its tasks are checked against the weights the PEs hold, as every
+        task is at load, then placed, scheduled and timed like the artifact's own."""
+        held = {name: array for pe in self.pes.values() for name, array in pe.weights.items()}
+        for task in pipeline.tasks:
+            check_task(pipeline, task, programs[task.program], held)
+        self.artifact = self.artifact.with_pipeline(pipeline)
+        self.programs.update(programs)
+        self._collectives.update({key: sum(i.op in COLLECTIVES for i in p.instructions) for key, p in programs.items()})
+        self.schedules[pipeline.name] = self._schedule(pipeline)
+        self._place_weights(held)
+        mesh = self.mesh  # the very mesh of the load, planned again from its PEs
+        times = StepTimes(self.artifact, self.programs, self.hw, devices=",".join(mesh.pes), pipeline_parallel_size=mesh.pp,
+                          data_parallel_size=mesh.dp)  # fmt: skip
+        self.step_seconds[pipeline.name] = times.seconds[pipeline.name]

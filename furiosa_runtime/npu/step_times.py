@@ -6,10 +6,13 @@ where each pipeline stage runs, never the weights, so a shape-only artifact
 artifact out as the simulator does (tensor parallelism as built, pipeline stages as built
 or re-staged at load for blockwise artifacts, data-parallel replicas over the remaining
 PEs) and gives each bucket's pipeline one step of modelled latency on replica 0; ``NPUSimulator``
-takes its layout and ``step_seconds`` from here.
+takes its layout and ``step_seconds`` from here.  :func:`kv_cache_bytes` is the KV cache each PE
+reserves, at the bytes per token the timing model charges (the build's memory plan of it).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from pydantic import ValidationError
 
@@ -26,8 +29,8 @@ from furiosa_runtime.npu.artifact import (
     split_layers,
 )
 from furiosa_runtime.npu.hardware import HardwareSpec, Mesh, plan_mesh
-from furiosa_runtime.npu.isa import Program
-from furiosa_runtime.npu.timing import StepModel
+from furiosa_runtime.npu.isa import DTYPES, Program
+from furiosa_runtime.npu.timing import StepModel, kv_token_bytes
 
 
 def layers_per_stage(artifact: Artifact, pipeline_parallel_size: int | None) -> list[int]:
@@ -65,6 +68,24 @@ def _load_program(files: ArtifactFiles, key: str) -> Program:
         return Program.model_validate_json(files.read(rel))
     except ValidationError as err:
         raise ArtifactError(f"artifact: {rel} is not a valid program ({first_error(err)})") from None
+
+
+def kv_cache_bytes(pipelines: list[Pipeline], programs: Mapping[str, Program], num_slots: int, kv_dtype: str) -> dict[str, int]:
+    """KV cache bytes each PE reserves where the pipelines place their tasks: ``num_slots``
+    token slots in ``kv_dtype`` for every layer whose attention it runs (what the simulator
+    allocates, at the per-token size the timing model charges for reading them)."""
+    itemsize = DTYPES[kv_dtype].itemsize
+    layers: dict[str, set[int]] = {}
+    used: dict[str, int] = {}
+    for task in (t for p in pipelines for t in p.tasks):
+        program = programs[task.program]
+        attention = [i for i in program.instructions if i.op == "paged_attention"]
+        for layer, inst in zip(task.kv_layers, attention):
+            if layer not in layers.setdefault(task.device, set()):
+                layers[task.device].add(layer)
+                slot = kv_token_bytes(program.values[inst.ins[1]], program.values[inst.ins[2]], itemsize)
+                used[task.device] = used.get(task.device, 0) + num_slots * slot
+    return dict(sorted(used.items()))
 
 
 class StepTimes:

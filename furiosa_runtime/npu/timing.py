@@ -1,15 +1,18 @@
 """The timing face of the simulated NPU: a roofline cost per instruction, program and step.
 
 An instruction takes ``max(compute, memory)`` on its PE plus a fixed dispatch time:
-compute is its FLOPs at the PE's share of the chip's BF16 peak (FP8 peak for a W8A8
-``quantized_linear``); memory is the bytes it moves between HBM and the PE at the PE's
-share of HBM bandwidth, namely the parameters it reads (in their stored dtype: one byte per
-weight of a quantized linear, plus its float32 scales) and, for paged attention, the KV cache it reads and writes.
-Activations are taken to stay in SRAM.  A collective is a ring over the tensor-parallel
-group's PE links; a pipeline transfer sends its bytes over the link between the two
-stages' PEs (on one device or between devices).  One step walks the bucket's pipeline
-stage after stage, so its latency is the sum of its programs, collectives and transfers;
-data-parallel replicas run side by side.
+compute is its FLOPs at the PE's share of the chip's sustained BF16 peak (FP8 peak for a
+W8A8 ``quantized_linear``); memory is the bytes it moves between HBM and the PE at the PE's
+share of the sustained HBM bandwidth (``compute_efficiency`` and ``hbm_efficiency`` of the
+hardware description), namely the parameters it reads (in their stored dtype: one byte per
+weight of a quantized linear, plus its float32 scales) and, for paged attention, the KV
+cache it reads and writes in the storage dtype the artifact declares (``kv_cache_dtype``, at
+the bytes per token the build reserves for it: :func:`kv_token_bytes`).  Activations are
+taken to stay in SRAM.  A collective is a ring over the tensor-parallel group's PE links; a
+pipeline transfer sends its bytes over the link between the two stages' PEs (on one device
+or between devices).  One step walks the bucket's pipeline stage after stage, so its
+latency is the sum of its programs, collectives and transfers; data-parallel replicas run
+side by side.
 
 Shapes are static per bucket, so these are the latencies of the compiled shapes (attention
 over the whole bucket context), the way the hardware runs them.  They are estimates for
@@ -45,6 +48,14 @@ class Cost:
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.seconds + other.seconds, self.flops + other.flops, self.hbm_bytes + other.hbm_bytes)
+
+
+def kv_token_bytes(k: TensorSpec, v: TensorSpec, itemsize: int) -> int:
+    """Bytes one token's keys and values take in one layer's KV cache on one PE, from the
+    paged-attention instruction's new K ``(B, Hkv, S, D)`` and V ``(B, Hkv, S, Dv)``: the
+    one figure the memory plan (``step_times.kv_cache_bytes``) and the timing model share."""
+    _, kv_heads, _, dim = k.shape
+    return kv_heads * (dim + v.shape[-1]) * itemsize
 
 
 def collective_seconds(op: str, nbytes: int, group: int, hw: HardwareSpec) -> float:
@@ -131,8 +142,8 @@ class StepModel:
 
     def _kv_bytes(self, inst: Instruction, specs: dict[str, TensorSpec]) -> float:
         """KV cache traffic of one paged-attention instruction: read the context, write the new tokens."""
-        batch, kv_heads, seq, dim = specs[inst.ins[1]].shape
-        per_token = kv_heads * (dim + specs[inst.ins[2]].shape[-1]) * self.kv_itemsize
+        batch, _, seq, _ = specs[inst.ins[1]].shape
+        per_token = kv_token_bytes(specs[inst.ins[1]], specs[inst.ins[2]], self.kv_itemsize)
         return float(batch * (self._context(inst, specs) + seq) * per_token)
 
     def _context(self, inst: Instruction, specs: dict[str, TensorSpec]) -> int:

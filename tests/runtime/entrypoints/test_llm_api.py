@@ -147,7 +147,7 @@ def test_constructor_arguments(engine_artifact: Path) -> None:
         assert llm.model_metadata.task == "generate" and llm.max_model_len == 64
         assert len(llm.generate(["a", "b"], GREEDY, use_tqdm=False)) == 2
     for kwargs, needle in [({"devices": "gpu:0"}, "devices"), ({"revision": "main"}, "revision"),
-                           ({"enable_jit_compilation": True}, "enable_jit_compilation"), ({"tokenizer_mode": "fast"}, "tokenizer_mode"),
+                           ({"enable_jit_compilation": "yes"}, "enable_jit_compilation"), ({"tokenizer_mode": "fast"}, "tokenizer_mode"),
                            ({"data_parallel_size": 3}, "data_parallel_size"), ({"bogus": 1}, "bogus"),
                            ({"scheduler_config": SchedulerConfig(spare_blocks_ratio=2.0)}, "spare_blocks_ratio")]:  # fmt: skip
         with pytest.raises(ValueError, match=needle):
