@@ -591,6 +591,7 @@ class ArtifactBuilder:
                 "embed_all_constants_into_graph": spec.build.embed_all_constants_into_graph,
                 "calculate_logit_only_for_last_token": self._slice_last_token(),
                 "add_prefill_last_block_slice": spec.buckets.add_prefill_last_block_slice,
+                "compiler_config_overrides": spec.build.compiler_config_overrides,
             },
             "parallel_config": {
                 "tensor_parallel_size": spec.parallel.tensor_parallel_size,

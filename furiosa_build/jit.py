@@ -8,10 +8,10 @@ the artifact (``furiosa_runtime/npu/jit_store.py``); the artifact's own files ar
 
 The bucket is built from what the artifact records, through the builder's own stages
 (capture, compile, partition): the model config, the bucket and paged-attention settings,
-the parallel layout, blockwise compile, quantization.  Compiler options are not recorded,
-so the settings are proven instead: recapturing the artifact's smallest prefill bucket
-must give exactly its program keys (graph, options and compiler version), under the
-default options or else the first combination of boolean overrides that does.  The new
+the KV cache dtype, the parallel layout, blockwise compile, compiler options and
+quantization.  The settings are then proven: recapturing the artifact's smallest prefill
+bucket must give exactly its program keys (graph, options and compiler version), which
+fails when torch or transformers capture the model differently than at build.  The new
 pipeline binds the artifact's own weights by name; a constant it captures must equal the
 artifact's.  Captures and programs go through the compile cache at ``--cache-dir`` (the
 builds' default), so what a build or an earlier worker compiled is reused.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
-import itertools
 import os
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from furiosa_build.cli import _bucket
 from furiosa_build.compile import compile_all
 from furiosa_build.compiler import COMPILER_VERSION
 from furiosa_build.compiler.shard import cut
-from furiosa_build.config import COMPILER_CONFIG_OVERRIDES, USER_ERRORS, BuildSpec, load_spec
+from furiosa_build.config import USER_ERRORS, BuildSpec, load_spec
 from furiosa_build.errors import EXIT_USER_ERROR, io_error
 from furiosa_build.partition import TensorSlice
 from furiosa_build.scratch import make_scratch, remove, remove_stale, scratch_dir
@@ -73,11 +72,6 @@ class JitBuilder(ArtifactBuilder):
     def _quantization(self, captures, hf_config) -> QuantizationConfig | None:
         return self._recorded
 
-    def with_overrides(self, overrides: dict[str, Any]) -> JitBuilder:
-        """This builder with other ``build.compiler_config_overrides`` (None for none)."""
-        build = self.spec.build.model_copy(update={"compiler_config_overrides": overrides or None})
-        return JitBuilder(self.spec.model_copy(update={"build": build}), self._recorded)
-
     def program_keys(self, capture: CaptureResult, hf_config: dict[str, Any]) -> set[str]:
         """The keys of every program one captured bucket compiles to (nothing compiled)."""
         units, _ = self._compile_units([capture], hf_config)
@@ -97,7 +91,7 @@ def build_bucket(artifact_dir: Path, batch_size: int, attention_size: int, out: 
     assert reference is not None, "a generate artifact has prefill buckets"
     builder = JitBuilder(_spec(artifact, [reference, bucket], cache_dir), artifact.model_metadata.quantization)
     ref_capture, capture = builder._capture(artifact.hf_config, {})
-    builder = _reproducing(builder, artifact.pipeline_for(reference), ref_capture, artifact.hf_config)
+    _check_reproduces(builder, artifact.pipeline_for(reference), ref_capture, artifact.hf_config)
     units, roles = builder._compile_units([capture], artifact.hf_config)
     compiled = compile_all(units, builder._cache(), 1, "sequential", False)
     [pipeline], slices = builder._pipelines([capture], roles, artifact.hf_config, compiled.programs)
@@ -138,7 +132,9 @@ def _spec(artifact: Artifact, prefill: list[Bucket], cache_dir: str) -> BuildSpe
         "parallel": {"devices": artifact.devices, "tensor_parallel_size": par.tensor_parallel_size,
                      "pipeline_parallel_size": par.pipeline_parallel_size, "data_parallel_size": par.data_parallel_size,
                      "num_blocks_per_pp_stage": par.num_blocks_per_pp_stage},
+        "quantization": {"kv_cache_dtype": gen.kv_cache_dtype},
         "build": {"cache_dir": cache_dir, "backend": "sequential", "progress": False,
+                  "compiler_config_overrides": rewriting.compiler_config_overrides,
                   "use_blockwise_compile": rewriting.use_blockwise_compile,
                   "num_blocks_per_supertask": rewriting.num_blocks_per_supertask,
                   "embed_all_constants_into_graph": rewriting.embed_all_constants_into_graph},
@@ -146,23 +142,11 @@ def _spec(artifact: Artifact, prefill: list[Bucket], cache_dir: str) -> BuildSpe
     })  # fmt: skip
 
 
-def _reproducing(builder: JitBuilder, reference: Pipeline, capture: CaptureResult, hf_config: dict[str, Any]) -> JitBuilder:
-    """The builder whose compile units give exactly the reference bucket's programs."""
-    expected = {t.program for t in reference.tasks}
-    for overrides in _option_candidates():
-        candidate = builder.with_overrides(overrides)
-        if candidate.program_keys(capture, hf_config) == expected:
-            return candidate
-    raise JitError(f"recompiling bucket {reference.name} does not give the artifact's programs (another transformers, "
-                   "torch or build settings than it was built with?); rebuild the artifact to add buckets to it")  # fmt: skip
-
-
-def _option_candidates() -> list[dict[str, Any]]:
-    """The compiler_config_overrides a build may have used, none first: every combination
-    of the boolean options set against their default (the artifact does not record them)."""
-    flags = [name for name, (kind, _) in COMPILER_CONFIG_OVERRIDES.items() if kind is bool]
-    combos = itertools.chain.from_iterable(itertools.combinations(flags, n) for n in range(len(flags) + 1))
-    return [{name: not COMPILER_CONFIG_OVERRIDES[name][1] for name in combo} for combo in combos]
+def _check_reproduces(builder: JitBuilder, reference: Pipeline, capture: CaptureResult, hf_config: dict[str, Any]) -> None:
+    """The recorded settings must compile the reference bucket to exactly its programs."""
+    if builder.program_keys(capture, hf_config) != {t.program for t in reference.tasks}:
+        raise JitError(f"recompiling bucket {reference.name} does not give the artifact's programs (another transformers "
+                       "or torch than it was built with?); rebuild the artifact to add buckets to it")  # fmt: skip
 
 
 def _check_constants(files: ArtifactFiles, artifact: Artifact, slices: list[TensorSlice], capture: CaptureResult) -> None:

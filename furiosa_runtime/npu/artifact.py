@@ -247,6 +247,9 @@ class ModelRewritingConfig(_Model):
     embed_all_constants_into_graph: bool = False
     calculate_logit_only_for_last_token: bool = True
     add_prefill_last_block_slice: bool = False
+    #: The build's ``compiler_config_overrides``: with the rest, what a later compilation of
+    #: one more bucket (``furiosa_build.jit``) needs to give programs like the artifact's.
+    compiler_config_overrides: dict[str, Any] | None = None
 
 
 class ParallelConfig(_Model):

@@ -62,3 +62,13 @@ def test_an_artifact_of_another_compiler_is_refused(tiny_llama_artifact: Path, t
     (copy / "artifact.json").write_text(json.dumps(meta))
     assert main([str(copy), "-pb", "1,48"]) == 2
     assert "was compiled by furiosa compiler 0.0.1" in capsys.readouterr().err
+
+
+def test_the_recorded_compiler_options_and_kv_dtype_are_built_with(tmp_path: Path, cache_dir: Path) -> None:
+    """An artifact built unfused with a bf16 KV cache gets its JIT bucket compiled the same way."""
+    settings = ["+build.compiler_config_overrides={fuse: false}", "quantization.kv_cache_dtype=bf16"]
+    build([*TINY, *settings], tmp_path / "tiny-llama", cache_dir)
+    build([*TINY, *settings, "buckets.prefill=[[1,32],[2,64],[1,48]]"], tmp_path / "ahead", cache_dir)
+    assert main([str(tmp_path / "tiny-llama"), "-pb", "1,48", "--out", str(tmp_path / "entry"), "--cache-dir", str(cache_dir)]) == 0
+    entry = JitEntry.model_validate_json((tmp_path / "entry" / "entry.json").read_text())
+    assert entry.pipeline == load_artifact(tmp_path / "ahead").pipeline_for(ADDED)
