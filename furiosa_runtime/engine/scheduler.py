@@ -26,7 +26,10 @@ The scheduler config (furiosa-llm ``SchedulerConfig``) is honoured as follows:
   ever in flight, within any limit >= 1.
 
 When a sequence cannot grow, the most recently admitted one is preempted: its blocks are
-freed and it waits to be recomputed (greedy results are unchanged by this).
+freed and it waits to be recomputed (greedy results are unchanged by this).  The waiting
+queue is kept in request order, so a preempted sequence, or a beam forked off a running
+request, goes ahead of younger requests; when nothing can run because running beams wait
+for siblings that wait for blocks, the youngest request gives its blocks up (``_unblock``).
 
 With automatic prefix caching (``BlockManager``), a sequence is admitted on the cached
 blocks of its longest cached prefix and starts with those tokens computed; before each
@@ -48,6 +51,7 @@ cache: every prompt position must be computed to give its logits.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -116,6 +120,8 @@ class Scheduler:
         self.prefix_cache_queried_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_cache_hit_tokens = 0  # of which were found computed in cached blocks
         self._last_phase = "decode"
+        self._ages: dict[str, int] = {}  # request id -> the order it was first queued in (``_age``)
+        self._age_counter = itertools.count()
 
     def _index_buckets(self) -> None:
         """What the scheduling rules read of the bucket lists."""
@@ -131,7 +137,28 @@ class Scheduler:
         self._index_buckets()
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue ``seq`` behind every sequence of an older request (a new request's goes last;
+        a beam or sample forked off a running request's goes ahead of younger requests)."""
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Put ``seq`` in the waiting queue, which is kept in request order (``_age``)."""
+        age = self._age(seq)
+        position = next((i for i, other in enumerate(self.waiting) if self._age(other) > age), len(self.waiting))
+        self.waiting.insert(position, seq)
+
+    def _age(self, seq: Sequence) -> int:
+        """The order in which ``seq``'s request was first seen: the older request goes first."""
+        group = seq.group_id or seq.request_id
+        if group not in self._ages:
+            self._ages[group] = next(self._age_counter)
+        return self._ages[group]
+
+    def _forget_request(self, seq: Sequence) -> None:
+        """Drop the age of ``seq``'s request once none of its sequences is queued or running."""
+        group = seq.group_id or seq.request_id
+        if not any((s.group_id or s.request_id) == group for s in (*self.waiting, *self.running)):
+            self._ages.pop(group, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -143,10 +170,12 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.blocks.free(seq.request_id)
+        self._forget_request(seq)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
+        self._forget_request(seq)
 
     def computed(self, seq: Sequence, end: int) -> None:
         """Record that a step computed ``seq`` up to position ``end``; its full blocks join
@@ -163,12 +192,31 @@ class Scheduler:
         order: list[Callable[[], Batch | None]] = [self._schedule_prefill, self._schedule_decode]
         if self.config.prefill_chunk_size is not None and self._last_phase == "prefill":
             order.reverse()  # interleave: a decode step between two prefill chunks
-        for make in order:
-            batch = make()
-            if batch is not None:
-                self._last_phase = batch.phase
-                return batch
-        return None
+        while True:
+            for make in order:
+                batch = make()
+                if batch is not None:
+                    self._last_phase = batch.phase
+                    return batch
+            if not self._unblock():
+                return None
+            self._admit()
+
+    def _unblock(self) -> bool:
+        """Nothing can run although sequences wait: every running sequence is a beam waiting
+        for a sibling's logits while that sibling waits for KV blocks the running ones hold.
+        Preempt the youngest running request's latest sequence, if it is younger than the
+        first waiting one, and say whether something was freed.  The oldest request thus
+        always progresses (it fits the cache alone: ``EngineCore`` refuses beams that do not),
+        so this never cycles."""
+        if not self.waiting:
+            return False
+        first = self._age(self.waiting[0])
+        younger = [seq for seq in self.running if self._age(seq) > first]
+        if not younger:
+            return False
+        self._preempt(max(reversed(younger), key=self._age))  # the latest admitted of the youngest request
+        return True
 
     # -- admission ------------------------------------------------------------------
 
@@ -180,7 +228,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self._admission_limit():
             seq = self.waiting[0]
             cached = [] if seq.params.prompt_logprobs is not None else self.blocks.cached_prefix(self._hashes(seq), seq.num_tokens)
-            if not self.blocks.can_allocate(seq.num_tokens, reserve=self._spare_blocks(), cached=cached):
+            if not self.blocks.can_allocate(seq.num_tokens, reserve=self._spare_blocks(seq), cached=cached):
                 return
             self.waiting.popleft()
             self.blocks.allocate(seq.request_id, seq.num_tokens, cached)
@@ -213,9 +261,13 @@ class Scheduler:
             return seq.block_hashes
         return block_hashes(seq.token_ids, self.blocks.block_size, seq.block_hashes)
 
-    def _spare_blocks(self) -> int:
-        """Blocks an admission must leave free: ``spare_blocks_ratio`` of all, while others run."""
-        return int(self.blocks.num_blocks * self.config.spare_blocks_ratio) if self.running else 0
+    def _spare_blocks(self, seq: Sequence | None = None) -> int:
+        """Blocks an admission must leave free: ``spare_blocks_ratio`` of all, while others run,
+        unless ``seq`` belongs to a running request (a beam or sample of it: the spare blocks
+        are there for the running requests to grow)."""
+        if not self.running or (seq is not None and any(self._age(other) == self._age(seq) for other in self.running)):
+            return 0
+        return int(self.blocks.num_blocks * self.config.spare_blocks_ratio)
 
     def _start(self, seq: Sequence, computed: int) -> None:
         seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, computed, self.num_steps
@@ -319,4 +371,4 @@ class Scheduler:
                        "so far; more KV blocks (paged_attention_num_blocks) or a higher spare_blocks_ratio avoid it",
                        seq.request_id, self.num_preemptions)  # fmt: skip
         seq.status, seq.num_computed_tokens = Status.WAITING, 0
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)

@@ -143,3 +143,20 @@ def test_beam_search_is_refused_on_an_embedding_artifact(tiny_bert_artifact):
 def test_more_beams_than_the_kv_cache_holds_are_refused(tiny_llama_artifact):
     with pytest.raises(ValueError, match=r"^best_of: 16 beams of 64 tokens may need 128 KV blocks, the cache has 16"):
         LLM(tiny_llama_artifact).beam_search([[5, 9, 11]], BeamSearchParams(beam_width=16, max_tokens=61))
+
+
+def test_beam_searches_that_overflow_the_kv_cache_together_each_finish_as_alone(tiny_llama_artifact):
+    """Three beam searches that fit the 16-block cache one by one, not together: the older
+    requests go first, the youngest's beams are preempted and recomputed, and every search
+    finds the beams it finds alone, with every block free at the end."""
+    llm = LLM(tiny_llama_artifact)
+    prompts = [list(range(3, 18)), list(range(40, 54)), list(range(90, 102))]
+    params = [SamplingParams(n=4, use_beam_search=True, temperature=0, max_tokens=16),
+              SamplingParams(n=4, use_beam_search=True, temperature=0, max_tokens=7, length_penalty=0.5),
+              SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=20)]  # fmt: skip
+    alone = [llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    together = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for one, mixed in zip(alone, together):
+        assert [c.token_ids for c in mixed.outputs] == [c.token_ids for c in one.outputs]
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_usable
