@@ -7,16 +7,18 @@ OpenAI parameter this server does not implement (``logit_bias``, ``tools``,
 ``response_format``, ``echo``, ...) fails with a 400 instead of being silently ignored.
 vLLM's sampling extensions (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
 ``min_tokens``, ``stop_token_ids``, ...; the openai client sends them via ``extra_body``)
-are accepted and map one to one onto ``SamplingParams``.
+are accepted and map one to one onto ``SamplingParams``, beam search (``use_beam_search``,
+``length_penalty``, ``early_stopping``) and ``prompt_logprobs`` included.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from furiosa_runtime.engine.outputs import Logprob
 from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
 
 # -- requests ---------------------------------------------------------------------------
@@ -26,6 +28,8 @@ class OpenAIRequest(BaseModel):
     """Strict types, no unknown fields, and ``null`` for "the default"."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    # SamplingParams' name -> this request's, where an engine error's field is called otherwise here.
+    engine_names: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -42,7 +46,7 @@ class SamplingRequest(OpenAIRequest):
 
     model: str
     n: int = 1
-    temperature: float = 1.0
+    temperature: float | None = None  # OpenAI's 1.0; 0.0 with use_beam_search, which ranks raw log-probabilities
     top_p: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -61,6 +65,10 @@ class SamplingRequest(OpenAIRequest):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:<id>", exact whatever the tokenizer
+    use_beam_search: bool = False  # best_of (default n) beams, the n best returned
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+    prompt_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
@@ -68,20 +76,39 @@ class SamplingRequest(OpenAIRequest):
             raise ValueError("stream_options: only allowed when stream is true")
         return self
 
+    @model_validator(mode="after")
+    def _streams_have_no_final_only_results(self) -> SamplingRequest:
+        """Beams and prompt logprobs come with the request's last output: refused when
+        streaming rather than sent as one late chunk (vLLM refuses prompt_logprobs too)."""
+        if self.stream and self.use_beam_search:
+            raise ValueError("use_beam_search: cannot be streamed (the beams are known only when the search ends); "
+                             "send stream=false")  # fmt: skip
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: not available when stream is true")
+        return self
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature asked for, or the default: 1.0 (OpenAI's), 0.0 for beam search."""
+        if self.temperature is not None:
+            return self.temperature
+        return 0.0 if self.use_beam_search else 1.0
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, best_of: int | None = None) -> SamplingParams:
         """The engine's parameters for this request (SamplingParams checks every range):
         deltas when streaming, the finished outputs only otherwise."""
         return SamplingParams(
             n=self.n, best_of=best_of, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, min_p=self.min_p, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
-            max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens,
+            repetition_penalty=self.repetition_penalty, temperature=self.sampling_temperature, top_p=self.top_p,
+            top_k=self.top_k, min_p=self.min_p, seed=self.seed, use_beam_search=self.use_beam_search,
+            length_penalty=self.length_penalty, early_stopping=self.early_stopping, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )  # fmt: skip
 
@@ -97,6 +124,8 @@ class CompletionRequest(SamplingRequest):
 
 class ChatCompletionRequest(SamplingRequest):
     """``POST /v1/chat/completions``: a conversation rendered with the chat template."""
+
+    engine_names: ClassVar[dict[str, str]] = {"best_of": "n"}
 
     messages: list[dict[str, Any]]
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
@@ -177,11 +206,17 @@ class CompletionLogprobs(OpenAIResponse):
     text_offset: list[int] = Field(default_factory=list)
 
 
+# vLLM's prompt logprobs: one entry per prompt position, None for the first (nothing
+# predicts it), else token id -> logprob, rank and decoded token.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
 class CompletionChoice(OpenAIResponse):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # its prompt's (vLLM repeats them on each of a prompt's choices)
 
 
 class CompletionResponse(OpenAIResponse):
@@ -226,6 +261,7 @@ class ChatCompletionResponse(OpenAIResponse):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(OpenAIResponse):

@@ -4,14 +4,15 @@ The prompt is built as ``LLM.chat`` builds it: the tokenizer's chat template (or
 server's ``--chat-template``) renders the messages with the generation prompt, and the
 text is tokenized without adding special tokens (the template placed them).  Message
 contents may be strings or lists of text parts (joined); other parts (images, audio) are
-refused.  ``logprobs``/``top_logprobs`` give OpenAI's per-token ``content`` list.
+refused.  ``logprobs``/``top_logprobs`` give OpenAI's per-token ``content`` list.  With
+``use_beam_search`` the choices are the ``n`` beams, best first; ``prompt_logprobs`` (vLLM's
+list per prompt position) comes on the response.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from furiosa_runtime.engine.outputs import CompletionOutput, RequestOutput
@@ -30,13 +31,11 @@ from furiosa_runtime.entrypoints.openai.protocol import (
     usage,
 )
 from furiosa_runtime.entrypoints.openai.serving_engine import (
-    SSE_DONE,
     OpenAIServing,
     bad_request,
-    new_completions,
+    merge,
     random_id,
-    sse,
-    sse_error,
+    stream_events,
     token_text,
 )
 
@@ -70,7 +69,8 @@ class OpenAIServingChat(OpenAIServing):
             for c in final.outputs
         ]  # fmt: skip
         return ChatCompletionResponse(id=request_id, created=int(received_at), model=self.model_name, choices=choices,
-                                      usage=usage(len(token_ids), sum(len(c.token_ids) for c in final.outputs)))  # fmt: skip
+                                      usage=usage(len(token_ids), sum(len(c.token_ids) for c in final.outputs)),
+                                      prompt_logprobs=final.prompt_logprobs)  # fmt: skip
 
     def _render(self, request: ChatCompletionRequest) -> tuple[str, list[int]]:
         """The prompt text and its token ids (raises ValueError for bad messages or no template)."""
@@ -85,31 +85,17 @@ class OpenAIServingChat(OpenAIServing):
         assert isinstance(text, str)
         return text, tokenizer.encode(text, add_special_tokens=False)
 
-    async def _stream(self, request: ChatCompletionRequest, head: ChatCompletionChunk,
-                      outputs: AsyncGenerator[RequestOutput, None], prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
-        """The role first, then one event per engine output with new text (the last one with
-        the finish reason), the usage when asked, then ``[DONE]``."""
+    def _stream(self, request: ChatCompletionRequest, head: ChatCompletionChunk,
+                outputs: AsyncGenerator[RequestOutput, None], prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
+        """The events: every choice's role first, then each new piece of text a delta (the
+        last one with the finish reason)."""
         roles = [ChatStreamChoice(index=i, delta=DeltaMessage(role=ROLE, content="")) for i in range(request.n)]
-        yield sse(head.model_copy(update={"choices": roles}))
-        done: set[int] = set()
-        completion_tokens = 0
-        try:
-            async with aclosing(outputs):  # closing the events (a client gone) aborts the request
-                async for output in outputs:
-                    fresh = new_completions(output, done)
-                    completion_tokens += sum(len(c.token_ids) for c in fresh)
-                    choices = [
-                        ChatStreamChoice(index=c.index, delta=DeltaMessage(content=c.text), logprobs=self._logprobs(request, c),
-                                         finish_reason=c.finish_reason)
-                        for c in fresh
-                    ]  # fmt: skip
-                    if choices:
-                        yield sse(head.model_copy(update={"choices": choices}))
-            if request.include_usage:
-                yield sse(head.model_copy(update={"usage": usage(prompt_tokens, completion_tokens)}))
-        except Exception as err:
-            yield sse_error(err)
-        yield SSE_DONE
+
+        def choice(_: int, c: CompletionOutput) -> ChatStreamChoice:
+            return ChatStreamChoice(index=c.index, delta=DeltaMessage(content=c.text), logprobs=self._logprobs(request, c),
+                                    finish_reason=c.finish_reason)  # fmt: skip
+
+        return stream_events(head, merge([outputs]), choice, prompt_tokens, request.include_usage, opening=roles)
 
     @staticmethod
     def _logprobs(request: ChatCompletionRequest, completion: CompletionOutput) -> ChatLogprobs | None:

@@ -2,15 +2,16 @@
 
 Prompts are texts (tokenized with the special tokens the tokenizer adds, as ``LLM.generate``
 does) or token ids.  Each prompt is one engine request; with ``n`` samples each, choice
-``i * n + j`` is sample ``j`` of prompt ``i``.  ``logprobs`` gives the legacy parallel lists
-(``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``).
+``i * n + j`` is sample ``j`` of prompt ``i`` (with ``use_beam_search``, its ``j``-th best
+beam of ``best_of``, default ``n``).  ``logprobs`` gives the legacy parallel lists
+(``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``); ``prompt_logprobs``,
+vLLM's list per prompt position, comes on each choice of its prompt.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
 
 from furiosa_runtime.engine.inputs import parse_prompt
 from furiosa_runtime.engine.outputs import CompletionOutput, RequestOutput
@@ -22,15 +23,12 @@ from furiosa_runtime.entrypoints.openai.protocol import (
     usage,
 )
 from furiosa_runtime.entrypoints.openai.serving_engine import (
-    SSE_DONE,
     OpenAIError,
     OpenAIServing,
     bad_request,
     merge,
-    new_completions,
     random_id,
-    sse,
-    sse_error,
+    stream_events,
     token_text,
 )
 
@@ -60,37 +58,30 @@ class OpenAIServingCompletion(OpenAIServing):
         finals: dict[int, RequestOutput] = {}
         async for index, output in merge(streams):
             finals[index] = output
-        choices = [self._choice(request, index * request.n + c.index, c) for index in sorted(finals) for c in finals[index].outputs]
+        choices = [choice for index in sorted(finals) for choice in self._choices(request, index, finals[index])]
         completion_tokens = sum(len(c.token_ids) for output in finals.values() for c in output.outputs)
         return response.model_copy(update={"choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
 
-    async def _stream(self, request: CompletionRequest, head: CompletionResponse,
-                      outputs: AsyncGenerator[tuple[int, RequestOutput], None], prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
-        """One event per engine output with new text, the usage when asked, then ``[DONE]``."""
-        done: dict[int, set[int]] = {}  # prompt index -> finished sample indexes
-        offsets: dict[int, int] = {}  # choice index -> characters of token text sent (logprobs' text_offset)
-        completion_tokens = 0
-        try:
-            async with aclosing(outputs):  # closing the events (a client gone) aborts the requests
-                async for index, output in outputs:
-                    fresh = new_completions(output, done.setdefault(index, set()))
-                    completion_tokens += sum(len(c.token_ids) for c in fresh)
-                    choices = []
-                    for c in fresh:
-                        choice = index * request.n + c.index
-                        logprobs, offsets[choice] = self._logprobs(request, c, offsets.get(choice, 0))
-                        choices.append(CompletionChoice(index=choice, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason))
-                    if choices:
-                        yield sse(head.model_copy(update={"choices": choices}))
-            if request.include_usage:
-                yield sse(head.model_copy(update={"usage": usage(prompt_tokens, completion_tokens)}))
-        except Exception as err:
-            yield sse_error(err)
-        yield SSE_DONE
+    def _stream(self, request: CompletionRequest, head: CompletionResponse,
+                outputs: AsyncGenerator[tuple[int, RequestOutput], None], prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
+        """The events: each new piece of text a choice, its logprobs' ``text_offset`` counted on
+        from the choice's previous pieces."""
+        offsets: dict[int, int] = {}  # choice index -> characters of token text sent
 
-    def _choice(self, request: CompletionRequest, index: int, completion: CompletionOutput) -> CompletionChoice:
-        logprobs, _ = self._logprobs(request, completion, 0)
-        return CompletionChoice(index=index, text=completion.text, logprobs=logprobs, finish_reason=completion.finish_reason)
+        def choice(prompt: int, completion: CompletionOutput) -> CompletionChoice:
+            index = prompt * request.n + completion.index
+            logprobs, offsets[index] = self._logprobs(request, completion, offsets.get(index, 0))
+            return CompletionChoice(index=index, text=completion.text, logprobs=logprobs, finish_reason=completion.finish_reason)
+
+        return stream_events(head, outputs, choice, prompt_tokens, request.include_usage)
+
+    def _choices(self, request: CompletionRequest, prompt: int, output: RequestOutput) -> list[CompletionChoice]:
+        """The finished choices of prompt number ``prompt``, each with the prompt's logprobs when asked."""
+        return [
+            CompletionChoice(index=prompt * request.n + c.index, text=c.text, logprobs=self._logprobs(request, c, 0)[0],
+                             finish_reason=c.finish_reason, prompt_logprobs=output.prompt_logprobs)
+            for c in output.outputs
+        ]  # fmt: skip
 
     @staticmethod
     def _logprobs(request: CompletionRequest, completion: CompletionOutput, offset: int) -> tuple[CompletionLogprobs | None, int]:

@@ -1,5 +1,6 @@
 """What every endpoint shares: the model check, OpenAI-shaped errors, request metrics and
-logging around the engine's streams, and server-sent events.
+logging around the engine's streams, and server-sent events (``stream_events``: the loop
+and tail of every streamed response, given how an endpoint turns a sample into a choice).
 
 Each ``serving_*`` module subclasses ``OpenAIServing`` and turns one kind of request into
 engine calls.  A bad request raises ``OpenAIError`` before anything reaches the engine
@@ -14,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -25,11 +26,11 @@ from furiosa_runtime.engine.outputs import CompletionOutput, Logprob, RequestOut
 from furiosa_runtime.engine.sampling_params import SamplingParams
 from furiosa_runtime.entrypoints.async_llm_engine import AsyncLLMEngine
 from furiosa_runtime.entrypoints.openai.metrics import ServerMetrics
-from furiosa_runtime.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, ModelCard, OpenAIRequest
+from furiosa_runtime.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, ModelCard, OpenAIRequest, usage
 
 logger = logging.getLogger(__name__)
 
-SSE_DONE = "data: [DONE]\n\n"
+_SSE_DONE = "data: [DONE]\n\n"
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class OpenAIError(Exception):
 def bad_request(err: ValueError, request: OpenAIRequest, prompt_field: str) -> OpenAIError:
     """A 400 for a ValueError raised while preparing ``request``: the context-length errors
     name ``prompt_field`` (or the length limit that does not fit); otherwise the field the
-    message starts with, when the request has it (``temperature must be ...``)."""
+    message starts with, by the request's name for it (``temperature must be ...``; chat's
+    ``n`` for ``best_of``), when the request has it."""
     message = " ".join(str(err).split())
     if isinstance(err, ContextLengthExceededError):
         fits = err.prompt_tokens < err.max_model_len
@@ -66,7 +68,8 @@ def bad_request(err: ValueError, request: OpenAIRequest, prompt_field: str) -> O
         param = limit if fits and err.max_completion_tokens is not None else prompt_field
         return OpenAIError(400, message, param=param, code="context_length_exceeded")
     lead = re.match(r"[a-z_]+", message)
-    param = lead[0] if lead and lead[0] in type(request).model_fields else None
+    name = type(request).engine_names.get(lead[0], lead[0]) if lead else None
+    param = name if name in type(request).model_fields else None
     return OpenAIError(400, message, param=param)
 
 
@@ -79,7 +82,7 @@ def sse(body: BaseModel) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
-def sse_error(err: Exception) -> str:
+def _sse_error(err: Exception) -> str:
     """The event that ends a stream the engine failed in the middle of (status already sent)."""
     logger.error("stream failed: %s", err, exc_info=err)
     return sse(OpenAIError(500, f"internal error: {err}", type="internal_server_error").response())
@@ -165,12 +168,38 @@ class OpenAIServing:
                     record.prompt_tokens, completion, "-" if ttft is None else f"{ttft:.3f} s", now - record.received_at)  # fmt: skip
 
 
-def new_completions(output: RequestOutput, done: set[int]) -> list[CompletionOutput]:
+def _new_completions(output: RequestOutput, done: set[int]) -> list[CompletionOutput]:
     """The samples of a streamed (delta) output that have something to send: new tokens or
     their finish; ``done`` collects the finished ones, which later outputs repeat empty."""
     fresh = [c for c in output.outputs if c.index not in done and (c.token_ids or c.text or c.finish_reason is not None)]
     done.update(c.index for c in fresh if c.finish_reason is not None)
     return fresh
+
+
+async def stream_events(head: BaseModel, outputs: AsyncGenerator[tuple[int, RequestOutput], None],
+                        choice: Callable[[int, CompletionOutput], BaseModel], prompt_tokens: int, include_usage: bool,
+                        opening: Sequence[BaseModel] = ()) -> AsyncIterator[str]:  # fmt: skip
+    """A streamed response's server-sent events: ``head`` (a chunk with no choices) carrying
+    the ``opening`` choices, if any; then, per engine output with something new, the choices
+    ``choice`` makes of its samples (given the index of the output's stream in ``merge``);
+    the usage when asked; an error event if the engine fails midway; ``[DONE]``.  Closing
+    the events (a client gone) closes ``outputs``, which aborts their requests."""
+    if opening:
+        yield sse(head.model_copy(update={"choices": list(opening)}))
+    done: dict[int, set[int]] = {}  # stream index -> finished sample indexes
+    completion_tokens = 0
+    try:
+        async with aclosing(outputs):
+            async for index, output in outputs:
+                fresh = _new_completions(output, done.setdefault(index, set()))
+                completion_tokens += sum(len(c.token_ids) for c in fresh)
+                if fresh:
+                    yield sse(head.model_copy(update={"choices": [choice(index, c) for c in fresh]}))
+        if include_usage:
+            yield sse(head.model_copy(update={"usage": usage(prompt_tokens, completion_tokens)}))
+    except Exception as err:
+        yield _sse_error(err)
+    yield _SSE_DONE
 
 
 async def merge(streams: Sequence[AsyncGenerator[RequestOutput, None]]) -> AsyncGenerator[tuple[int, RequestOutput], None]:

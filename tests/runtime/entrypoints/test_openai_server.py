@@ -3,13 +3,16 @@
 Each server runs in a thread on 127.0.0.1 (a socket bound to a free port), over an
 ``AsyncLLMEngine`` of its own; a separate ``LLM`` on the same artifact is the oracle:
 greedy tokens must be identical.  tiny-llama has no chat template, so the server is given
-one (``--chat-template``), and the oracle renders with the same.
+one (``--chat-template``), and the oracle renders with the same.  Prompt logprobs and a
+beam width fixed by the build are served by a second server, on tiny-llama built with every
+prompt position's logits and for beam width 2.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -31,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from furiosa_runtime import LLM, AsyncLLMEngine, SamplingParams
 from furiosa_runtime.entrypoints.openai.api_server import build_app
 from furiosa_runtime.entrypoints.openai.serving_engine import ServerConfig
-from tests.helpers import REPO
+from tests.helpers import REPO, build
 
 MODEL = "tiny"
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -98,6 +101,22 @@ def url(engine: AsyncLLMEngine) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def client(url: str) -> openai.OpenAI:
     return client_for(url)
+
+
+@pytest.fixture(scope="module")
+def all_logits_artifact(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """tiny-llama whose prefill computes every position's logits (prompt_logprobs) and whose
+    decode buckets are built for beam width 2."""
+    out = tmp_path_factory.mktemp("server") / "tiny-llama-all-logits-beams-2"
+    build(["model=tiny-llama", "buckets=tiny", "buckets.calculate_logit_only_for_last_token=false",
+           "buckets.kv_cache_sharing_across_beams_config={beam_width: 2, max_new_tokens: 8}"], out, cache_dir)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def all_logits_url(all_logits_artifact: Path) -> Iterator[str]:
+    with serving(AsyncLLMEngine.from_llm(LLM(all_logits_artifact)), ServerConfig([MODEL], chat_template=TEMPLATE)) as base:
+        yield base
 
 
 # -- the routes that are not the model's -------------------------------------------------------
@@ -206,6 +225,59 @@ def test_stop_and_lengths(client: openai.OpenAI) -> None:
     assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens for completions
 
 
+# -- vLLM's beam search and prompt logprobs ------------------------------------------------------
+
+
+def test_beam_search_equals_llm_generate(client: openai.OpenAI, oracle: LLM) -> None:
+    prompts = ["Hello", "The cat sat on"]
+    beams = {"use_beam_search": True, "length_penalty": 0.8, "early_stopping": True, "return_tokens_as_token_ids": True}
+    response = client.completions.create(model=MODEL, prompt=prompts, n=2, best_of=3, max_tokens=8, temperature=0, logprobs=0,
+                                         extra_body=beams)  # fmt: skip
+    expected = oracle.generate(prompts, SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0, max_tokens=8,
+                                                       length_penalty=0.8, early_stopping=True), use_tqdm=False)  # fmt: skip
+    want = [c for output in expected for c in output.outputs]  # prompt by prompt, best beam first
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert [c.logprobs.tokens for c in response.choices] == [[f"token_id:{t}" for t in c.token_ids] for c in want]
+    assert [(c.text, c.finish_reason) for c in response.choices] == [(c.text, c.finish_reason) for c in want]
+    assert response.usage.completion_tokens == sum(len(c.token_ids) for c in want)
+    chat = client.chat.completions.create(model=MODEL, messages=HELLO, n=3, max_tokens=6, logprobs=True,  # temperature: 0 by default
+                                          extra_body={"use_beam_search": True, "return_tokens_as_token_ids": True})  # fmt: skip
+    [beamed] = oracle.chat(HELLO, SamplingParams(n=3, use_beam_search=True, temperature=0, max_tokens=6), use_tqdm=False,
+                           chat_template=TEMPLATE)  # fmt: skip
+    assert [[t.token for t in c.logprobs.content] for c in chat.choices] == [[f"token_id:{t}" for t in c.token_ids] for c in beamed.outputs]
+    assert len({c.message.content for c in chat.choices}) == 3
+
+
+def vllm_json(prompt_logprobs: list) -> list:
+    """``RequestOutput.prompt_logprobs`` as vLLM's server writes it: token ids as string keys."""
+    return [None if top is None else {str(t): dataclasses.asdict(lp) for t, lp in top.items()} for top in prompt_logprobs]
+
+
+def test_prompt_logprobs_equal_llm_generate(all_logits_url: str, all_logits_artifact: Path) -> None:
+    client, oracle = client_for(all_logits_url), LLM(all_logits_artifact)
+    prompts = ["Hello there", "The cat sat on the"]
+    response = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=2, temperature=1.0, seed=1,
+                                         extra_body={"prompt_logprobs": 2})  # fmt: skip
+    expected = oracle.generate(prompts, SamplingParams(max_tokens=2, prompt_logprobs=2), use_tqdm=False)
+    assert [vllm_json(o.prompt_logprobs) for o in expected for _ in range(2)] == [c.model_extra["prompt_logprobs"] for c in response.choices]
+    assert expected[1].prompt_logprobs[0] is None and len(expected[1].prompt_logprobs) == len(expected[1].prompt_token_ids)
+    chat = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 0})
+    [want] = oracle.chat(HELLO, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0), use_tqdm=False, chat_template=TEMPLATE)
+    assert chat.model_extra["prompt_logprobs"] == vllm_json(want.prompt_logprobs)
+    assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=2).choices[0].model_extra["prompt_logprobs"] is None
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "Hello", "n": 4}, "best_of"),
+    ("/v1/chat/completions", {"messages": HELLO, "n": 4}, "n"),  # chat's beam width is n
+])  # fmt: skip
+def test_a_beam_width_the_artifact_was_not_built_for_is_refused(all_logits_url: str, path: str, body: dict, param: str) -> None:
+    width_2 = httpx.post(f"{all_logits_url}{path}", json={**body, "model": MODEL, "n": 2, "use_beam_search": True, "max_tokens": 8})
+    assert width_2.status_code == 200 and len(width_2.json()["choices"]) == 2
+    width_4 = httpx.post(f"{all_logits_url}{path}", json={**body, "model": MODEL, "use_beam_search": True, "max_tokens": 8})
+    assert_openai_error(width_4, 400, param, "beam width 4 does not match this artifact's decode buckets")
+
+
 # -- errors: OpenAI's shape, the right status ---------------------------------------------------
 
 
@@ -226,14 +298,30 @@ def test_stop_and_lengths(client: openai.OpenAI) -> None:
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "messages", "role"),
         ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
         ("/v1/embeddings", {"model": MODEL, "input": "a"}, 400, "model", "task=embed"),
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "n": 2, "use_beam_search": True, "temperature": 0.7}, 400, "temperature",
+         "temperature must be 0.0 with use_beam_search"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "use_beam_search": True}, 400, "n", ">= 2 with use_beam_search"),
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "n": 2, "use_beam_search": True, "stream": True}, 400, "use_beam_search",
+         "cannot be streamed"),
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "length_penalty": 0.5}, 400, "length_penalty", "without use_beam_search"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "n": 2, "use_beam_search": True, "early_stopping": "soon"}, 400,
+         "early_stopping", "early_stopping"),
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "prompt_logprobs": -1}, 400, "prompt_logprobs", "integer >= 0"),
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "prompt_logprobs": 1}, 400, "prompt_logprobs",
+         "buckets.calculate_logit_only_for_last_token=false"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs",
+         "not available when stream is true"),
     ],
-)
+)  # fmt: skip
 def test_bad_requests_get_openai_errors(url: str, path: str, body: dict, status: int, param: str, needle: str) -> None:
-    response = httpx.post(f"{url}{path}", json=body)
+    assert_openai_error(httpx.post(f"{url}{path}", json=body), status, param, needle)
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str, needle: str) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error" and error["param"] == param and needle in error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and needle in error["message"], error
 
 
 def test_malformed_bodies_and_routes(url: str, client: openai.OpenAI) -> None:
