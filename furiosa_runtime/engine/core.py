@@ -108,7 +108,8 @@ class EngineCore:
         self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=self._prefix_caching(enable_prefix_caching))
         self.runner = ModelRunner(self.simulator, self.artifact, self.blocks)
         self.scheduler_config = scheduler_config or self.artifact.scheduler_config
-        self.scheduler = Scheduler(list(self.runner.prefill_buckets), list(self.runner.decode_buckets), self.blocks, self.scheduler_config)
+        self.scheduler = Scheduler(list(self.runner.prefill_buckets), list(self.runner.decode_buckets), self.blocks, self.scheduler_config,
+                                   virtual_engines=self.simulator.mesh.pp)  # fmt: skip
         self.sampler = Sampler(seed)
         self.eos_token_ids = set(self.artifact.model_metadata.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -120,7 +121,6 @@ class EngineCore:
         self.beams: dict[str, BeamSearch] = {}  # request id -> its beam search (use_beam_search)
         self._beam_logits: dict[str, np.ndarray] = {}  # beam's key -> its next-token logits, until its siblings' are in
         self._beam_keys = itertools.count(1)  # the block-table keys of forked beams: "<request id>#b<n>"
-        self.npu_seconds = 0.0  # modelled NPU clock: every step run so far (timing.py), plus idle waits (wait_until)
         self.num_generated_tokens = 0  # tokens sampled so far, for progress bars
         self._stats_logged_at = time.monotonic()
         #: Compiles the prefill buckets traffic asks for (``jit.py``); None without enable_jit_compilation.
@@ -152,6 +152,13 @@ class EngineCore:
         self.runner.add_bucket(pipeline, programs)
         self.scheduler.add_bucket(pipeline.bucket)
         self.artifact = self.simulator.artifact
+
+    @property
+    def npu_seconds(self) -> float:
+        """The modelled NPU clock: when every step run so far has left the last pipeline stage,
+        or a later idle wait (``wait_until``); steps overlap across stages and replicas
+        (``replica_timer.py``)."""
+        return self.runner.timer.now
 
     @property
     def max_model_len(self) -> int:
@@ -281,7 +288,7 @@ class EngineCore:
     def wait_until(self, npu_time: float) -> None:
         """Let the modelled NPU clock idle until ``npu_time`` (the next arrival of a modelled
         workload, when nothing runs); it never goes back."""
-        self.npu_seconds = max(self.npu_seconds, npu_time)
+        self.runner.timer.wait_until(npu_time)
 
     def stats(self) -> EngineStats:
         """The current load and the counters since the engine started."""
@@ -306,8 +313,8 @@ class EngineCore:
         now = time.time()
         for seq in batch.seqs:
             seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or now
+        self.runner.timer.step(batch.bucket, batch.seqs, batch.virtual_engine)  # the modelled clock (replica_timer.py)
         logits = self._run(batch)
-        self.npu_seconds += self.runner.last_step_seconds
         self._maybe_log_stats()
         advanced: dict[str, SequenceGroup] = {}
         for index, (seq, (start, end), row) in enumerate(zip(batch.seqs, batch.spans, logits)):
@@ -374,13 +381,13 @@ class EngineCore:
         token = self.sampler.sample(logits, params, seq.rng, banned, seq.prompt_token_ids, seq.output_token_ids)
         self._record_logprobs(seq, logits, token)
         seq.output_token_ids.append(token)
-        self._count_token(seq.metrics)
+        self._count_token(seq.metrics, self.runner.timer.done(seq.group_id))
         detok = self._detok.get(seq.request_id)
         if detok is not None:
             seq.text += detok.add_tokens([token])
         self._check_stop(seq, token)
         if seq.is_finished:
-            seq.metrics.npu_finished_time = self.npu_seconds
+            seq.metrics.npu_finished_time = self.runner.timer.done(seq.group_id)
             if detok is not None and not isinstance(seq.stop_reason, str):  # a stop string cut the text: drop what follows
                 seq.text += detok.flush()
             self.scheduler.finish(seq)
@@ -399,14 +406,15 @@ class EngineCore:
         """``token``'s and the ``k`` most likely tokens' Logprobs at one position."""
         return {i: Logprob(lp, rank, self._token_text(i)) for i, (lp, rank) in top_logprobs(logprobs, token, k).items()}
 
-    def _count_token(self, metrics: RequestMetrics) -> None:
-        """Count one generated token of a request in its metrics and the progress counter."""
+    def _count_token(self, metrics: RequestMetrics, npu_time: float) -> None:
+        """Count one generated token of a request, sampled at ``npu_time`` on the modelled
+        clock (when its step left the last stage), in its metrics and the progress counter."""
         self.num_generated_tokens += 1
         now = time.time()
         metrics.first_token_time = metrics.first_token_time or now
         metrics.last_token_time = now
         if metrics.npu_first_token_time is None:
-            metrics.npu_first_token_time = self.npu_seconds
+            metrics.npu_first_token_time = npu_time
 
     def _token_text(self, token: int) -> str | None:
         """A logprob's ``decoded_token`` (None without a tokenizer, as vLLM leaves it undecoded)."""
@@ -446,11 +454,12 @@ class EngineCore:
 
         choices = search.step(group.seqs, logprobs, entry)
         group.seqs = self._next_beams(group, choices, entry)
-        self._count_token(group.metrics)
+        npu_time = self.runner.timer.done(group.request_id)
+        self._count_token(group.metrics, npu_time)
         if search.done:
             for seq in group.seqs:
                 self.scheduler.abort(seq)
-            group.metrics.finished_time, group.metrics.npu_finished_time = time.time(), self.npu_seconds
+            group.metrics.finished_time, group.metrics.npu_finished_time = time.time(), npu_time
         return True
 
     def _next_beams(self, group: SequenceGroup, choices: list[tuple[int, int]], entry: Callable[[int, int], dict[int, Logprob]]) -> list[Sequence]:
@@ -491,6 +500,7 @@ class EngineCore:
         if not search.done:
             return None
         del self.beams[group.request_id], self.groups[group.request_id]
+        self.runner.timer.forget(group.request_id)
         completions = [self._hypothesis_output(i, h, group.params, search.stop_ids) for i, h in enumerate(search.best(group.params.n))]
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, True, group.metrics,
                              self._prompt_logprobs(group))  # fmt: skip
@@ -540,6 +550,8 @@ class EngineCore:
         )  # fmt: skip
 
     def _forget(self, seq: Sequence) -> None:
+        """Drop what the engine keeps of a sequence of an ended request."""
+        self.runner.timer.forget(seq.group_id)
         self._detok.pop(seq.request_id, None)
         self._emitted.pop(seq.request_id, None)
         self._beam_logits.pop(seq.request_id, None)

@@ -6,11 +6,11 @@ the paged-attention instruction neither stores nor attends to them, so padding c
 change a result.
 
 With data parallelism the rows of one batch are served by different replicas: a new
-sequence goes to the replica serving the fewest sequences and stays there (its KV cache
-lives on that replica's PEs).  The host runs the rows of all replicas as one batch, so
-more replicas never cost more host time; the modelled step is that of the replica with
-the most rows, each replica running its rows in the smallest bucket of the same shape
-that holds them.
+sequence goes to the least loaded replica and stays there (its KV cache lives on that
+replica's PEs).  The host runs the rows of all replicas as one batch, so more replicas
+never cost more host time, and it runs every step to the end before the next; the modelled
+clock (``replica_timer.py``) is what overlaps them: each replica runs its rows in the
+smallest bucket of the same shape that holds them, through its own pipeline stages.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from furiosa_runtime.engine.sequence import Sequence
 from furiosa_runtime.npu.artifact import Artifact, Bucket, Pipeline
 from furiosa_runtime.npu.isa import Program
 from furiosa_runtime.npu.simulator import NPUSimulator
+from furiosa_runtime.npu.step_times import StepTimes
 
 
 class ModelRunner:
@@ -31,15 +32,21 @@ class ModelRunner:
         self.blocks = blocks
         self.prefill_buckets = list(artifact.generator_config.prefill_buckets)
         self.decode_buckets = list(artifact.generator_config.decode_buckets)
-        self.timer = ReplicaTimer(artifact, simulator.step_seconds, simulator.mesh.dp, blocks)  # replica placement and step time
-        self.last_step_seconds = 0.0  # modelled NPU latency of the last step (replicas run side by side)
+        self.timer = ReplicaTimer(artifact, self._step_times(), blocks)  # replica placement and the modelled clock
+        self.last_step_seconds = 0.0  # modelled NPU latency of the last step alone (its slowest replica, every stage)
         self.last_logits = np.empty((0, 0, 0), dtype=np.float32)  # every column the last step's program computed
 
     def add_bucket(self, pipeline: Pipeline, programs: dict[str, Program]) -> None:
         """Run one more bucket (compiled after the artifact, ``jit.py``) from the next step on."""
         self.simulator.add_pipeline(pipeline, programs)
-        self.timer.add_bucket(self.simulator.artifact, pipeline.bucket, self.simulator.step_seconds[pipeline.name])
+        self.timer.add_bucket(self.simulator.artifact, pipeline.bucket, self._step_times().stages[pipeline.name])
         (self.prefill_buckets if pipeline.bucket.is_prefill else self.decode_buckets).append(pipeline.bucket)
+
+    def _step_times(self) -> StepTimes:
+        """The stage times of every pipeline on the simulator's very mesh (what its ``step_seconds`` sum)."""
+        sim, mesh = self.simulator, self.simulator.mesh
+        return StepTimes(sim.artifact, sim.programs, sim.hw, devices=",".join(mesh.pes), pipeline_parallel_size=mesh.pp,
+                         data_parallel_size=mesh.dp)  # fmt: skip
 
     @property
     def max_prefill_len(self) -> int:
@@ -112,9 +119,9 @@ class ModelRunner:
     def _last_logits(self, bucket: Bucket, feeds: dict[str, np.ndarray], seqs: list[Sequence]) -> np.ndarray:
         """Logits of each row's last column, each row served by its sequence's replica.
 
-        The rows of every replica run as one batch on the host (``NPUSimulator.run``);
-        the modelled step is that of the slowest replica, each running its own rows in
-        the smallest bucket of this shape that holds them.
+        The rows of every replica run as one batch on the host (``NPUSimulator.run``); on
+        the modelled NPU each replica runs its own rows in the smallest bucket of this shape
+        that holds them (the engine puts the step on the clock: ``ReplicaTimer.step``).
         """
         replicas = self.timer.place(seqs)
         self.last_step_seconds = self.timer.seconds(bucket, replicas)

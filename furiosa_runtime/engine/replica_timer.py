@@ -1,10 +1,39 @@
-"""Which data-parallel replica serves each sequence, and how long a step takes on them.
+"""Which data-parallel replica serves each sequence, and when each step runs on the modelled NPU.
 
-The model runner's placement rule, without the runner: a new sequence goes to the replica
-serving the fewest live sequences (ties to the lowest) and stays there while it holds KV
-blocks; a step lasts as long as its slowest replica, each replica running its own rows in
-the smallest bucket of the step's shape that holds them.  ``simulate`` times steps with
-it, and so does ``ModelRunner``, so that its schedule and clock are the functional engine's.
+**Placement.**  A new sequence goes to the replica serving the fewest live sequences of its
+virtual engine (the scheduler's batch group, ``scheduler.py``), then the fewest overall
+(ties to the lowest), and stays there while it holds KV blocks; each replica runs its rows
+of a step in the smallest bucket of the step's shape that holds them.  Balancing within a
+virtual engine keeps every engine's batches spread over every replica.
+
+**The clock**: what overlaps, and why.  Every pipeline stage of every replica is a resource
+that holds one step at a time, taking steps in the order they are scheduled; a stage's part
+of a step lasts its modelled busy time (``StageTimes``, from ``npu/step_times.py``).
+
+* A replica's part of a step enters stage s when stage s is free and the activations from
+  stage s - 1 have arrived (the transfers into s), so while one step is in stage 2 the next
+  one can be in stage 1: with ``pp`` stages up to ``pp`` steps are in flight, as in a
+  pipelined server (vLLM's virtual engines, furiosa-llm's pipeline parallelism over cards),
+  and an offline workload runs at the rate of the slowest stage, not at the sum of them.
+* It enters stage 0 no earlier than every one of its rows' requests is ready: arrived, and
+  its previous step has left the last stage (the token it sampled is the next step's input).
+  One request's steps therefore never overlap: a lone request still waits the sum of the
+  stage times for each token, and only steps of other requests (the scheduler's other
+  virtual engines) fill the pipeline.
+* Data-parallel replicas are separate devices, each with its own stages: their parts of one
+  step do not wait for each other, so a one-row prefill on one replica holds only that one.
+
+``now`` is the clock: when every step run so far has left its last stage (or a later idle
+wait); a request's (``Sequence.group_id``) token times are when its steps left the last
+stage (``done``).  With one stage and one replica each step starts when the previous one
+ends, and the clock is the sum of the step latencies.  Not modelled: contention for the
+link between stages (a transfer is a delay, not a resource; activations are small next to a
+stage's compute) and the host, which schedules each step at once, seeing the KV blocks
+freed by steps still in flight (a stage holds its own layers' cache, and a later step
+reaches each stage only after they left it).
+
+``simulate`` times steps here, and so does the functional engine (``EngineCore.step``, with
+``ModelRunner`` placing its rows here), so that their schedules and clocks are the same.
 """
 
 from __future__ import annotations
@@ -14,71 +43,104 @@ from collections import Counter
 from furiosa_runtime.engine.block_manager import BlockManager
 from furiosa_runtime.engine.sequence import Sequence
 from furiosa_runtime.npu.artifact import Artifact, Bucket, smallest_bucket
+from furiosa_runtime.npu.step_times import StepTimes
+from furiosa_runtime.npu.timing import StageTimes
 
 #: One replica's part of a step: the bucket it runs and the rows (batch indices) it holds.
 ReplicaRun = tuple[Bucket, list[int]]
 
 
 class ReplicaTimer:
-    """Replica placement and modelled step latency over ``replicas`` data-parallel replicas.
+    """Replica placement and the modelled clock over the mesh ``times`` was laid out on
+    (``times.stages``: one step of each pipeline, stage by stage); ``blocks`` is the block
+    manager whose tables say which sequences are live."""
 
-    ``seconds`` is one step of each pipeline by name (``StepTimes.seconds``); ``blocks`` the
-    block manager whose tables say which sequences are live.
-    """
-
-    def __init__(self, artifact: Artifact, seconds: dict[str, float], replicas: int, blocks: BlockManager) -> None:
+    def __init__(self, artifact: Artifact, times: StepTimes, blocks: BlockManager) -> None:
         self.artifact = artifact
-        self.replicas = replicas
+        self.replicas = times.mesh.dp
         self.blocks = blocks
-        self._seconds = {p.bucket: seconds[p.name] for p in artifact.pipelines}
-        self._replica: dict[str, int] = {}  # sequence id -> its replica
+        self._stages = {p.bucket: times.stages[p.name] for p in artifact.pipelines}
+        self._where: dict[str, tuple[int, int]] = {}  # sequence id -> (virtual engine, replica)
+        self._free = [[0.0] * times.mesh.pp for _ in range(self.replicas)]  # when each replica's stage is next free
+        self._ready: dict[str, float] = {}  # request id -> when its latest step left the last stage
+        self.now = 0.0
 
-    def step(self, bucket: Bucket, seqs: list[Sequence]) -> tuple[float, list[ReplicaRun]]:
-        """Place new sequences, then the step's modelled seconds and what each replica ran."""
-        replicas = self.place(seqs)
+    def step(self, bucket: Bucket, seqs: list[Sequence], virtual_engine: int = 0) -> list[ReplicaRun]:
+        """Place new sequences, run the step of ``bucket`` over ``seqs`` (a batch of
+        ``virtual_engine``) on the clock, and return what each replica ran."""
+        replicas = self.place(seqs, virtual_engine)
+        runs = self._runs(bucket, replicas)
+        for run, rows in runs:
+            self._through(replicas[rows[0]], self._stages[run], [seqs[row] for row in rows])
+        return runs
+
+    def place(self, seqs: list[Sequence], virtual_engine: int = 0) -> list[int]:
+        """The replica of each row, giving new sequences (of ``virtual_engine``) one first."""
+        if self.replicas == 1:
+            return [0] * len(seqs)
+        self._assign([seq for seq in seqs if seq.request_id not in self._where], virtual_engine)
+        return [self._where[seq.request_id][1] for seq in seqs]
+
+    def seconds(self, bucket: Bucket, replicas: list[int]) -> float:
+        """A lone step of ``bucket`` whose rows sit on ``replicas``: its slowest replica's part
+        through every stage."""
+        return max(self._stages[run].seconds for run, _ in self._runs(bucket, replicas))
+
+    def done(self, request_id: str) -> float:
+        """When the latest step of the request left the last stage: its newest token's time."""
+        return self._ready[request_id]
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request that has ended."""
+        self._ready.pop(request_id, None)
+
+    def wait_until(self, npu_time: float) -> None:
+        """Let the clock idle until ``npu_time``; it never goes back."""
+        self.now = max(self.now, npu_time)
+
+    def add_bucket(self, artifact: Artifact, bucket: Bucket, stages: StageTimes) -> None:
+        """Time one more bucket (compiled after the artifact, ``jit.py``); ``artifact`` is the
+        artifact as served with it."""
+        self.artifact = artifact
+        self._stages[bucket] = stages
+
+    def follow(self, child_id: str, parent_id: str) -> int:
+        """Put a fork on its parent's replica (its KV is there) and return that replica."""
+        self._where[child_id] = self._where.get(parent_id, (0, 0))
+        return self._where[child_id][1]
+
+    def _through(self, replica: int, stages: StageTimes, seqs: list[Sequence]) -> None:
+        """Run one replica's part of a step, over the rows ``seqs``, through its stages (see
+        the module docstring) and record when it leaves the last one."""
+        free = self._free[replica]
+        t = max(self._ready.get(seq.group_id, seq.metrics.npu_arrival_time) for seq in seqs)
+        for stage, (busy, send) in enumerate(zip(stages.busy, stages.sends, strict=True)):
+            t = free[stage] = max(t + send, free[stage]) + busy
+        for seq in seqs:
+            self._ready[seq.group_id] = max(t, self._ready.get(seq.group_id, t))  # a request's rows may sit on two replicas
+        self.now = max(self.now, t)
+
+    def _assign(self, seqs: list[Sequence], virtual_engine: int) -> None:
+        """Give each new sequence the replica serving the fewest live sequences of its virtual
+        engine, then the fewest overall."""
+        live = {rid: where for rid, where in self._where.items() if rid in self.blocks.tables}
+        load = Counter(replica for _, replica in live.values())
+        mine = Counter(replica for engine, replica in live.values() if engine == virtual_engine)
+        for seq in seqs:
+            replica = min(range(self.replicas), key=lambda r: (mine[r], load[r], r))
+            live[seq.request_id] = (virtual_engine, replica)
+            load[replica] += 1
+            mine[replica] += 1
+        self._where = live
+
+    def _runs(self, bucket: Bucket, replicas: list[int]) -> list[ReplicaRun]:
+        """Each replica's rows, in the smallest bucket of ``bucket``'s shape that holds them."""
         rows: dict[int, list[int]] = {}
         for row, replica in enumerate(replicas):
             rows.setdefault(replica, []).append(row)
         if len(rows) == 1:
-            return self._seconds[bucket], [(bucket, list(range(len(seqs))))]
-        runs = [(self._same_shape_bucket(bucket, len(held)), held) for held in rows.values()]
-        return max(self._seconds[run] for run, _ in runs), runs
-
-    def add_bucket(self, artifact: Artifact, bucket: Bucket, seconds: float) -> None:
-        """Time one more bucket (compiled after the artifact, ``jit.py``); ``artifact`` is the
-        artifact as served with it."""
-        self.artifact = artifact
-        self._seconds[bucket] = seconds
-
-    def place(self, seqs: list[Sequence]) -> list[int]:
-        """The replica of each row, giving new sequences one first."""
-        if self.replicas == 1:
-            return [0] * len(seqs)
-        self._assign([seq for seq in seqs if seq.request_id not in self._replica])
-        return [self._replica[seq.request_id] for seq in seqs]
-
-    def seconds(self, bucket: Bucket, replicas: list[int]) -> float:
-        """A step of ``bucket`` whose rows sit on ``replicas``: the slowest replica, each running
-        its rows in the smallest bucket of this shape that holds them."""
-        rows = Counter(replicas)
-        if len(rows) == 1:
-            return self._seconds[bucket]
-        return max(self._seconds[self._same_shape_bucket(bucket, n)] for n in rows.values())
-
-    def follow(self, child_id: str, parent_id: str) -> int:
-        """Put a fork on its parent's replica (its KV is there) and return that replica."""
-        replica = self._replica[child_id] = self._replica.get(parent_id, 0)
-        return replica
-
-    def _assign(self, seqs: list[Sequence]) -> None:
-        """Give each new sequence the replica serving the fewest live sequences."""
-        live = {rid: r for rid, r in self._replica.items() if rid in self.blocks.tables}
-        load = Counter(live.values())
-        for seq in seqs:
-            replica = min(range(self.replicas), key=lambda r: (load[r], r))
-            live[seq.request_id] = replica
-            load[replica] += 1
-        self._replica = live
+            return [(bucket, list(range(len(replicas))))]
+        return [(self._same_shape_bucket(bucket, len(held)), held) for held in rows.values()]
 
     def _same_shape_bucket(self, bucket: Bucket, rows: int) -> Bucket:
         """The smallest bucket with ``bucket``'s context shape holding ``rows`` rows."""

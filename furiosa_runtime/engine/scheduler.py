@@ -18,12 +18,21 @@ The scheduler config (furiosa-llm ``SchedulerConfig``) is honoured as follows:
 * ``spare_blocks_ratio``: while others run, a new sequence is admitted only if this share of
   all blocks stays free afterwards, so running sequences can grow without preemption;
 * ``is_offline``: throughput mode, admits new sequences only while the running set fits in
-  the largest decode batch; online mode admits whatever fits (lowest time to first token)
-  and decodes the running set in rotating batches;
+  the largest decode batch of every virtual engine; online mode admits whatever fits (lowest
+  time to first token) and decodes the running set in rotating batches;
 * ``prefill_chunk_size``: prompts are prefilled in chunks and a decode step runs between two
   chunks, so a long prompt does not stall the requests already generating;
-* ``npu_queue_limit``: the simulated NPU executes one step at a time, so at most one step is
-  ever in flight, within any limit >= 1.
+* ``npu_queue_limit``: accepted, not modelled as a bound: the host submits each step as soon
+  as it is scheduled, and on the modelled clock the step waits for the pipeline stages it
+  needs (``replica_timer.py``).
+
+With ``virtual_engines`` > 1 (one per pipeline stage, as vLLM runs ``pipeline_parallel_size``
+virtual engines), the running sequences are split into that many groups and each step takes
+its rows from one group, the groups in turn: a sequence joins the group of a running
+sibling (a sample or beam of its request) or else the one with the fewest running, and stays
+there while it runs.  Consecutive steps of a request thus depend on each other while the
+other groups' steps fill the other pipeline stages (the modelled clock,
+``replica_timer.py``); with one virtual engine every step takes from all running sequences.
 
 When a sequence cannot grow, the most recently admitted one is preempted: its blocks are
 freed and it waits to be recomputed (greedy results are unchanged by this).  The waiting
@@ -53,7 +62,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +82,7 @@ class Batch:
     bucket: Bucket
     seqs: list[Sequence]
     spans: list[Span]
+    virtual_engine: int = 0  # the group of running sequences the rows come from
 
 
 def validate_scheduler_config(config: SchedulerConfig) -> None:
@@ -106,8 +116,10 @@ def _fits(reach: list[int], batch: int, length: int) -> bool:
 
 
 class Scheduler:
-    def __init__(self, prefill: list[Bucket], decode: list[Bucket], blocks: BlockManager, config: SchedulerConfig) -> None:
+    def __init__(self, prefill: list[Bucket], decode: list[Bucket], blocks: BlockManager, config: SchedulerConfig,
+                 virtual_engines: int = 1) -> None:  # fmt: skip
         validate_scheduler_config(config)
+        self.virtual_engines = virtual_engines  # batches in flight at once: one per pipeline stage
         self.prefill_buckets = prefill
         self.decode_buckets = decode
         self.blocks = blocks
@@ -119,7 +131,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queried_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_cache_hit_tokens = 0  # of which were found computed in cached blocks
-        self._last_phase = "decode"
+        self._last_phase = ["decode"] * virtual_engines  # each virtual engine's last phase (chunked prefill interleaves)
+        self._engine: dict[str, int] = {}  # running sequence id -> its virtual engine
+        self._turn = 0  # the virtual engine the next step takes its rows from first
         self._ages: dict[str, int] = {}  # request id -> the order it was first queued in (``_age``)
         self._age_counter = itertools.count()
 
@@ -169,11 +183,13 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
+            self._engine.pop(seq.request_id)
         self.blocks.free(seq.request_id)
         self._forget_request(seq)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._engine.pop(seq.request_id)
         self.blocks.free(seq.request_id)
         self._forget_request(seq)
 
@@ -184,23 +200,34 @@ class Scheduler:
         self.blocks.cache_computed(seq.request_id, self._hashes(seq), end)
 
     def schedule(self) -> Batch | None:
-        """Admit what fits, reuse what others cached since, then pick this step's phase,
-        rows, spans and bucket."""
+        """Admit what fits, reuse what others cached since, then pick this step's virtual
+        engine (the next in turn with something to run), phase, rows, spans and bucket."""
         self.num_steps += 1
         self._admit()
         self._reuse_cached()
-        order: list[Callable[[], Batch | None]] = [self._schedule_prefill, self._schedule_decode]
-        if self.config.prefill_chunk_size is not None and self._last_phase == "prefill":
-            order.reverse()  # interleave: a decode step between two prefill chunks
         while True:
-            for make in order:
-                batch = make()
+            for offset in range(self.virtual_engines):
+                engine = (self._turn + offset) % self.virtual_engines
+                batch = self._schedule_engine(engine)
                 if batch is not None:
-                    self._last_phase = batch.phase
+                    self._turn = (engine + 1) % self.virtual_engines
                     return batch
             if not self._unblock():
                 return None
             self._admit()
+
+    def _schedule_engine(self, engine: int) -> Batch | None:
+        """A step of the running sequences of virtual engine ``engine``, if they have one."""
+        members = [s for s in self.running if self._engine[s.request_id] == engine]
+        order: list[Callable[[list[Sequence], int], Batch | None]] = [self._schedule_prefill, self._schedule_decode]
+        if self.config.prefill_chunk_size is not None and self._last_phase[engine] == "prefill":
+            order.reverse()  # interleave: a decode step between two prefill chunks
+        for make in order:
+            batch = make(members, engine)
+            if batch is not None:
+                self._last_phase[engine] = batch.phase
+                return batch
+        return None
 
     def _unblock(self) -> bool:
         """Nothing can run although sequences wait: every running sequence is a beam waiting
@@ -222,7 +249,7 @@ class Scheduler:
 
     def _admission_limit(self) -> int:
         limit = self.config.max_processing_samples
-        return min(limit, self.max_decode_batch) if self.config.is_offline else limit
+        return min(limit, self.max_decode_batch * self.virtual_engines) if self.config.is_offline else limit
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self._admission_limit():
@@ -271,7 +298,20 @@ class Scheduler:
 
     def _start(self, seq: Sequence, computed: int) -> None:
         seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, computed, self.num_steps
+        self._engine[seq.request_id] = self._engine_for(seq)
         self.running.append(seq)
+
+    def _engine_for(self, seq: Sequence) -> int:
+        """The virtual engine of a running sibling of ``seq`` (its steps depend on theirs), or
+        else the one running the fewest sequences."""
+        if self.virtual_engines == 1:
+            return 0
+        request = seq.group_id or seq.request_id
+        sibling = next((s for s in self.running if (s.group_id or s.request_id) == request), None)
+        if sibling is not None:
+            return self._engine[sibling.request_id]
+        load = Counter(self._engine.values())
+        return min(range(self.virtual_engines), key=lambda engine: (load[engine], engine))
 
     def can_fork(self, parent: Sequence) -> bool:
         """Whether a sample of ``parent``'s request can be admitted on its computed prompt
@@ -303,11 +343,11 @@ class Scheduler:
         fits_decode = smallest_bucket(self.decode_buckets, 1, seq.num_tokens) is not None
         return fits_decode and prefill is not None and seq.num_uncomputed * DECODE_TAIL_RATIO <= prefill.attention_size
 
-    def _schedule_prefill(self) -> Batch | None:
+    def _schedule_prefill(self, running: list[Sequence], engine: int) -> Batch | None:
         seqs: list[Sequence] = []
         spans: list[Span] = []
         longest = 0  # the furthest span end of the rows taken
-        for seq in self.running:
+        for seq in running:
             span = self._prefill_span(seq)
             if span is None or len(seqs) == self.config.max_processing_samples:
                 continue
@@ -320,12 +360,12 @@ class Scheduler:
             return None
         bucket = smallest_bucket(self.prefill_buckets, len(seqs), max(end for _, end in spans))
         assert bucket is not None
-        return Batch("prefill", bucket, seqs, spans)
+        return Batch("prefill", bucket, seqs, spans, engine)
 
     # -- decode ---------------------------------------------------------------------
 
-    def _schedule_decode(self) -> Batch | None:
-        candidates = [s for s in self.running if s.num_uncomputed and self._prefill_span(s) is None]
+    def _schedule_decode(self, running: list[Sequence], engine: int) -> Batch | None:
+        candidates = [s for s in running if s.num_uncomputed and self._prefill_span(s) is None]
         candidates.sort(key=lambda s: (s.last_step, s.admitted_at))  # least recently decoded first
         seqs: list[Sequence] = []
         longest = 0  # the longest context of the rows taken
@@ -347,7 +387,7 @@ class Scheduler:
         spans = [(s.num_computed_tokens, s.num_computed_tokens + 1) for s in seqs]
         bucket = smallest_bucket(self.decode_buckets, len(seqs), max(end for _, end in spans))
         assert bucket is not None
-        return Batch("decode", bucket, seqs, spans)
+        return Batch("decode", bucket, seqs, spans, engine)
 
     def _make_room(self, seq: Sequence, num_tokens: int, keep: list[Sequence]) -> bool:
         """Grow ``seq`` to ``num_tokens``, preempting the latest admitted others if needed.
@@ -365,6 +405,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks; it is recomputed from scratch when readmitted."""
         self.running.remove(seq)
+        self._engine.pop(seq.request_id)
         self.blocks.free(seq.request_id)
         self.num_preemptions += 1
         logger.warning("sequence %s preempted (recomputed when readmitted) because the KV cache is full: %d preemptions "

@@ -10,9 +10,11 @@ the artifact's programs, so shape-only artifacts (``build.weights=none``) simula
 ``serve`` is the one driver of the modelled clock, shared by ``TimingCore`` and by the
 functional engine (``EngineClock`` around an ``EngineCore``): a request whose arrival is
 later than the clock waits; when nothing runs the clock jumps to the next arrival; every
-step advances the clock by its modelled latency.  Given the same requests, both cores make
-the same schedule and so report the same modelled times, to the last bit
-(``tests/runtime/engine/test_simulate.py``).
+step runs on the pipelined clock of ``replica_timer.py`` (with pipeline parallelism, the
+steps of the scheduler's virtual engines overlap across stages; data-parallel replicas run
+side by side), and a request's tokens come when its steps leave the last stage.  Given the
+same requests, both cores make the same schedule and so report the same modelled times, to
+the last bit (``tests/runtime/engine/test_simulate.py``).
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ from furiosa_runtime.npu.step_times import StepTimes, load_programs
 #: The token a simulated step "generates": its value matters only to the prefix cache's
 #: keys, and no two requests of a workload share a whole prompt.
 OUTPUT_TOKEN = 0
-#: Prompts per unit of concurrency when a distribution gives no count: the published
-#: methodology runs ``num_prompts = 3 x concurrency`` requests offline.
+#: Prompts per unit of concurrency (the largest decode batch of every virtual engine) when a
+#: distribution gives no count: the published methodology runs ``num_prompts = 3 x
+#: concurrency`` requests offline.
 PROMPTS_PER_SLOT = 3
 
 #: Sampling of every request: greedy, and the output length is forced.
@@ -95,15 +98,15 @@ class TimingCore:
         caching = enable_prefix_caching and times.mesh.dp == 1  # as EngineCore decides (a cached block lives on one replica)
         self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=caching)
         gen = artifact.generator_config
-        self.scheduler = Scheduler(list(gen.prefill_buckets), list(gen.decode_buckets), self.blocks, scheduler_config)
-        self.timer = ReplicaTimer(artifact, times.seconds, times.mesh.dp, self.blocks)
+        self.scheduler = Scheduler(list(gen.prefill_buckets), list(gen.decode_buckets), self.blocks, scheduler_config,
+                                   virtual_engines=times.mesh.pp)  # fmt: skip
+        self.timer = ReplicaTimer(artifact, times, self.blocks)
         self.stats = ServingStats(self.blocks.num_usable)
         decode = [b.attention_size for b in gen.decode_buckets]
         self.max_model_len = min(max(decode), self.blocks.capacity_tokens)
         prefill = max(b.attention_size for b in gen.prefill_buckets)
         self.max_prompt_len = self.max_model_len if scheduler_config.prefill_chunk_size is not None else min(prefill, self.max_model_len)
         self.vocab_size = int(artifact.hf_config.get("vocab_size", 2**15))  # the prompt ids a workload may draw
-        self.npu_seconds = 0.0
         self._params = SamplingParams(**FORCED_LENGTH)  # one for every sequence: the scheduler reads it, no sampler does
 
     @classmethod
@@ -140,21 +143,28 @@ class TimingCore:
                        group_id=request.request_id, metrics=metrics)  # fmt: skip
         self.scheduler.add(seq)
 
+    @property
+    def npu_seconds(self) -> float:
+        """The modelled clock: when every step so far has left the last stage (``ReplicaTimer.now``)."""
+        return self.timer.now
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def wait_until(self, npu_time: float) -> None:
-        self.npu_seconds = max(self.npu_seconds, npu_time)
+        self.timer.wait_until(npu_time)
 
     def step(self) -> list[RequestTiming]:
         """One scheduled step: its modelled time, then a token for every row that caught up
-        (``EngineCore.step`` with the sampling left out)."""
+        (``EngineCore.step`` with the sampling left out).  The step counts in the statistics
+        for what it moved the clock on (with pipelining, less than its own latency)."""
         batch = self.scheduler.schedule()
         assert batch is not None, "admission control guarantees every request can be scheduled"
-        seconds, runs = self.timer.step(batch.bucket, batch.seqs)
-        self.npu_seconds += seconds
+        before = self.timer.now
+        runs = self.timer.step(batch.bucket, batch.seqs, batch.virtual_engine)
         tokens = [end - start for start, end in batch.spans]
-        self.stats.record([(bucket, sum(tokens[r] for r in rows)) for bucket, rows in runs], seconds, self.blocks.num_usable - self.blocks.num_free)
+        self.stats.record([(bucket, sum(tokens[r] for r in rows)) for bucket, rows in runs], self.timer.now - before,
+                          self.blocks.num_usable - self.blocks.num_free)  # fmt: skip
         finished = []
         for seq, (_, end) in zip(batch.seqs, batch.spans):
             self.scheduler.computed(seq, end)
@@ -165,13 +175,15 @@ class TimingCore:
     def _append(self, seq: Sequence) -> bool:
         """Add the row's token; finish the sequence at its length (True) as the engine does."""
         seq.output_token_ids.append(OUTPUT_TOKEN)
+        sampled = self.timer.done(seq.group_id)
         if seq.metrics.npu_first_token_time is None:
-            seq.metrics.npu_first_token_time = self.npu_seconds
+            seq.metrics.npu_first_token_time = sampled
         if len(seq.output_token_ids) < seq.max_tokens and seq.num_tokens < self.max_model_len:
             return False
         seq.status = Status.FINISHED
-        seq.metrics.npu_finished_time = self.npu_seconds
+        seq.metrics.npu_finished_time = sampled
         self.scheduler.finish(seq)
+        self.timer.forget(seq.group_id)
         return True
 
 
@@ -231,15 +243,16 @@ def simulate(
     """Serve ``workload`` (``workload.py``'s grammar) on the artifact's modelled NPU and
     report what ``vllm bench serve`` would measure.
 
-    ``num_prompts`` None draws ``PROMPTS_PER_SLOT`` x the largest decode batch from a
-    distribution (a trace: all its lines).  ``scheduler_overrides`` replace values of the
-    artifact's scheduler config; the mesh settings are ``EngineCore``'s.  A workload that
-    cannot be read, or has a request the artifact cannot hold, raises ``WorkloadError``.
+    ``num_prompts`` None draws ``PROMPTS_PER_SLOT`` x the largest decode batch of every
+    virtual engine (one per pipeline stage) from a distribution (a trace: all its lines).
+    ``scheduler_overrides`` replace values of the artifact's scheduler config; the mesh
+    settings are ``EngineCore``'s.  A workload that cannot be read, or has a request the
+    artifact cannot hold, raises ``WorkloadError``.
     """
     core = TimingCore.open(artifact_path, enable_prefix_caching=enable_prefix_caching, scheduler_overrides=scheduler_overrides,
                            devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size)
     if num_prompts is None and workload.split(":", 1)[0] in DISTRIBUTIONS:
-        num_prompts = PROMPTS_PER_SLOT * core.scheduler.max_decode_batch
+        num_prompts = PROMPTS_PER_SLOT * core.scheduler.max_decode_batch * core.scheduler.virtual_engines
     shapes = parse_workload(workload, num_prompts, request_rate, seed)
     requests = make_requests(shapes, core.vocab_size, shared_prefix, seed)
     rate = "" if request_rate is None else f", {'offline' if math.isinf(request_rate) else f'{request_rate:g} requests/s'}"

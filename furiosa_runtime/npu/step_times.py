@@ -5,9 +5,11 @@ where each pipeline stage runs, never the weights, so a shape-only artifact
 (``build.weights=none``) can be timed as well as a full one.  ``StepTimes`` lays an
 artifact out as the simulator does (tensor parallelism as built, pipeline stages as built
 or re-staged at load for blockwise artifacts, data-parallel replicas over the remaining
-PEs) and gives each bucket's pipeline one step of modelled latency on replica 0; ``NPUSimulator``
-takes its layout and ``step_seconds`` from here.  :func:`kv_cache_bytes` is the KV cache each PE
-reserves, at the bytes per token the timing model charges (the build's memory plan of it).
+PEs) and prices one step of each bucket's pipeline on replica 0, stage by stage (``stages``,
+what the engine's pipelined clock overlaps: ``engine/replica_timer.py``) and as a lone step's
+latency (``seconds``); ``NPUSimulator`` takes its layout and ``step_seconds`` from here.
+:func:`kv_cache_bytes` is the KV cache each PE reserves, at the bytes per token the timing
+model charges (the build's memory plan of it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from furiosa_runtime.npu.artifact import (
 )
 from furiosa_runtime.npu.hardware import HardwareSpec, Mesh, plan_mesh
 from furiosa_runtime.npu.isa import DTYPES, Program
-from furiosa_runtime.npu.timing import StepModel, kv_token_bytes
+from furiosa_runtime.npu.timing import StageTimes, StepModel, kv_token_bytes
 
 
 def layers_per_stage(artifact: Artifact, pipeline_parallel_size: int | None) -> list[int]:
@@ -89,8 +91,8 @@ def kv_cache_bytes(pipelines: list[Pipeline], programs: Mapping[str, Program], n
 
 
 class StepTimes:
-    """One artifact laid out on a mesh, with the modelled seconds of one step of each
-    pipeline (``seconds``, by pipeline name).
+    """One artifact laid out on a mesh, with one step of each pipeline priced stage by stage
+    (``stages``) and as a lone step's seconds (``seconds``), by pipeline name.
 
     ``devices``, ``pipeline_parallel_size`` and ``data_parallel_size`` are the load-time
     settings of ``NPUSimulator`` (None: the artifact's devices and stages, and as many
@@ -114,12 +116,13 @@ class StepTimes:
         self.mesh: Mesh = plan_mesh(devices or artifact.devices, tp, len(stages), data_parallel_size, self.hw)
         gen = artifact.generator_config
         model = StepModel(programs, self.hw, gen.paged_attention_config.block_size, artifact.model_metadata.weight_dtype, gen.kv_cache_dtype)
-        self.seconds = {p.name: self._step(model, p, stages) for p in artifact.pipelines}
+        self.stages: dict[str, StageTimes] = {p.name: self._step(model, p, stages) for p in artifact.pipelines}
+        self.seconds = {name: step.seconds for name, step in self.stages.items()}
 
-    def _step(self, model: StepModel, pipeline: Pipeline, stages: list[int]) -> float:
-        _, transfers = stage_plan(self.artifact, pipeline, stages)
+    def _step(self, model: StepModel, pipeline: Pipeline, stages: list[int]) -> StageTimes:
+        stage_of, transfers = stage_plan(self.artifact, pipeline, stages)
         first = {}  # the simulator sums the sends after each task together: the same order gives the same float
         for transfer in transfers:
             first.setdefault(transfer.after_task, len(first))
         transfers.sort(key=lambda t: first[t.after_task])
-        return model.step_seconds(pipeline, transfers, lambda stage: self.mesh.pe(0, stage, 0))
+        return model.stage_times(pipeline, stage_of, transfers, lambda stage: self.mesh.pe(0, stage, 0))

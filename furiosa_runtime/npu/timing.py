@@ -10,9 +10,11 @@ cache it reads and writes in the storage dtype the artifact declares (``kv_cache
 the bytes per token the build reserves for it: :func:`kv_token_bytes`).  Activations are
 taken to stay in SRAM.  A collective is a ring over the tensor-parallel group's PE links; a
 pipeline transfer sends its bytes over the link between the two stages' PEs (on one device
-or between devices).  One step walks the bucket's pipeline stage after stage, so its
-latency is the sum of its programs, collectives and transfers; data-parallel replicas run
-side by side.
+or between devices).  A step is priced stage by stage (``StageTimes``): what each pipeline
+stage computes, and the transfers into it.  A lone step walks the stages one after another,
+so its latency is the sum of its programs, collectives and transfers; a pipelined server
+overlaps the stages of successive steps (``engine/replica_timer.py``), which is why the
+parts are kept apart.
 
 Shapes are static per bucket, so these are the latencies of the compiled shapes (attention
 over the whole bucket context), the way the hardware runs them.  They are estimates for
@@ -48,6 +50,22 @@ class Cost:
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.seconds + other.seconds, self.flops + other.flops, self.hbm_bytes + other.hbm_bytes)
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """One step of a bucket's pipeline, stage by stage: ``busy[s]`` is how long stage s
+    computes (its supertasks, collectives included), ``sends[s]`` how long the activations
+    sent into stage s take on the link (0 for the first stage: a transfer is charged to the
+    hop into the stage that reads it)."""
+
+    busy: tuple[float, ...]
+    sends: tuple[float, ...]
+
+    @property
+    def seconds(self) -> float:
+        """A lone step: every stage and transfer one after another."""
+        return sum(self.busy) + sum(self.sends)
 
 
 def kv_token_bytes(k: TensorSpec, v: TensorSpec, itemsize: int) -> int:
@@ -150,14 +168,21 @@ class StepModel:
         """Key positions the compiled shape attends over: the whole block table."""
         return specs[inst.ins[5]].shape[1] * self.block_size
 
-    def step_seconds(self, pipeline: Pipeline, transfers: Iterable[Transfer], stage_pe: Callable[[int], str]) -> float:
-        """One step of ``pipeline``: its supertasks one after another (the ranks of a
-        tensor-parallel group in lockstep), plus every transfer between stages."""
-        seconds = sum(max(self.costs[t.program].seconds for t in group) for _, group in groupby(pipeline.tasks, key=lambda t: t.name))
-        for transfer in transfers:
-            same = device_of(stage_pe(transfer.src_stage)) == device_of(stage_pe(transfer.dst_stage))
-            seconds += transfer_seconds(self._value_bytes(pipeline, transfer.value), same, self.hw)
-        return seconds
+    def stage_times(self, pipeline: Pipeline, stage_of: Mapping[str, int], transfers: Iterable[Transfer],
+                    stage_pe: Callable[[int], str]) -> StageTimes:  # fmt: skip
+        """One step of ``pipeline`` with its tasks on the stages ``stage_of`` says (by task
+        name): each stage runs its supertasks one after another (the ranks of a
+        tensor-parallel group in lockstep); each transfer crosses the link between its two
+        stages' PEs (``stage_pe``: a PE of a stage)."""
+        supertasks = [(stage_of[name], max(self.costs[t.program].seconds for t in group))
+                      for name, group in groupby(pipeline.tasks, key=lambda t: t.name)]  # fmt: skip
+        hops = [(t.dst_stage, self._transfer_seconds(pipeline, t, stage_pe)) for t in transfers]
+        stages = range(max(stage_of.values()) + 1)
+        return StageTimes(tuple(_stage_sum(supertasks, s) for s in stages), tuple(_stage_sum(hops, s) for s in stages))
+
+    def _transfer_seconds(self, pipeline: Pipeline, transfer: Transfer, stage_pe: Callable[[int], str]) -> float:
+        same = device_of(stage_pe(transfer.src_stage)) == device_of(stage_pe(transfer.dst_stage))
+        return transfer_seconds(self._value_bytes(pipeline, transfer.value), same, self.hw)
 
     def _value_bytes(self, pipeline: Pipeline, value: str) -> int:
         task = next(t for t in pipeline.tasks if value in t.outputs)
@@ -165,7 +190,12 @@ class StepModel:
         return program.values[program.outputs[task.outputs.index(value)]].nbytes
 
 
+def _stage_sum(parts: list[tuple[int, float]], stage: int) -> float:
+    """The seconds of the ``(stage, seconds)`` parts on ``stage``, added in order."""
+    return sum((seconds for s, seconds in parts if s == stage), 0.0)
+
+
 def build_placement_seconds(pipeline: Pipeline, model: StepModel) -> float:
-    """A step of ``pipeline`` where the build placed it (data-parallel replica 0)."""
+    """A lone step of ``pipeline`` where the build placed it (data-parallel replica 0)."""
     stage_pe = {t.stage: t.device for t in pipeline.tasks}
-    return model.step_seconds(pipeline, pipeline.transfers, stage_pe.__getitem__)
+    return model.stage_times(pipeline, {t.name: t.stage for t in pipeline.tasks}, pipeline.transfers, stage_pe.__getitem__).seconds
