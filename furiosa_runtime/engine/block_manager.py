@@ -30,6 +30,13 @@ every step).
 
 Block 0 is never handed out: padding entries of block tables point to it, so a padded
 row can only ever read (never write) a block that no sequence owns.
+
+**Data-parallel replicas** each hold a whole KV cache on their own PEs, so the manager
+keeps one pool per replica in one global id space: replica r owns ids ``[r * num_blocks,
+(r + 1) * num_blocks)`` (the rows of the simulator's host KV arrays), its first one its
+padding block.  A new table draws from the pool of the replica it is given (chosen at
+admission, ``ReplicaTimer.admit``), grows and forks from that same pool; prefix caching
+needs a single replica (a cached block's KV lives on one replica).
 """
 
 from __future__ import annotations
@@ -54,17 +61,23 @@ def block_hashes(token_ids: list[int], block_size: int, hashes: list[bytes]) -> 
 
 
 class BlockManager:
-    """Free list, one block table per sequence id, a reference count per held block, and
-    the prefix cache: keyed blocks, the evictable ones in least-recently-released order."""
+    """A free list per replica, one block table per sequence id (and the replica whose pool
+    it draws from), a reference count per held block, and the prefix cache: keyed blocks,
+    the evictable ones in least-recently-released order."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, replicas: int = 1) -> None:
+        """``num_blocks`` per replica (``paged_attention_config.num_blocks``), ``replicas`` pools."""
         if num_blocks < 2:
             raise ValueError(f"paged_attention_num_blocks: needs at least 2 KV blocks, got {num_blocks}")
+        assert replicas == 1 or not enable_caching, "prefix caching needs a single replica"
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.replicas = replicas
         self.enable_caching = enable_caching
-        self._free: list[int] = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+        # replica r's free blocks, its padding block r * num_blocks left out; pop() hands out low ids first
+        self._free: list[list[int]] = [list(range((r + 1) * num_blocks - 1, r * num_blocks, -1)) for r in range(replicas)]
         self.tables: dict[str, list[int]] = {}
+        self._replica: dict[str, int] = {}  # sequence -> the replica whose pool its table draws from
         self._refs: dict[int, int] = {}  # held block -> number of tables holding it
         self._evictable: OrderedDict[int, None] = OrderedDict()  # keyed blocks nobody holds, oldest first
         self._block_of: dict[bytes, int] = {}  # key -> the block holding that prefix's KV
@@ -73,12 +86,21 @@ class BlockManager:
 
     @property
     def num_free(self) -> int:
-        """Blocks a sequence can be given: the free ones and the evictable cached ones."""
-        return len(self._free) + len(self._evictable)
+        """Blocks sequences can be given, over every replica: the free ones and the evictable cached ones."""
+        return sum(map(len, self._free)) + len(self._evictable)
+
+    def num_free_on(self, replica: int) -> int:
+        """Blocks a sequence of ``replica`` can be given."""
+        return len(self._free[replica]) + len(self._evictable)  # evictable ones only with a single replica
 
     @property
     def num_usable(self) -> int:
-        """Blocks a sequence may ever hold (all but the padding block 0)."""
+        """Blocks sequences may ever hold, over every replica (all but each one's padding block)."""
+        return self.replicas * self.num_usable_per_replica
+
+    @property
+    def num_usable_per_replica(self) -> int:
+        """Blocks the sequences of one replica may ever hold (all of its pool but the padding block)."""
         return self.num_blocks - 1
 
     @property
@@ -88,8 +110,8 @@ class BlockManager:
 
     @property
     def capacity_tokens(self) -> int:
-        """The most tokens one sequence can keep in the cache."""
-        return self.num_usable * self.block_size
+        """The most tokens one sequence can keep in the cache (its replica's)."""
+        return self.num_usable_per_replica * self.block_size
 
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -109,25 +131,37 @@ class BlockManager:
             found.append(block)
         return found
 
-    def can_allocate(self, num_tokens: int, reserve: int = 0, cached: list[int] | None = None) -> bool:
-        """Room for a new sequence of ``num_tokens`` whose first blocks are the ``cached`` ones
-        (from ``cached_prefix``) while keeping ``reserve`` blocks free."""
+    def can_allocate(self, num_tokens: int, reserve: int = 0, cached: list[int] | None = None, replica: int = 0) -> bool:
+        """Room on ``replica`` for a new sequence of ``num_tokens`` whose first blocks are the
+        ``cached`` ones (from ``cached_prefix``) while keeping ``reserve`` blocks free."""
         cached = cached or []
         evictable_hits = sum(block in self._evictable for block in cached)
-        return self.blocks_needed(num_tokens) - len(cached) + evictable_hits + reserve <= self.num_free
+        return self.blocks_needed(num_tokens) - len(cached) + evictable_hits + reserve <= self.num_free_on(replica)
 
-    def allocate(self, seq_id: str, num_tokens: int, cached: list[int] | None = None) -> list[int]:
-        """Give ``seq_id`` enough blocks for ``num_tokens`` tokens (grows an existing table);
-        a new table starts with the ``cached`` blocks (from ``cached_prefix``)."""
+    def allocate(self, seq_id: str, num_tokens: int, cached: list[int] | None = None, replica: int = 0) -> list[int]:
+        """Give ``seq_id`` enough blocks for ``num_tokens`` tokens: a new table draws from
+        ``replica``'s pool and starts with the ``cached`` blocks (from ``cached_prefix``); an
+        existing one grows from its own replica's pool."""
         table = self.tables.get(seq_id)
         if table is None:
             table = self.tables[seq_id] = [self._hold(block) for block in cached or []]
             self._num_keyed[seq_id] = len(table)
+            self._replica[seq_id] = replica
+        replica = self._replica[seq_id]
         extra = self.blocks_needed(num_tokens) - len(table)
-        if extra > self.num_free:
-            raise MemoryError(f"KV cache exhausted: {seq_id} needs {extra} more blocks, {self.num_free} free")
-        table.extend(self._take() for _ in range(max(extra, 0)))
+        if extra > self.num_free_on(replica):
+            raise MemoryError(f"KV cache exhausted: {seq_id} needs {extra} more blocks, {self.num_free_on(replica)} free "
+                              f"on replica {replica}")  # fmt: skip
+        table.extend(self._take(replica) for _ in range(max(extra, 0)))
         return table
+
+    def replica_of(self, seq_id: str) -> int:
+        """The replica holding ``seq_id``'s KV: the one whose pool its table draws from."""
+        return self._replica[seq_id]
+
+    def padding_block(self, seq_id: str) -> int:
+        """The block the padding entries of ``seq_id``'s table point to: its replica's first."""
+        return self._replica[seq_id] * self.num_blocks
 
     def reuse_cached(self, seq_id: str, hashes: list[bytes], num_computed: int, num_tokens: int) -> int:
         """Swap the allocated but uncomputed blocks after ``num_computed`` tokens for cached
@@ -150,10 +184,10 @@ class BlockManager:
         self._refs[block] = self._refs.get(block, 0) + 1
         return block
 
-    def _take(self) -> int:
-        """A block for new KV: a free one, else the least recently used evictable one."""
-        if self._free:
-            block = self._free.pop()
+    def _take(self, replica: int) -> int:
+        """A block for new KV on ``replica``: a free one, else the least recently used evictable one."""
+        if self._free[replica]:
+            block = self._free[replica].pop()
         else:
             block, _ = self._evictable.popitem(last=False)
             del self._block_of[self._key_of.pop(block)]
@@ -163,32 +197,34 @@ class BlockManager:
     # -- growth, forks, release -----------------------------------------------------
 
     def can_append(self, seq_id: str, num_tokens: int) -> bool:
-        """Whether ``seq_id``'s table can grow to hold ``num_tokens`` tokens."""
-        return self.blocks_needed(num_tokens) - len(self.tables.get(seq_id, [])) <= self.num_free
+        """Whether ``seq_id``'s table can grow to hold ``num_tokens`` tokens (from its replica's pool)."""
+        return self.blocks_needed(num_tokens) - len(self.tables[seq_id]) <= self.num_free_on(self._replica[seq_id])
 
     def append(self, seq_id: str, num_tokens: int) -> list[int]:
         """Grow the table of an admitted sequence to hold ``num_tokens`` tokens."""
         assert seq_id in self.tables, f"append to unallocated sequence {seq_id}"
         return self.allocate(seq_id, num_tokens)
 
-    def can_fork(self, num_tokens: int, reserve: int = 0) -> bool:
-        """Room for a fork of a ``num_tokens`` prefix (one private block for a partial tail)
-        while keeping ``reserve`` blocks free."""
-        return (1 if num_tokens % self.block_size else 0) + reserve <= self.num_free
+    def can_fork(self, num_tokens: int, reserve: int = 0, replica: int = 0) -> bool:
+        """Room on ``replica`` (the parent's) for a fork of a ``num_tokens`` prefix (one private
+        block for a partial tail) while keeping ``reserve`` blocks free."""
+        return (1 if num_tokens % self.block_size else 0) + reserve <= self.num_free_on(replica)
 
     def fork(self, parent_id: str, child_id: str, num_tokens: int) -> tuple[int, int] | None:
         """Give ``child_id`` the first ``num_tokens`` tokens of ``parent_id``'s table.
 
-        Full blocks are shared; a partly filled last block is replaced by a fresh one, and
-        the ``(source, copy)`` pair is returned so the caller copies its KV contents.
+        Full blocks are shared; a partly filled last block is replaced by a fresh one of the
+        parent's replica, and the ``(source, copy)`` pair is returned so the caller copies
+        its KV contents.
         """
         assert child_id not in self.tables, f"fork into existing sequence {child_id}"
         full, tail = divmod(num_tokens, self.block_size)
         self.tables[child_id] = [self._hold(block) for block in self.tables[parent_id][:full]]
         self._num_keyed[child_id] = min(self._num_keyed[parent_id], full)
+        replica = self._replica[child_id] = self._replica[parent_id]
         if not tail:
             return None
-        copy = self._take()
+        copy = self._take(replica)
         self.tables[child_id].append(copy)
         return self.tables[parent_id][full], copy
 
@@ -210,6 +246,7 @@ class BlockManager:
         holds any more returns to the free list, or, when it holds a cached prefix, to the
         end of the evictable queue (the table's last blocks first, so they go first)."""
         self._num_keyed.pop(seq_id, None)
+        self._replica.pop(seq_id, None)
         for block in reversed(self.tables.pop(seq_id, [])):
             self._release(block)
 
@@ -221,28 +258,35 @@ class BlockManager:
         if block in self._key_of:
             self._evictable[block] = None
         else:
-            self._free.append(block)
+            self._free[block // self.num_blocks].append(block)
 
     def slot(self, seq_id: str, position: int) -> int:
         table = self.tables[seq_id]
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
     def check_invariants(self) -> None:
-        """Every usable block is exactly one of free, held or evictable, block 0 none of them;
-        a held block's count is the number of tables holding it, and no table holds a block
-        twice; cache keys and keyed blocks map one to one, every evictable block is keyed
-        and no free block is."""
+        """Every usable block is exactly one of free, held or evictable, each replica's padding
+        block none of them; a table and a free list hold only blocks of their replica; a held
+        block's count is the number of tables holding it, and no table holds a block twice;
+        cache keys and keyed blocks map one to one, every evictable block is keyed and no
+        free block is."""
         held: dict[int, int] = {}
         for table in self.tables.values():
             assert len(table) == len(set(table)), "a block table lists a KV block twice"
             for block in table:
                 held[block] = held.get(block, 0) + 1
-        everything = list(held) + self._free + list(self._evictable)
+        for replica, pool in enumerate(self._free):
+            assert all(block // self.num_blocks == replica for block in pool), "a free list holds another replica's block"
+        free = [block for pool in self._free for block in pool]
+        everything = list(held) + free + list(self._evictable)
         assert len(everything) == len(set(everything)), "a KV block is two of held, free and evictable, or freed twice"
-        assert sorted(everything) == list(range(1, self.num_blocks)), "a KV block leaked"
+        usable = [block for block in range(self.replicas * self.num_blocks) if block % self.num_blocks]
+        assert sorted(everything) == usable, "a KV block leaked"
         assert held == self._refs, "a KV block is shared without a fork (its reference count is wrong)"
+        for seq_id, table in self.tables.items():
+            assert all(block // self.num_blocks == self._replica.get(seq_id) for block in table), "a table holds another replica's block"
         assert {b: k for k, b in self._block_of.items()} == self._key_of, "prefix-cache keys and blocks disagree"
         assert set(self._evictable) <= set(self._key_of), "an evictable KV block holds no cached prefix"
-        assert not set(self._free) & set(self._key_of), "a free KV block is still keyed in the prefix cache"
-        assert self._num_keyed.keys() == self.tables.keys(), "a sequence's cache progress outlived its table"
+        assert not set(free) & set(self._key_of), "a free KV block is still keyed in the prefix cache"
+        assert self._num_keyed.keys() == self.tables.keys() == self._replica.keys(), "a sequence's bookkeeping outlived its table"
         assert self.enable_caching or not self._key_of, "prefix caching is off but blocks are cached"

@@ -12,8 +12,8 @@ Automatic prefix caching (``enable_prefix_caching``, on by default; see
 It is off for embedding artifacts, whose encoders attend in both directions (a token's
 KV depends on the tokens after it, so a shared prefix does not mean shared KV) and which
 run one pass per text anyway; and off with several replicas, because a cached block's KV
-lives on the replica that computed it while the runner places each new sequence on the
-least loaded replica.
+lives on the replica that computed it (each replica has its own pool of blocks) while a
+new sequence is placed on the least loaded replica.
 
 With ``jit`` (``enable_jit_compilation``) the engine also compiles, in background worker
 processes, the prefill buckets its traffic asks for and serves each from the step after
@@ -105,11 +105,12 @@ class EngineCore:
         )  # fmt: skip
         files.verify_all()  # the listed files nothing above needed: an altered one still refuses the artifact
         paged = self.artifact.generator_config.paged_attention_config
-        self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=self._prefix_caching(enable_prefix_caching))
+        self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=self._prefix_caching(enable_prefix_caching),
+                                   replicas=self.simulator.mesh.dp)  # fmt: skip
         self.runner = ModelRunner(self.simulator, self.artifact, self.blocks)
         self.scheduler_config = scheduler_config or self.artifact.scheduler_config
         self.scheduler = Scheduler(list(self.runner.prefill_buckets), list(self.runner.decode_buckets), self.blocks, self.scheduler_config,
-                                   virtual_engines=self.simulator.mesh.pp)  # fmt: skip
+                                   virtual_engines=self.simulator.mesh.pp, placement=self.runner.timer)  # fmt: skip
         self.sampler = Sampler(seed)
         self.eos_token_ids = set(self.artifact.model_metadata.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -257,10 +258,10 @@ class EngineCore:
         if width > self.scheduler_config.max_processing_samples:
             raise ValueError(f"best_of: {width} beams exceed scheduler_config.max_processing_samples="
                              f"{self.scheduler_config.max_processing_samples}")  # fmt: skip
-        need = width * self.blocks.blocks_needed(prompt_len + max_tokens)
-        if need > self.blocks.num_usable:
+        need = width * self.blocks.blocks_needed(prompt_len + max_tokens)  # every beam lives on the replica of the first
+        if need > self.blocks.num_usable_per_replica:
             raise ValueError(f"best_of: {width} beams of {prompt_len + max_tokens} tokens may need {need} KV blocks, "
-                             f"the cache has {self.blocks.num_usable}; fewer beams or max_tokens")  # fmt: skip
+                             f"the cache has {self.blocks.num_usable_per_replica}; fewer beams or max_tokens")  # fmt: skip
 
     def _beam_stop_ids(self, params: SamplingParams) -> set[int]:
         """The tokens that end a beam: the stop token ids, and EOS unless ``ignore_eos``."""
@@ -313,7 +314,7 @@ class EngineCore:
         now = time.time()
         for seq in batch.seqs:
             seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or now
-        self.runner.timer.step(batch.bucket, batch.seqs, batch.virtual_engine)  # the modelled clock (replica_timer.py)
+        self.runner.timer.step(batch.bucket, batch.seqs)  # the modelled clock (replica_timer.py)
         logits = self._run(batch)
         self._maybe_log_stats()
         advanced: dict[str, SequenceGroup] = {}

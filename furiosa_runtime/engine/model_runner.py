@@ -5,12 +5,14 @@ the last column (the head may compute only that column).  Padding tokens get slo
 the paged-attention instruction neither stores nor attends to them, so padding can never
 change a result.
 
-With data parallelism the rows of one batch are served by different replicas: a new
-sequence goes to the least loaded replica and stays there (its KV cache lives on that
-replica's PEs).  The host runs the rows of all replicas as one batch, so more replicas
-never cost more host time, and it runs every step to the end before the next; the modelled
-clock (``replica_timer.py``) is what overlaps them: each replica runs its rows in the
-smallest bucket of the same shape that holds them, through its own pipeline stages.
+With data parallelism the rows of one batch are served by different replicas: a sequence
+is admitted on a replica and stays there, its KV cache on that replica's PEs; its block ids
+are global (replica r's pool is ``[r * num_blocks, (r + 1) * num_blocks)``, the rows of the
+simulator's host KV arrays), so the feeds carry them as they are.  The host runs the rows of
+all replicas as one batch, so more replicas never cost more host time, and it runs every
+step to the end before the next; the modelled clock (``replica_timer.py``) is what overlaps
+them: each replica runs its rows in the smallest bucket of the same shape that holds them,
+through its own pipeline stages.
 """
 
 from __future__ import annotations
@@ -96,9 +98,9 @@ class ModelRunner:
         """Give ``child`` the KV of ``parent``'s computed tokens, on ``parent``'s replica:
         full blocks are shared, the partly filled last one is copied."""
         copy = self.blocks.fork(parent.request_id, child.request_id, parent.num_computed_tokens)
-        replica = self.timer.follow(child.request_id, parent.request_id)
+        self.timer.follow(child.request_id, parent.request_id)
         if copy is not None:
-            self.simulator.copy_kv_blocks(replica, *copy)
+            self.simulator.copy_kv_blocks(*copy)
 
     def _empty_feeds(self, bucket: Bucket) -> dict[str, np.ndarray]:
         """All-padding inputs of ``bucket``; ``position_ids`` is the same array as ``positions``."""
@@ -115,6 +117,7 @@ class ModelRunner:
     def _fill_table(self, feeds: dict[str, np.ndarray], row: int, request_id: str) -> None:
         table = self.blocks.tables[request_id][: feeds["block_tables"].shape[1]]  # a chunk's bucket may not span them all
         feeds["block_tables"][row, : len(table)] = table
+        feeds["block_tables"][row, len(table) :] = self.blocks.padding_block(request_id)  # on the row's own replica
 
     def _last_logits(self, bucket: Bucket, feeds: dict[str, np.ndarray], seqs: list[Sequence]) -> np.ndarray:
         """Logits of each row's last column, each row served by its sequence's replica.

@@ -1,10 +1,13 @@
 """Which data-parallel replica serves each sequence, and when each step runs on the modelled NPU.
 
-**Placement.**  A new sequence goes to the replica serving the fewest live sequences of its
-virtual engine (the scheduler's batch group, ``scheduler.py``), then the fewest overall
-(ties to the lowest), and stays there while it holds KV blocks; each replica runs its rows
-of a step in the smallest bucket of the step's shape that holds them.  Balancing within a
-virtual engine keeps every engine's batches spread over every replica.
+**Placement.**  The scheduler admits a new sequence on the replica ``admit`` picks among
+those whose KV pool can hold it (``BlockManager``): the one serving the fewest live
+sequences of its virtual engine (the scheduler's batch group, ``scheduler.py``), then the
+fewest overall, then the one with the most free blocks (ties to the lowest); the sequence's
+blocks come from that replica's pool and it stays there while it holds them (a fork on its
+parent's).  Each replica runs its rows of a step in the smallest bucket of the step's shape
+that holds them.  Balancing within a virtual engine keeps every engine's batches spread over
+every replica.
 
 **The clock**: what overlaps, and why.  Every pipeline stage of every replica is a resource
 that holds one step at a time, taking steps in the order they are scheduled; a stage's part
@@ -39,6 +42,7 @@ reaches each stage only after they left it).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from furiosa_runtime.engine.block_manager import BlockManager
 from furiosa_runtime.engine.sequence import Sequence
@@ -53,33 +57,46 @@ ReplicaRun = tuple[Bucket, list[int]]
 class ReplicaTimer:
     """Replica placement and the modelled clock over the mesh ``times`` was laid out on
     (``times.stages``: one step of each pipeline, stage by stage); ``blocks`` is the block
-    manager whose tables say which sequences are live."""
+    manager whose tables say which sequences are live and on which replica."""
 
     def __init__(self, artifact: Artifact, times: StepTimes, blocks: BlockManager) -> None:
         self.artifact = artifact
         self.replicas = times.mesh.dp
         self.blocks = blocks
         self._stages = {p.bucket: times.stages[p.name] for p in artifact.pipelines}
-        self._where: dict[str, tuple[int, int]] = {}  # sequence id -> (virtual engine, replica)
+        self._engine: dict[str, int] = {}  # placed sequence id -> its virtual engine
         self._free = [[0.0] * times.mesh.pp for _ in range(self.replicas)]  # when each replica's stage is next free
         self._ready: dict[str, float] = {}  # request id -> when its latest step left the last stage
         self.now = 0.0
 
-    def step(self, bucket: Bucket, seqs: list[Sequence], virtual_engine: int = 0) -> list[ReplicaRun]:
-        """Place new sequences, run the step of ``bucket`` over ``seqs`` (a batch of
-        ``virtual_engine``) on the clock, and return what each replica ran."""
-        replicas = self.place(seqs, virtual_engine)
+    def step(self, bucket: Bucket, seqs: list[Sequence]) -> list[ReplicaRun]:
+        """Run the step of ``bucket`` over ``seqs`` on the clock, and return what each replica ran."""
+        replicas = self.place(seqs)
         runs = self._runs(bucket, replicas)
         for run, rows in runs:
             self._through(replicas[rows[0]], self._stages[run], [seqs[row] for row in rows])
         return runs
 
-    def place(self, seqs: list[Sequence], virtual_engine: int = 0) -> list[int]:
-        """The replica of each row, giving new sequences (of ``virtual_engine``) one first."""
+    def admit(self, seq_id: str, virtual_engine: int, fits: Callable[[int], bool]) -> int | None:
+        """The replica a new sequence of ``virtual_engine`` goes to, among those where ``fits``
+        (its blocks fit that replica's pool), or None if it fits none (see the module docstring)."""
+        if self.replicas == 1:
+            return 0 if fits(0) else None
+        replicas = [r for r in range(self.replicas) if fits(r)]
+        if not replicas:
+            return None
+        self._engine = {sid: engine for sid, engine in self._engine.items() if sid in self.blocks.tables}  # the live ones
+        load = Counter(self.blocks.replica_of(sid) for sid in self._engine)
+        mine = Counter(self.blocks.replica_of(sid) for sid, engine in self._engine.items() if engine == virtual_engine)
+        replica = min(replicas, key=lambda r: (mine[r], load[r], -self.blocks.num_free_on(r), r))
+        self._engine[seq_id] = virtual_engine
+        return replica
+
+    def place(self, seqs: list[Sequence]) -> list[int]:
+        """The replica of each row: the one holding its KV blocks."""
         if self.replicas == 1:
             return [0] * len(seqs)
-        self._assign([seq for seq in seqs if seq.request_id not in self._where], virtual_engine)
-        return [self._where[seq.request_id][1] for seq in seqs]
+        return [self.blocks.replica_of(seq.request_id) for seq in seqs]
 
     def seconds(self, bucket: Bucket, replicas: list[int]) -> float:
         """A lone step of ``bucket`` whose rows sit on ``replicas``: its slowest replica's part
@@ -104,10 +121,10 @@ class ReplicaTimer:
         self.artifact = artifact
         self._stages[bucket] = stages
 
-    def follow(self, child_id: str, parent_id: str) -> int:
-        """Put a fork on its parent's replica (its KV is there) and return that replica."""
-        self._where[child_id] = self._where.get(parent_id, (0, 0))
-        return self._where[child_id][1]
+    def follow(self, child_id: str, parent_id: str) -> None:
+        """Count a fork (on its parent's replica, where its KV is) in its parent's virtual engine."""
+        if parent_id in self._engine:
+            self._engine[child_id] = self._engine[parent_id]
 
     def _through(self, replica: int, stages: StageTimes, seqs: list[Sequence]) -> None:
         """Run one replica's part of a step, over the rows ``seqs``, through its stages (see
@@ -119,19 +136,6 @@ class ReplicaTimer:
         for seq in seqs:
             self._ready[seq.group_id] = max(t, self._ready.get(seq.group_id, t))  # a request's rows may sit on two replicas
         self.now = max(self.now, t)
-
-    def _assign(self, seqs: list[Sequence], virtual_engine: int) -> None:
-        """Give each new sequence the replica serving the fewest live sequences of its virtual
-        engine, then the fewest overall."""
-        live = {rid: where for rid, where in self._where.items() if rid in self.blocks.tables}
-        load = Counter(replica for _, replica in live.values())
-        mine = Counter(replica for engine, replica in live.values() if engine == virtual_engine)
-        for seq in seqs:
-            replica = min(range(self.replicas), key=lambda r: (mine[r], load[r], r))
-            live[seq.request_id] = (virtual_engine, replica)
-            load[replica] += 1
-            mine[replica] += 1
-        self._where = live
 
     def _runs(self, bucket: Bucket, replicas: list[int]) -> list[ReplicaRun]:
         """Each replica's rows, in the smallest bucket of ``bucket``'s shape that holds them."""

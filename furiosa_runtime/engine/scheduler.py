@@ -34,8 +34,12 @@ there while it runs.  Consecutive steps of a request thus depend on each other w
 other groups' steps fill the other pipeline stages (the modelled clock,
 ``replica_timer.py``); with one virtual engine every step takes from all running sequences.
 
-When a sequence cannot grow, the most recently admitted one is preempted: its blocks are
-freed and it waits to be recomputed (greedy results are unchanged by this).  The waiting
+With data-parallel replicas each replica has its own KV pool (``BlockManager``): a sequence
+is admitted on a replica whose pool holds it, which the ``placement`` (``ReplicaTimer.admit``)
+picks, and admission rules (``spare_blocks_ratio``) and preemption apply per replica.
+
+When a sequence cannot grow, the most recently admitted one on its replica is preempted: its
+blocks are freed and it waits to be recomputed (greedy results are unchanged by this).  The waiting
 queue is kept in request order, so a preempted sequence, or a beam forked off a running
 request, goes ahead of younger requests; when nothing can run because running beams wait
 for siblings that wait for blocks, the youngest request gives its blocks up (``_unblock``).
@@ -67,6 +71,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from furiosa_runtime.engine.block_manager import BlockManager, block_hashes
+from furiosa_runtime.engine.replica_timer import ReplicaTimer
 from furiosa_runtime.engine.sequence import Sequence, Status
 from furiosa_runtime.npu.artifact import Bucket, SchedulerConfig, smallest_bucket
 
@@ -117,9 +122,12 @@ def _fits(reach: list[int], batch: int, length: int) -> bool:
 
 class Scheduler:
     def __init__(self, prefill: list[Bucket], decode: list[Bucket], blocks: BlockManager, config: SchedulerConfig,
-                 virtual_engines: int = 1) -> None:  # fmt: skip
+                 virtual_engines: int = 1, placement: ReplicaTimer | None = None) -> None:  # fmt: skip
+        """``placement`` picks the replica of each admitted sequence (with none, every one goes
+        to replica 0)."""
         validate_scheduler_config(config)
         self.virtual_engines = virtual_engines  # batches in flight at once: one per pipeline stage
+        self.placement = placement
         self.prefill_buckets = prefill
         self.decode_buckets = decode
         self.blocks = blocks
@@ -255,14 +263,27 @@ class Scheduler:
         while self.waiting and len(self.running) < self._admission_limit():
             seq = self.waiting[0]
             cached = [] if seq.params.prompt_logprobs is not None else self.blocks.cached_prefix(self._hashes(seq), seq.num_tokens)
-            if not self.blocks.can_allocate(seq.num_tokens, reserve=self._spare_blocks(seq), cached=cached):
+            engine = self._engine_for(seq)
+            replica = self._place(seq, engine, cached)
+            if replica is None:
                 return
             self.waiting.popleft()
-            self.blocks.allocate(seq.request_id, seq.num_tokens, cached)
+            self.blocks.allocate(seq.request_id, seq.num_tokens, cached, replica=replica)
             if self.blocks.enable_caching:
                 self.prefix_cache_queried_tokens += seq.num_tokens
-            self._start(seq, computed=len(cached) * self.blocks.block_size)
+            self._start(seq, len(cached) * self.blocks.block_size, engine)
             self._count_hit(seq, seq.num_computed_tokens)
+
+    def _place(self, seq: Sequence, engine: int, cached: list[int]) -> int | None:
+        """The replica to admit ``seq`` (of virtual engine ``engine``) on, if one has room."""
+
+        def fits(replica: int) -> bool:
+            reserve = self._spare_blocks(replica, seq)
+            return self.blocks.can_allocate(seq.num_tokens, reserve=reserve, cached=cached, replica=replica)
+
+        if self.placement is None:
+            return 0 if fits(0) else None
+        return self.placement.admit(seq.request_id, engine, fits)
 
     def _reuse_cached(self) -> None:
         """Let running sequences take over cached blocks of their still uncomputed prefix."""
@@ -288,17 +309,18 @@ class Scheduler:
             return seq.block_hashes
         return block_hashes(seq.token_ids, self.blocks.block_size, seq.block_hashes)
 
-    def _spare_blocks(self, seq: Sequence | None = None) -> int:
-        """Blocks an admission must leave free: ``spare_blocks_ratio`` of all, while others run,
-        unless ``seq`` belongs to a running request (a beam or sample of it: the spare blocks
-        are there for the running requests to grow)."""
-        if not self.running or (seq is not None and any(self._age(other) == self._age(seq) for other in self.running)):
+    def _spare_blocks(self, replica: int, seq: Sequence | None = None) -> int:
+        """Blocks an admission on ``replica`` must leave free: ``spare_blocks_ratio`` of its pool,
+        while others run there, unless ``seq`` belongs to a running request (a beam or sample
+        of it: the spare blocks are there for the running requests to grow)."""
+        here = [other for other in self.running if self.blocks.replica_of(other.request_id) == replica]
+        if not here or (seq is not None and any(self._age(other) == self._age(seq) for other in self.running)):
             return 0
         return int(self.blocks.num_blocks * self.config.spare_blocks_ratio)
 
-    def _start(self, seq: Sequence, computed: int) -> None:
+    def _start(self, seq: Sequence, computed: int, engine: int) -> None:
         seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, computed, self.num_steps
-        self._engine[seq.request_id] = self._engine_for(seq)
+        self._engine[seq.request_id] = engine
         self.running.append(seq)
 
     def _engine_for(self, seq: Sequence) -> int:
@@ -315,12 +337,15 @@ class Scheduler:
 
     def can_fork(self, parent: Sequence) -> bool:
         """Whether a sample of ``parent``'s request can be admitted on its computed prompt
-        now (the same admission rules as a new sequence, for the one block a fork may need)."""
-        return len(self.running) < self._admission_limit() and self.blocks.can_fork(parent.num_computed_tokens, reserve=self._spare_blocks())
+        now on its replica (the same admission rules as a new sequence, for the one block a
+        fork may need)."""
+        replica = self.blocks.replica_of(parent.request_id)
+        return len(self.running) < self._admission_limit() and self.blocks.can_fork(
+            parent.num_computed_tokens, reserve=self._spare_blocks(replica), replica=replica)  # fmt: skip
 
     def admit_fork(self, child: Sequence) -> None:
         """Run ``child``, whose KV (its whole prompt) the model runner has just forked."""
-        self._start(child, computed=child.num_tokens)
+        self._start(child, child.num_tokens, self._engine_for(child))
 
     # -- prefill --------------------------------------------------------------------
 
@@ -390,12 +415,15 @@ class Scheduler:
         return Batch("decode", bucket, seqs, spans, engine)
 
     def _make_room(self, seq: Sequence, num_tokens: int, keep: list[Sequence]) -> bool:
-        """Grow ``seq`` to ``num_tokens``, preempting the latest admitted others if needed.
+        """Grow ``seq`` to ``num_tokens``, preempting the latest admitted others of its replica
+        if needed.
 
         Returns False when ``seq`` itself had to be preempted.
         """
+        replica = self.blocks.replica_of(seq.request_id)
         while not self.blocks.can_append(seq.request_id, num_tokens):
-            victim = next(s for s in reversed(self.running) if s not in keep)  # running is in admission order
+            # running is in admission order; only the sequences of seq's replica free blocks it can use
+            victim = next(s for s in reversed(self.running) if s not in keep and self.blocks.replica_of(s.request_id) == replica)
             self._preempt(victim)
             if victim is seq:
                 return False

@@ -96,11 +96,11 @@ class TimingCore:
     def __init__(self, artifact: Artifact, times: StepTimes, scheduler_config: SchedulerConfig, enable_prefix_caching: bool = True) -> None:
         paged = artifact.generator_config.paged_attention_config
         caching = enable_prefix_caching and times.mesh.dp == 1  # as EngineCore decides (a cached block lives on one replica)
-        self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=caching)
+        self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=caching, replicas=times.mesh.dp)
         gen = artifact.generator_config
-        self.scheduler = Scheduler(list(gen.prefill_buckets), list(gen.decode_buckets), self.blocks, scheduler_config,
-                                   virtual_engines=times.mesh.pp)  # fmt: skip
         self.timer = ReplicaTimer(artifact, times, self.blocks)
+        self.scheduler = Scheduler(list(gen.prefill_buckets), list(gen.decode_buckets), self.blocks, scheduler_config,
+                                   virtual_engines=times.mesh.pp, placement=self.timer)  # fmt: skip
         self.stats = ServingStats(self.blocks.num_usable)
         decode = [b.attention_size for b in gen.decode_buckets]
         self.max_model_len = min(max(decode), self.blocks.capacity_tokens)
@@ -161,7 +161,7 @@ class TimingCore:
         batch = self.scheduler.schedule()
         assert batch is not None, "admission control guarantees every request can be scheduled"
         before = self.timer.now
-        runs = self.timer.step(batch.bucket, batch.seqs, batch.virtual_engine)
+        runs = self.timer.step(batch.bucket, batch.seqs)
         tokens = [end - start for start, end in batch.spans]
         self.stats.record([(bucket, sum(tokens[r] for r in rows)) for bucket, rows in runs], self.timer.now - before,
                           self.blocks.num_usable - self.blocks.num_free)  # fmt: skip

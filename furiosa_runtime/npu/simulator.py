@@ -7,7 +7,10 @@ parallelism as built, pipeline stages as built or overridden at load (blockwise
 artifacts), and data-parallel replicas over the remaining PEs.  Running a bucket walks
 its pipeline: the PEs of a tensor-parallel group execute their programs in lockstep and
 meet at every collective (``all_reduce``, ``all_gather``), and activations cross
-pipeline stages through explicit transfers.  Beside the values, every bucket has a
+pipeline stages through explicit transfers.  The KV cache of a layer on the same PE of
+every replica is one host array whose rows are indexed by global block ids (replica r's
+blocks ``[r * num_blocks, (r + 1) * num_blocks)``, the engine's per-replica pools), so a
+batch reads and writes it as fed, whichever replicas its rows sit on.  Beside the values, every bucket has a
 modelled step latency (``step_seconds``, the timing face in ``timing.py``).  Set
 ``FURIOSA_TRACE=1`` to print every instruction, collective and transfer as it executes.
 """
@@ -183,23 +186,6 @@ def run_group(runs: list[ProgramRun]) -> list[list[np.ndarray]]:
 def run_program(program: Program, inputs: list[np.ndarray], params: dict[str, np.ndarray], kv: Sequence[KVCacheLayer], block_size: int) -> list[np.ndarray]:
     """Execute one single-PE program (a collective is over a group of one)."""
     return run_group([program_run(program, inputs, params, kv, block_size)])[0]
-
-
-#: The rows of a batch by data-parallel replica: replica -> its rows (batch indices), or
-#: None when the replica serves every row.
-ReplicaRows = dict[int, np.ndarray | None]
-
-
-def _replica_rows(replica: int | Sequence[int], batch: int) -> ReplicaRows:
-    """``replica`` (one for the batch, or one per row) as the rows of each replica."""
-    if isinstance(replica, int | np.integer):
-        return {int(replica): None}
-    per_row = np.asarray(replica)
-    assert per_row.shape == (batch,), f"one replica per row: {per_row.shape} for a batch of {batch}"
-    replicas = np.unique(per_row)
-    if len(replicas) == 1:
-        return {int(replicas[0]): None}
-    return {int(r): np.flatnonzero(per_row == r) for r in replicas}
 
 
 @dataclass(frozen=True)
@@ -439,9 +425,9 @@ class NPUSimulator:
         """Give every PE the KV storage (its KV heads) of the layers whose attention it runs.
 
         The same PE of every data-parallel replica (same stage and rank) keeps its cache of a
-        layer in one host array, replica r's slots at rows ``[r * slots, (r + 1) * slots)``:
-        a batch whose rows live on several replicas then reads and writes one cache, each
-        row's slots and blocks moved into its replica's range (``_host_slots``).
+        layer in one host array, replica r's slots at rows ``[r * slots, (r + 1) * slots)``
+        (the blocks of its pool in the engine's global block ids); each PE's ``kv`` views its
+        replica's rows, which is what its memory accounting counts.
         """
         gen = self.artifact.generator_config
         num_slots = gen.paged_attention_config.num_blocks * self.block_size
@@ -509,65 +495,51 @@ class NPUSimulator:
                     names.add(task.params[inst.ins[1].removeprefix("p:")])
         return names
 
-    def copy_kv_blocks(self, replica: int, src: int, dst: int) -> None:
-        """Copy KV block ``src`` into ``dst`` in every layer on the PEs of ``replica`` (the
-        private last block of a forked sequence)."""
+    def copy_kv_blocks(self, src: int, dst: int) -> None:
+        """Copy KV block ``src`` into ``dst`` (global block ids, on one replica) in every layer
+        of every PE (the private last block of a forked sequence)."""
         slots = np.arange(self.block_size)
         src_slots, dst_slots = src * self.block_size + slots, dst * self.block_size + slots
-        for stage in range(self.mesh.pp):
-            for name in self.mesh.group(replica, stage):
-                for layer in self.pes[name].kv.values():
-                    layer.kv[dst_slots] = layer.kv[src_slots]
+        for layer in self._host_kv.values():
+            layer.kv[dst_slots] = layer.kv[src_slots]
         self.stats["kv_block_copies"] += 1
 
     # -- running ---------------------------------------------------------------------------
     def run(self, bucket: Bucket, feeds: dict[str, np.ndarray], replica: int | Sequence[int] = 0) -> np.ndarray:
         """Run the pipeline of ``bucket`` and return its output.
 
-        ``replica`` is the data-parallel replica serving every row, or one per row.  The rows
-        of several replicas run as one batch on the host: the replicas hold the same weights,
-        so one execution of each program computes every row, while each row's K/V is written
-        to and read from the KV cache of its own replica's PEs.  (The timing model still
-        counts each replica as a device of its own.)  The host gives every stage the user
-        inputs (``feeds``); activations reach later stages only through the transfers.
+        ``replica`` is the data-parallel replica serving every row, or one per row (counted in
+        ``stats``).  The rows of several replicas run as one batch on the host: the replicas
+        hold the same weights, so one execution of each program computes every row, while
+        each row's K/V is written to and read from its own replica's rows of the KV cache,
+        as its global block ids say.  (The timing model still counts each replica as a
+        device of its own.)  The host gives every stage the user inputs (``feeds``);
+        activations reach later stages only through the transfers.
         """
-        rows = _replica_rows(replica, next(iter(feeds.values())).shape[0])  # feeds are batch-first
-        if len(rows) > 1 and "slot_mapping" in feeds:  # a generator's rows on several replicas
-            feeds = self._host_slots(feeds, rows)
+        replicas = sorted({int(replica)} if isinstance(replica, int | np.integer) else {int(r) for r in replica})
         pipeline = self.artifact.pipeline_for(bucket)
         schedule = self.schedules[pipeline.name]
         values = [dict(feeds) for _ in range(self.mesh.pp)]  # what each stage's PEs hold
         for name, group in groupby(pipeline.tasks, key=lambda t: t.name):
             stage = schedule.stages[name]
-            outputs = self._run_group(list(group), rows, stage, values[stage])
+            outputs = self._run_group(list(group), replicas, stage, values[stage])
             values[stage].update(outputs)
             for transfer in schedule.transfers.get(name, []):
-                self._transfer(transfer, values, list(rows))
+                self._transfer(transfer, values, replicas)
         return values[schedule.stages[pipeline.tasks[-1].name]][pipeline.output]
 
-    def _host_slots(self, feeds: dict[str, np.ndarray], rows: ReplicaRows) -> dict[str, np.ndarray]:
-        """``feeds`` with each row's cache slots and block ids moved into its replica's range
-        of the host KV arrays (``_allocate_kv_cache``); padding slots (-1) stay."""
-        num_blocks = self.artifact.generator_config.paged_attention_config.num_blocks
-        slots, tables = feeds["slot_mapping"].copy(), feeds["block_tables"].copy()
-        for replica, part in rows.items():
-            slots[part] = np.where(slots[part] >= 0, slots[part] + replica * num_blocks * self.block_size, -1)
-            tables[part] += replica * num_blocks
-        return {**feeds, "slot_mapping": slots, "block_tables": tables}
-
-    def _run_group(self, tasks: list[Task], rows: ReplicaRows, stage: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One supertask on the tensor-parallel group of every replica in ``rows``, in one
+    def _run_group(self, tasks: list[Task], replicas: list[int], stage: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One supertask on the tensor-parallel group of every replica in ``replicas``, in one
         execution per rank; its outputs are replicated, so rank 0's stand for all."""
         runs = []
-        first = next(iter(rows))
         for task in tasks:
             program = self.programs[task.program]
-            pe = self.pes[self.mesh.pe(first, stage, task.shard)]  # every replica holds these same tensors
+            pe = self.pes[self.mesh.pe(replicas[0], stage, task.shard)]  # every replica holds these same tensors
             params = TaskWeights({spec.name: task.params[spec.name[2:]] for spec in program.params}, pe, self.widened)
-            kv = [pe.kv[layer] if len(rows) == 1 else self._host_kv[(stage, task.shard, layer)] for layer in task.kv_layers]
+            kv = [self._host_kv[(stage, task.shard, layer)] for layer in task.kv_layers]  # every replica's rows
             runs.append(program_run(program, [values[v] for v in task.inputs], params, kv, self.block_size))
         outputs = run_group(runs)
-        self.stats["collectives"] += self._collectives[tasks[0].program] * len(rows)
+        self.stats["collectives"] += self._collectives[tasks[0].program] * len(replicas)
         return dict(zip(tasks[0].outputs, outputs[0]))
 
     def _transfer(self, transfer: Transfer, values: list[dict[str, np.ndarray]], replicas: list[int]) -> None:

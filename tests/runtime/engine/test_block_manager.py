@@ -219,6 +219,6 @@ def test_invariant_check_catches_a_free_block_still_in_the_cache() -> None:
     blocks.free("a")
     block = next(iter(blocks._evictable))
     del blocks._evictable[block]
-    blocks._free.append(block)  # freed without dropping its key
+    blocks._free[0].append(block)  # freed without dropping its key
     with pytest.raises(AssertionError, match="keyed"):
         blocks.check_invariants()

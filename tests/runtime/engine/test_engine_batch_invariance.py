@@ -155,7 +155,7 @@ def test_a_fork_copies_the_partial_block_in_every_layer_of_every_pe(small_cache_
     for layer in layers:
         layer.k[:] = rng.standard_normal(layer.k.shape)
         layer.v[:] = rng.standard_normal(layer.v.shape)
-    simulator.copy_kv_blocks(replica=0, src=5, dst=7)
+    simulator.copy_kv_blocks(src=5, dst=7)
     block = slice(7 * simulator.block_size, 8 * simulator.block_size)
     source = slice(5 * simulator.block_size, 6 * simulator.block_size)
     for layer in layers:

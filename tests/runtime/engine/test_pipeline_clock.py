@@ -58,9 +58,9 @@ def test_one_stage_keeps_the_serial_clock(tiny_llama_artifact: Path, monkeypatch
     latencies: list[float] = []
     step = core.timer.step
 
-    def timed(bucket: Bucket, seqs: list[Sequence], virtual_engine: int) -> list[ReplicaRun]:
+    def timed(bucket: Bucket, seqs: list[Sequence]) -> list[ReplicaRun]:
         latencies.append(core.timer.seconds(bucket, core.timer.place(seqs)))
-        return step(bucket, seqs, virtual_engine)
+        return step(bucket, seqs)
 
     monkeypatch.setattr(core.timer, "step", timed)
     timings = serve(core, make_requests(parse_workload("uniform:4-30:1-24", 10, None, seed=2), 512, seed=2))

@@ -55,14 +55,15 @@ Greedy = list[tuple[list[int], list[np.ndarray]]]
 
 def greedy_together(llm, prompts: list[list[int]], new_tokens: int) -> Greedy:
     """Greedy decoding with the model runner: each prompt prefilled alone, then all decoded
-    as one batch (with data parallelism, the rows of that batch live on different replicas).
+    as one batch (with data parallelism, the rows of that batch live on different replicas,
+    prompt i on replica i as the engine's placement would put them).
     Returns, per prompt, the tokens and the logits of every step."""
     runner, blocks = llm.engine.runner, llm.engine.blocks
     seqs = [Sequence(f"r{i}", None, list(p), SamplingParams(temperature=0), None, new_tokens) for i, p in enumerate(prompts)]
     steps: list[list[np.ndarray]] = [[] for _ in seqs]
     try:
-        for seq, logits in zip(seqs, steps):
-            blocks.allocate(seq.request_id, seq.num_tokens)
+        for i, (seq, logits) in enumerate(zip(seqs, steps)):
+            blocks.allocate(seq.request_id, seq.num_tokens, replica=i % blocks.replicas)
             logits.append(runner.prefill([seq], smallest_bucket(runner.prefill_buckets, 1, seq.num_tokens))[0])
         for step in range(new_tokens):
             for seq, logits in zip(seqs, steps):

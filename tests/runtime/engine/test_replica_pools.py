@@ -1,0 +1,90 @@
+"""Data-parallel replicas each have their own KV pool (``BlockManager``), in one global id
+space: replica r owns blocks ``[r * num_blocks, (r + 1) * num_blocks)``.  A sequence is
+placed at admission on a replica whose pool holds it, and a sequence that cannot grow
+preempts only sequences of its own replica."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from furiosa_runtime import LLM, LLMEngine, SamplingParams, SchedulerConfig
+from furiosa_runtime.engine.block_manager import BlockManager
+from furiosa_runtime.engine.scheduler import Batch
+from furiosa_runtime.engine.sequence import Sequence
+from furiosa_runtime.engine.simulate import TimingCore
+from tests.helpers import build
+
+NUM_BLOCKS = 13  # per replica: 12 usable blocks of 4 tokens (the least the buckets allow)
+ROOMY = SchedulerConfig(spare_blocks_ratio=0.0, is_offline=False, max_processing_samples=64)
+
+
+@pytest.fixture(scope="module")
+def small_pools(tmp_path_factory, cache_dir) -> Path:
+    """tiny-llama on one PE with a KV cache of 13 blocks of 4 tokens."""
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-llama-small-pools"
+    build(["model=tiny-llama", "buckets.prefill=[[1,16],[2,16]]", "buckets.decode=[[1,24],[2,24]]",
+           "buckets.max_seq_len_to_capture=24", "buckets.paged_attention_block_size=4",
+           f"buckets.paged_attention_num_blocks={NUM_BLOCKS}"], out, cache_dir)  # fmt: skip
+    return out
+
+
+def in_own_pool(blocks: BlockManager) -> bool:
+    """Every table's blocks lie in its replica's range of the global ids."""
+    return all(block // blocks.num_blocks == blocks.replica_of(seq_id) for seq_id, table in blocks.tables.items() for block in table)
+
+
+def test_two_replicas_hold_twice_the_sequences_of_one_and_free_every_block(small_pools: Path) -> None:
+    prompts = [{"prompt_token_ids": list(range(10 + i, 18 + i))} for i in range(16)]  # 8 tokens: 2 blocks each
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    admitted, outputs = [], []
+    for devices in ("npu:0:0", "npu:0:0-1"):
+        llm = LLM(small_pools, devices=devices, scheduler_config=ROOMY)
+        engine, blocks = LLMEngine.from_llm(llm), llm.engine.blocks
+        assert (blocks.replicas, blocks.num_usable) == (llm.engine.simulator.mesh.dp, blocks.replicas * (NUM_BLOCKS - 1))
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        finished = engine.step()
+        admitted.append(len(llm.engine.scheduler.running))
+        while engine.has_unfinished_requests():
+            finished += engine.step()
+            assert in_own_pool(blocks)
+            blocks.check_invariants()
+        assert blocks.num_free == blocks.num_usable and not blocks.tables
+        outputs.append({o.request_id: o.outputs[0].token_ids for o in finished})
+    assert admitted == [6, 12]  # a pool of 12 blocks holds 6 prompts of 2 blocks; each replica has one
+    assert outputs[0] == outputs[1]  # placement changes where a request runs, not what it generates
+
+
+def start(core: TimingCore, prompts: dict[str, int]) -> list[Sequence]:
+    """Queue one sequence per ``name: prompt length`` on ``core``'s scheduler."""
+    seqs = [Sequence(name, None, list(range(1, length + 1)), SamplingParams(temperature=0), None, 8) for name, length in prompts.items()]
+    for seq in seqs:
+        core.scheduler.add(seq)
+    return seqs
+
+
+def advance(batch: Batch) -> None:
+    """What the engine does after a step: spans computed, a token where a row caught up."""
+    for seq, (_, end) in zip(batch.seqs, batch.spans):
+        seq.num_computed_tokens = end
+        if end == seq.num_tokens:
+            seq.output_token_ids.append(7)
+
+
+def test_placement_at_admission_and_preemption_within_a_replica(small_pools: Path) -> None:
+    core = TimingCore.open(small_pools, devices="npu:0:0-1", scheduler_overrides=ROOMY.model_dump())
+    scheduler, blocks = core.scheduler, core.blocks
+    # 4 blocks each: a, c, e of 16 tokens (full), b, d, f of 13 (3 free slots)
+    seqs = start(core, {"a": 16, "b": 13, "c": 16, "d": 13, "e": 16, "f": 13})
+    advance(scheduler.schedule())  # all admitted, each on the replica with the fewest live, then the most free blocks
+    assert [blocks.replica_of(s.request_id) for s in seqs] == [0, 1, 0, 1, 0, 1]
+    assert blocks.num_free == 0 and in_own_pool(blocks)
+    advance(scheduler.schedule())  # c, d prefilled
+    advance(scheduler.schedule())  # e, f prefilled
+    batch = scheduler.schedule()  # a needs a 5th block: the latest admitted on its replica (e) gives way, not f
+    assert batch.phase == "decode" and [s.request_id for s in batch.seqs] == ["a", "b"]
+    assert scheduler.num_preemptions == 1 and [s.request_id for s in scheduler.waiting] == ["e"]
+    assert blocks.tables["a"][-1] // NUM_BLOCKS == 0 and in_own_pool(blocks)
+    blocks.check_invariants()
