@@ -28,6 +28,7 @@ from furiosa_build.cache import CompileCache
 from furiosa_build.cluster import Cluster, open_backend
 from furiosa_build.compile import CompileStats, CompileUnit, compile_all, plan_units
 from furiosa_build.compiler import COMPILER_VERSION, DEFAULT_OPTIONS, ShardSpec
+from furiosa_build.compiler.quantize import quantized_options
 from furiosa_build.compiler.shard import cut, fallback_notes
 from furiosa_build.config import BuildSpec, fit_to_model, spec_from_builder_args
 from furiosa_build.errors import ConfigError, io_error
@@ -351,17 +352,16 @@ class ArtifactBuilder:
         """Where the artifact's tensors come from: the quantized checkpoint, the model with the
         planned quantized linears' specs (shape-only), or the model as loaded."""
         if self._checkpoint is not None:
-            return QuantizedWeights(self._checkpoint)
+            return QuantizedWeights(self._checkpoint, loaded.weights())
         if quantization is not None:
             return PlannedWeights(loaded.weights(), quantization, captures[0].layers_path, capture_stage.num_layers(hf_config))
         return loaded.weights()
 
     def _compile_units(self, captures, hf_config) -> tuple[list[CompileUnit], list[dict[str, list[str]]]]:
         """Compile units of every pipeline and, per pipeline, role -> unit key of each rank.
-        Blocks of a quantized build get the compile option ``quantization``."""
+        Units of a quantized build get the compile option ``quantization`` (``compiler/quantize.py``)."""
         options = {**DEFAULT_OPTIONS, **(self.spec.build.compiler_config_overrides or {})}
         quantization = self._quantization(captures, hf_config)
-        block_options = options if quantization is None else {**options, "quantization": quantization.model_dump(exclude={"scheme"})}
         blockwise = self.spec.build.use_blockwise_compile
         shards = self._shard_specs(hf_config)
         units, roles = [], []
@@ -373,7 +373,8 @@ class ArtifactBuilder:
             for role, (task, salt) in graphs.items():
                 graph = self._graph_json(task, cap)
                 bucket = (cap.bucket.batch_size, cap.bucket.attention_size, cap.bucket.kv_cache_size)
-                unit_options = block_options if task.kind == "block" else options
+                quantized = quantized_options(task.kind, quantization)
+                unit_options = options if quantized is None else {**options, "quantization": quantized}
                 mine[role] = [CompileUnit(task.kind, graph, unit_options, salt, shard, f"{cap.bucket.phase} {role}", bucket)
                               for shard in shards]  # fmt: skip
             units.extend(u for ranks in mine.values() for u in ranks)
@@ -429,6 +430,7 @@ class ArtifactBuilder:
         prepare_save_dir(self.save_dir)
         if opts.param_file_path:
             check_param_file(Path(opts.param_file_path).expanduser())
+        _ = self._checkpoint  # opens its headers: a missing or unreadable checkpoint is refused before anything is written
         self.spec, hf_config = fit_to_model(self.spec, self._load_request())  # model.task made concrete, model checked
         self._source_memo.flush()
         self._check_checkpoint(hf_config)  # opens the checkpoint: an unreadable one is refused before the load

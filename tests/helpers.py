@@ -165,7 +165,9 @@ def fake_quant_model(model, checkpoint: Path, replay: collections.deque[np.ndarr
     computing as ``isa.quantized_linear`` specifies, in the same order of operations: the
     input quantised per token to float8_e4m3fn (W8A8 dynamic; static: by ``input_scale``),
     the product with the widened 8-bit weight in fp32, then the activation scale, the
-    weight scale and the bias.
+    weight scale and the bias.  A quantized embedding table looks up its 8-bit rows times
+    their scales, and ``lm_head`` over a quantized table (its own, or the embedding's when
+    tied) is weight-only.
 
     Rounding to fp8 is discontinuous: two float32 computations of the same input that
     differ in the last bit (a matmul summed in another order) round an element that sits
@@ -179,30 +181,34 @@ def fake_quant_model(model, checkpoint: Path, replay: collections.deque[np.ndarr
     """
     import torch
 
-    from furiosa_build.quantized_checkpoint import QuantizedCheckpoint, QuantizedWeights
+    from furiosa_build.quantized_checkpoint import QuantizedCheckpoint
 
     ckpt = QuantizedCheckpoint.open(checkpoint)
-    source = QuantizedWeights(ckpt)
-    tensors = {name: torch.from_numpy(source.tensor(name).astype(np.float32)) for name in source.specs()}
-    scheme = ckpt.scheme
+    tensors = {name: torch.from_numpy(ckpt.tensor(name).astype(np.float32)) for name in ckpt.tensors}
     fp8_max = float(torch.finfo(torch.float8_e4m3fn).max)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(module): name for name, module in model.named_modules()}
+    tied = head.weight is embedding.weight  # before the embedding's weight is replaced below
 
-    def activation(rows):
+    def activation(rows, mode: str):
         """The input rows ``(T, K)`` to quantise: the simulator's, with ``replay``."""
         if replay is None:
             return rows
-        simulated = torch.from_numpy(replay.popleft()[-rows.shape[0] :])  # the last T positions (left-padded prefill)
-        assert simulated.shape == rows.shape, (simulated.shape, rows.shape)
-        drift = (simulated - rows).abs().amax(dim=-1) / rows.abs().amax(dim=-1).clamp_min(1e-30)
+        simulated = torch.from_numpy(replay.popleft())
+        n = min(simulated.shape[0], rows.shape[0])  # prefill rows are left-padded; a head sliced to the last token has fewer
+        drift = (simulated[-n:] - rows[-n:]).abs().amax(dim=-1) / rows[-n:].abs().amax(dim=-1).clamp_min(1e-30)
         assert float(drift.max()) < 1e-4, f"a quantized linear's input is {float(drift.max()):.2e} away from the reference's"
-        return rows if scheme.activations == "none" else simulated
+        if mode == "none":
+            return rows
+        assert n == rows.shape[0], (simulated.shape, rows.shape)
+        return simulated[-n:]
 
     def forward(module, x):
-        rows = activation(x.reshape(-1, x.shape[-1]))  # (T, K)
+        rows = activation(x.reshape(-1, x.shape[-1]), module.activations)  # (T, K)
         scale = None
-        if scheme.activations == "static":
+        if module.activations == "static":
             scale = module.input_scale.reshape(1, 1)
-        elif scheme.activations == "dynamic":
+        elif module.activations == "dynamic":
             peak = rows.abs().amax(dim=-1, keepdim=True)
             scale = torch.where(peak > 0, peak, torch.tensor(fp8_max)) / fp8_max
         if scale is not None:
@@ -215,13 +221,27 @@ def fake_quant_model(model, checkpoint: Path, replay: collections.deque[np.ndarr
             y = y + module.bias
         return y.reshape(*x.shape[:-1], -1)
 
+    def stored_as(name: str, module) -> str:
+        """Whose tensors quantize ``module``: its own, or the embedding's for a tied ``lm_head``."""
+        return names[id(embedding)] if module is head and tied and f"{name}.weight_scale" not in tensors else name
+
+    quantized = set()
     for name, module in model.named_modules():
-        if f"{name}.weight_scale" in tensors:
-            module.register_buffer("qweight", tensors.pop(f"{name}.weight"))
-            module.register_buffer("weight_scale", tensors.pop(f"{name}.weight_scale"))
-            if f"{name}.input_scale" in tensors:
-                module.register_buffer("input_scale", tensors.pop(f"{name}.input_scale"))
-            module.forward = forward.__get__(module)
-    _, unexpected = model.load_state_dict(tensors, strict=False)
+        source = stored_as(name, module)
+        if f"{source}.weight_scale" not in tensors:
+            continue
+        quantized.add(source)
+        qweight, weight_scale = tensors[f"{source}.weight"], tensors[f"{source}.weight_scale"]
+        if module is embedding:  # the lookup scales each row it reads: the same products as scaling the whole table
+            module.weight = torch.nn.Parameter(qweight * weight_scale, requires_grad=False)
+            continue
+        module.register_buffer("qweight", qweight)
+        module.register_buffer("weight_scale", weight_scale)
+        if f"{source}.input_scale" in tensors:
+            module.register_buffer("input_scale", tensors[f"{source}.input_scale"])
+        module.activations = "none" if module is head else ckpt.scheme.activations
+        module.forward = forward.__get__(module)
+    owned = {f"{source}.{suffix}" for source in quantized for suffix in ("weight", "weight_scale", "input_scale")}
+    _, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if k not in owned}, strict=False)
     assert not unexpected, unexpected
     return model.eval()

@@ -215,7 +215,10 @@ class QuantizationConfig(_Model):
     ``weights`` is the storage dtype, ``strategy`` one scale per output channel or per
     tensor, ``activations`` how inputs are quantised ("none": weight-only); ``modules``
     are the linear layers of every decoder layer that are quantized (e.g.
-    ``self_attn.q_proj``), the others stay in ``weight_dtype``.
+    ``self_attn.q_proj``), the others stay in ``weight_dtype``.  ``embeddings`` names the
+    input embedding and ``lm_head`` (e.g. ``model.embed_tokens``, ``lm_head``) when their
+    tables are quantized too: weight-only, ``embedding_weights`` with one scale per row (a
+    token's embedding, an output channel of ``lm_head``), so a tied table serves both.
     """
 
     scheme: Literal["fp8-dynamic", "fp8-static", "fp8-weight-only", "int8-weight-only"]
@@ -223,6 +226,8 @@ class QuantizationConfig(_Model):
     strategy: Literal["channel", "tensor"]
     activations: Literal["none", "dynamic", "static"]
     modules: list[str]
+    embeddings: list[str] = Field(default_factory=list)
+    embedding_weights: Literal["f8_e4m3fn", "i8"] | None = None
 
 
 class ModelMetadata(_Model):

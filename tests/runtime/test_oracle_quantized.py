@@ -1,6 +1,8 @@
 """Quantized artifacts answer like a PyTorch model applying the same quantisation
 (``tests.helpers.fake_quant_model``): FP8 W8A8 with dynamic per-token activations and INT8
-weight-only, on random-weight configs and on SmolLM2-135M-Instruct.
+weight-only linears, the embedding tables int8 weight-only (``python -m
+furiosa_build.quantize``'s default; tied in tiny-gemma and SmolLM2, untied in tiny-llama),
+on random-weight configs and on SmolLM2-135M-Instruct.
 
 The reference quantises each activation from the simulator's float32 input (checked to be
 its own to within float32 rounding): fp8 rounding is discontinuous, and without that the
@@ -32,13 +34,14 @@ NEW_TOKENS = 8
 SMOLLM2_NEW_TOKENS = 3
 
 
-@pytest.fixture(scope="module", params=["fp8-dynamic", "int8-weight-only"])
+@pytest.fixture(scope="module", params=[("tiny-llama", "fp8-dynamic"), ("tiny-llama", "int8-weight-only"), ("tiny-gemma", "fp8-dynamic")])
 def tiny(request, tmp_path_factory, cache_dir):
     from furiosa_build.quantize import quantize_model
 
+    model, scheme = request.param
     root = tmp_path_factory.mktemp("quantized-tiny")
-    checkpoint = quantize_model("tiny-llama", root / "checkpoint", request.param, cache_dir=str(cache_dir))
-    build(["model=tiny-llama", "buckets=tiny", f"build.quantize_artifact_path={checkpoint}"], root / "artifact", cache_dir)
+    checkpoint = quantize_model(model, root / "checkpoint", scheme, cache_dir=str(cache_dir))
+    build([f"model={model}", "buckets=tiny", f"build.quantize_artifact_path={checkpoint}"], root / "artifact", cache_dir)
     hf_config = json.loads((root / "artifact" / "artifact.json").read_text())["hf_config"]
     return LLM(root / "artifact"), hf_random_model(hf_config, seed=0), checkpoint
 
