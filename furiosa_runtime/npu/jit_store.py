@@ -40,6 +40,7 @@ from furiosa_runtime.npu.artifact import (
     program_file,
 )
 from furiosa_runtime.npu.isa import Program
+from furiosa_runtime.npu.step_times import load_program
 
 ENTRY_FILE = "entry.json"
 STORE_SUFFIX = ".jit"
@@ -111,12 +112,5 @@ def _read_entry(folder: Path, artifact: Artifact, digest: str) -> tuple[Pipeline
         raise ArtifactError(f"the artifact already has bucket {pipeline.name}")
     files = ArtifactFiles(folder, entry.manifest)
     files.check_layout()
-    return pipeline, {t.program: _program(files, t.program) for t in pipeline.tasks}
+    return pipeline, {t.program: load_program(files, t.program, f"JIT entry {folder}") for t in pipeline.tasks}
 
-
-def _program(files: ArtifactFiles, key: str) -> Program:
-    rel = program_file(key)
-    try:
-        return Program.model_validate_json(files.read(rel))
-    except ValidationError as err:
-        raise ArtifactError(f"{rel} is not a valid program ({first_error(err)})") from None

@@ -61,15 +61,16 @@ def stage_plan(artifact: Artifact, pipeline: Pipeline, stages: list[int]) -> tup
 def load_programs(files: ArtifactFiles, artifact: Artifact) -> dict[str, Program]:
     """Every program the artifact's pipelines run, read through the verified reader."""
     keys = sorted({t.program for p in artifact.pipelines for t in p.tasks})
-    return {key: _load_program(files, key) for key in keys}
+    return {key: load_program(files, key) for key in keys}
 
 
-def _load_program(files: ArtifactFiles, key: str) -> Program:
+def load_program(files: ArtifactFiles, key: str, source: str = "artifact") -> Program:
+    """Program ``key`` read through the verified reader of ``source`` (named in the error)."""
     rel = program_file(key)
     try:
         return Program.model_validate_json(files.read(rel))
     except ValidationError as err:
-        raise ArtifactError(f"artifact: {rel} is not a valid program ({first_error(err)})") from None
+        raise ArtifactError(f"{source}: {rel} is not a valid program ({first_error(err)})") from None
 
 
 def kv_cache_bytes(pipelines: list[Pipeline], programs: Mapping[str, Program], num_slots: int, kv_dtype: str) -> dict[str, int]:
