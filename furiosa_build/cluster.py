@@ -73,15 +73,38 @@ def exception_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def check_reachable(backend: str, address: str, timeout: float = CONNECT_SECONDS) -> None:
-    """Raise a one-line ConfigError unless something answers at ``address`` within ``timeout``."""
+    """Raise a one-line ConfigError unless something answers at ``address`` within ``timeout``
+    (for Ray, something speaking gRPC: ``ray.init`` retries for minutes against a port that
+    accepts connections but is not a Ray server)."""
     parts = urlsplit(address if "://" in address else f"{backend}://{address}")
     try:
-        socket.create_connection((parts.hostname or "", parts.port or 0), timeout=timeout).close()
+        with socket.create_connection((parts.hostname or "", parts.port or 0), timeout=timeout) as conn:
+            if backend == "ray" and not _answers_http2(conn):
+                raise ConfigError(f"build.cluster.address: {address} answers, but not as a Ray cluster (no gRPC reply)")
     except TimeoutError:
         raise ConfigError(f"build.cluster.address: cannot reach {address} (no answer within {timeout:g} s)") from None
     except OSError as exc:
         reason = exc.strerror.lower() if exc.strerror else exception_line(exc)
         raise ConfigError(f"build.cluster.address: cannot reach {address} ({reason})") from None
+
+
+#: An HTTP/2 client's opening (the connection preface and an empty SETTINGS frame), which a
+#: gRPC server, as Ray's GCS and client servers are, answers with a SETTINGS frame of its own.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS_FRAME = 4
+
+
+def _answers_http2(conn: socket.socket) -> bool:
+    """Whether the server on ``conn`` answers an HTTP/2 opening with a frame header whose
+    type is SETTINGS (bytes 0-2 length, byte 3 type); a timeout propagates."""
+    conn.sendall(_HTTP2_PREFACE)
+    header = b""
+    while len(header) < 9:
+        chunk = conn.recv(9 - len(header))
+        if not chunk:
+            return False
+        header += chunk
+    return header[3] == _SETTINGS_FRAME
 
 
 class Cluster(ABC):

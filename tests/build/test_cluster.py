@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import http.server
 import importlib.util
 import json
 import logging
@@ -26,8 +27,10 @@ import secrets
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,6 +223,27 @@ def test_an_unreachable_address_is_one_line(backend, address, tmp_path, capsys) 
                     f"build.cache_dir={tmp_path / 'cache'}", "build.progress=false"])  # fmt: skip
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: build.cluster.address: cannot reach {address} (connection refused)\n"
+    assert not (tmp_path / "a").exists()
+
+
+class _QuietWebHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep the test's stderr for the build's own message."""
+
+
+def test_an_address_that_answers_but_is_not_ray_is_one_line(tmp_path, capsys) -> None:
+    """A web server on the port answers TCP but not gRPC: refused at once, not after
+    ``ray.init``'s minutes of retries."""
+    _need("ray")
+    with socketserver.TCPServer(("127.0.0.1", 0), _QuietWebHandler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        address = f"127.0.0.1:{web.server_address[1]}"
+        with pytest.raises(SystemExit) as exit_:
+            entry.main([*TINY, "build.backend=ray", f"build.cluster.address={address}", f"build.save_dir={tmp_path / 'a'}",
+                        f"build.cache_dir={tmp_path / 'cache'}", "build.progress=false"])  # fmt: skip
+        web.shutdown()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: build.cluster.address: {address} answers, but not as a Ray cluster (no gRPC reply)\n"
     assert not (tmp_path / "a").exists()
 
 
