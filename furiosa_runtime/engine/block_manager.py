@@ -44,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 
 def block_hashes(token_ids: list[int], block_size: int, hashes: list[bytes]) -> list[bytes]:
@@ -249,6 +249,11 @@ class BlockManager:
         self._replica.pop(seq_id, None)
         for block in reversed(self.tables.pop(seq_id, [])):
             self._release(block)
+
+    def num_released_by(self, seq_ids: list[str]) -> int:
+        """Blocks freeing every one of ``seq_ids`` would give back: those no other table holds."""
+        held = Counter(block for seq_id in seq_ids for block in self.tables[seq_id])
+        return sum(self._refs[block] == count for block, count in held.items())
 
     def _release(self, block: int) -> None:
         self._refs[block] -= 1

@@ -44,7 +44,7 @@ from furiosa_runtime.engine.model_runner import ModelRunner
 from furiosa_runtime.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from furiosa_runtime.engine.sampler import Sampler, log_softmax, min_tokens_banned_ids, top_logprobs
 from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
-from furiosa_runtime.engine.scheduler import Batch, Scheduler
+from furiosa_runtime.engine.scheduler import Scheduler
 from furiosa_runtime.engine.sequence import Sequence, SequenceGroup, Status
 from furiosa_runtime.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from furiosa_runtime.npu.artifact import ArtifactFiles, Pipeline, SchedulerConfig, open_artifact
@@ -303,24 +303,29 @@ class EngineCore:
         )  # fmt: skip
 
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; return the outputs of the requests it advanced.
+        """Run one step: a prefill or decode batch on every data-parallel replica with work
+        (``Scheduler.schedule_step``); return the outputs of the requests it advanced.
         Buckets compiled since the last step are served from this one on (``jit.py``)."""
         if self.jit is not None:
             self.jit.poll()
-        batch = self.scheduler.schedule()
-        if batch is None:
+        batches = self.scheduler.schedule_step()
+        if not batches:
             assert not self.scheduler.has_unfinished(), "admission control guarantees every request can be scheduled"
             return []
         now = time.time()
-        for seq in batch.seqs:
-            seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or now
-        self.runner.timer.step(batch.bucket, batch.seqs)  # the modelled clock (replica_timer.py)
-        logits = self._run(batch)
+        for batch in batches:
+            for seq in batch.seqs:
+                seq.metrics.first_scheduled_time = seq.metrics.first_scheduled_time or now
+            self.runner.timer.step(batch.bucket, batch.seqs)  # the modelled clock, replica by replica (replica_timer.py)
+        columns = self.runner.run(batches)  # per batch (rows, 1 or S, vocab)
         self._maybe_log_stats()
         advanced: dict[str, SequenceGroup] = {}
-        for index, (seq, (start, end), row) in enumerate(zip(batch.seqs, batch.spans, logits)):
+        rows = [(batch.phase, seq, span, computed) for batch, logits in zip(batches, columns)
+                for seq, span, computed in zip(batch.seqs, batch.spans, logits)]  # fmt: skip
+        for phase, seq, (start, end), computed in rows:
+            row = computed[-1]  # the logits of the row's last position
             self.scheduler.computed(seq, end)
-            self._record_prompt_logprobs(seq, batch.phase, index, start, end, row)
+            self._record_prompt_logprobs(seq, phase, start, end, computed)
             if end < seq.num_tokens:
                 continue
             if seq.group_id in self.beams:  # a beam: its siblings' logits may still be missing
@@ -335,15 +340,15 @@ class EngineCore:
                 del advanced[group_id]
         return [out for group in advanced.values() if (out := self._output(group)) is not None]
 
-    def _record_prompt_logprobs(self, seq: Sequence, phase: str, row: int, start: int, end: int, last: np.ndarray) -> None:
+    def _record_prompt_logprobs(self, seq: Sequence, phase: str, start: int, end: int, computed: np.ndarray) -> None:
         """Fill the request's prompt logprobs from this step's logits of positions ``[start, end)``
-        (a prefill row's are every column of an un-sliced program, left-padded; a decode
-        row's is ``last``): position p's logits give the logprobs of prompt token p + 1."""
+        (``computed``: a prefill row's are every column of an un-sliced program, left-padded; a
+        decode row's is its one column): position p's logits give the logprobs of prompt token p + 1."""
         group = self.groups[seq.group_id]
         prompt, k = seq.prompt_token_ids, group.params.prompt_logprobs
         if k is None or start >= len(prompt) - 1:
             return
-        columns = self.runner.last_logits[row, start - end :] if phase == "prefill" else last[None]  # (end - start, vocab)
+        columns = computed[start - end :] if phase == "prefill" else computed[-1:]  # (end - start, vocab)
         for position, logits in enumerate(columns[: len(prompt) - 1 - start], start):
             group.prompt_logprobs[position + 1] = self._logprob_dict(log_softmax(logits), prompt[position + 1], k)
 
@@ -368,11 +373,6 @@ class EngineCore:
         self.runner.fork(parent, child)
         self.scheduler.admit_fork(child)
         self._append(child, logits)
-
-    def _run(self, batch: Batch) -> np.ndarray:
-        if batch.phase == "prefill":
-            return self.runner.prefill(batch.seqs, batch.bucket, batch.spans)
-        return self.runner.decode(batch.seqs, batch.bucket, [start for start, _ in batch.spans])
 
     # -- one new token ----------------------------------------------------------------
 

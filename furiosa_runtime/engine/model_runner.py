@@ -5,14 +5,17 @@ the last column (the head may compute only that column).  Padding tokens get slo
 the paged-attention instruction neither stores nor attends to them, so padding can never
 change a result.
 
-With data parallelism the rows of one batch are served by different replicas: a sequence
-is admitted on a replica and stays there, its KV cache on that replica's PEs; its block ids
-are global (replica r's pool is ``[r * num_blocks, (r + 1) * num_blocks)``, the rows of the
-simulator's host KV arrays), so the feeds carry them as they are.  The host runs the rows of
-all replicas as one batch, so more replicas never cost more host time, and it runs every
-step to the end before the next; the modelled clock (``replica_timer.py``) is what overlaps
-them: each replica runs its rows in the smallest bucket of the same shape that holds them,
-through its own pipeline stages.
+With data parallelism a sequence is admitted on a replica and stays there, its KV cache on
+that replica's PEs; its block ids are global (replica r's pool is ``[r * num_blocks, (r + 1)
+* num_blocks)``, the rows of the simulator's host KV arrays), so the feeds carry them as they
+are and one host batch may hold rows of several replicas.  A step gives each replica its own
+batch in its own bucket (``Scheduler.schedule_step``); ``run`` runs the batches of a phase
+as one host batch while a bucket holds them all, so more replicas cost the host little more
+than their rows, and it runs every step to the end before the next.  The modelled clock
+(``replica_timer.py``) is what overlaps them: each replica runs its own batch in its own
+bucket, through its own pipeline stages.  (``prefill`` and ``decode`` called directly with
+rows of several replicas time each replica's rows in the smallest bucket of the same shape
+that holds them.)
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import numpy as np
 
 from furiosa_runtime.engine.block_manager import BlockManager
 from furiosa_runtime.engine.replica_timer import ReplicaTimer
+from furiosa_runtime.engine.scheduler import Batch
 from furiosa_runtime.engine.sequence import Sequence
-from furiosa_runtime.npu.artifact import Artifact, Bucket, Pipeline
+from furiosa_runtime.npu.artifact import Artifact, Bucket, Pipeline, smallest_bucket
 from furiosa_runtime.npu.isa import Program
 from furiosa_runtime.npu.simulator import NPUSimulator
 from furiosa_runtime.npu.step_times import StepTimes
@@ -57,6 +61,50 @@ class ModelRunner:
     @property
     def max_model_len(self) -> int:
         return max(b.attention_size for b in [*self.decode_buckets, *self.prefill_buckets])
+
+    def run(self, batches: list[Batch]) -> list[np.ndarray]:
+        """Run a step's batches (one per replica with work) and return, per batch, every
+        column its rows' program computed: (rows, 1 or S, vocab), S a prefill's width.
+
+        Batches of one phase share a host run, in replica order, while some bucket holds all
+        their rows at the widest one's input length (a decode row is one column whatever its
+        context; a prefill row is not padded out to a longer prompt); a lone batch runs in
+        its own bucket.  ``last_step_seconds`` is the slowest replica's batch alone.
+        """
+        runs: list[list[Batch]] = []
+        for batch in batches:
+            run = next((run for run in runs if self._host_bucket([*run, batch]) is not None), None)
+            if run is None:
+                runs.append([batch])
+            else:
+                run.append(batch)
+        logits: dict[int, np.ndarray] = {}  # id of a batch -> its rows' logits
+        for run in runs:
+            bucket = run[0].bucket if len(run) == 1 else self._host_bucket(run)
+            assert bucket is not None
+            seqs = [seq for batch in run for seq in batch.seqs]
+            spans = [span for batch in run for span in batch.spans]
+            if run[0].phase == "prefill":
+                self.prefill(seqs, bucket, spans)
+            else:
+                self.decode(seqs, bucket, [start for start, _ in spans])
+            first = 0
+            for batch in run:
+                logits[id(batch)] = self.last_logits[first : first + len(batch.seqs)]  # (rows, 1 or S, vocab)
+                first += len(batch.seqs)
+        self.last_step_seconds = max(self.timer.seconds(batch.bucket, [batch.replica] * len(batch.seqs)) for batch in batches)
+        return [logits[id(batch)] for batch in batches]
+
+    def _host_bucket(self, batches: list[Batch]) -> Bucket | None:
+        """The bucket running ``batches`` (of one phase) as one host batch, if one holds all
+        their rows at the widest one's input length (see ``run``)."""
+        if len({batch.phase for batch in batches}) > 1:
+            return None
+        buckets = self.prefill_buckets if batches[0].phase == "prefill" else self.decode_buckets
+        rows = sum(len(batch.seqs) for batch in batches)
+        bucket = smallest_bucket(buckets, rows, max(end for batch in batches for _, end in batch.spans))
+        width = max(batch.bucket.input_len for batch in batches)
+        return bucket if bucket is not None and bucket.input_len == width else None
 
     def prefill(self, seqs: list[Sequence], bucket: Bucket, spans: list[tuple[int, int]] | None = None) -> np.ndarray:
         """Write the KV of every token of ``seqs``; logits of each last token, (n, vocab).

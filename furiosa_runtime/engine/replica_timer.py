@@ -1,13 +1,15 @@
 """Which data-parallel replica serves each sequence, and when each step runs on the modelled NPU.
 
 **Placement.**  The scheduler admits a new sequence on the replica ``admit`` picks among
-those whose KV pool can hold it (``BlockManager``): the one serving the fewest live
-sequences of its virtual engine (the scheduler's batch group, ``scheduler.py``), then the
-fewest overall, then the one with the most free blocks (ties to the lowest); the sequence's
-blocks come from that replica's pool and it stays there while it holds them (a fork on its
-parent's).  Each replica runs its rows of a step in the smallest bucket of the step's shape
-that holds them.  Balancing within a virtual engine keeps every engine's batches spread over
-every replica.
+those whose KV pool and admission limits can hold it (``BlockManager``, ``scheduler.py``):
+the one serving the fewest live sequences of its virtual engine (the scheduler's batch
+group), then the fewest overall, then the one with the most free blocks (ties to the
+lowest); the sequence's blocks come from that replica's pool and it stays there while it
+holds them (a fork on its parent's).  Each step gives every replica with work its own batch
+in its own bucket (``Scheduler.schedule_step``), which ``step`` puts on that replica's
+stages; rows of several replicas handed to ``step`` at once (the model runner called on
+its own) run each replica's in the smallest bucket of the same shape that holds them.
+Balancing within a virtual engine keeps every engine's sequences spread over every replica.
 
 **The clock**: what overlaps, and why.  Every pipeline stage of every replica is a resource
 that holds one step at a time, taking steps in the order they are scheduled; a stage's part
@@ -70,7 +72,8 @@ class ReplicaTimer:
         self.now = 0.0
 
     def step(self, bucket: Bucket, seqs: list[Sequence]) -> list[ReplicaRun]:
-        """Run the step of ``bucket`` over ``seqs`` on the clock, and return what each replica ran."""
+        """Run the batch of ``bucket`` over ``seqs`` on the clock (a scheduler's batch: one
+        replica's rows), and return what each replica ran."""
         replicas = self.place(seqs)
         runs = self._runs(bucket, replicas)
         for run, rows in runs:

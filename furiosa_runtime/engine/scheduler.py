@@ -1,5 +1,5 @@
-"""Continuous-batching scheduler: each step is a prefill or a decode in the smallest bucket
-that fits.
+"""Continuous-batching scheduler: each step gives every data-parallel replica with work its own
+batch, a prefill or a decode in the smallest bucket that fits.
 
 Every admitted sequence holds KV blocks for all its tokens and a count of those already in
 the cache (``num_computed_tokens``).  A step computes, per row, a span of positions:
@@ -13,13 +13,13 @@ the cache (``num_computed_tokens``).  A step computes, per row, a span of positi
 
 The scheduler config (furiosa-llm ``SchedulerConfig``) is honoured as follows:
 
-* ``max_processing_samples``: at most this many sequences hold KV blocks at once, and no
-  bucket batch is larger;
+* ``max_processing_samples``: at most this many sequences hold KV blocks at once on a
+  replica, and no bucket batch is larger;
 * ``spare_blocks_ratio``: while others run, a new sequence is admitted only if this share of
   all blocks stays free afterwards, so running sequences can grow without preemption;
-* ``is_offline``: throughput mode, admits new sequences only while the running set fits in
-  the largest decode batch of every virtual engine; online mode admits whatever fits (lowest
-  time to first token) and decodes the running set in rotating batches;
+* ``is_offline``: throughput mode, admits new sequences on a replica only while its running
+  set fits in the largest decode batch of every virtual engine; online mode admits whatever
+  fits (lowest time to first token) and decodes the running set in rotating batches;
 * ``prefill_chunk_size``: prompts are prefilled in chunks and a decode step runs between two
   chunks, so a long prompt does not stall the requests already generating;
 * ``npu_queue_limit``: accepted, not modelled as a bound: the host submits each step as soon
@@ -34,15 +34,23 @@ there while it runs.  Consecutive steps of a request thus depend on each other w
 other groups' steps fill the other pipeline stages (the modelled clock,
 ``replica_timer.py``); with one virtual engine every step takes from all running sequences.
 
-With data-parallel replicas each replica has its own KV pool (``BlockManager``): a sequence
-is admitted on a replica whose pool holds it, which the ``placement`` (``ReplicaTimer.admit``)
-picks, and admission rules (``spare_blocks_ratio``) and preemption apply per replica.
+With data-parallel replicas each replica runs as its own engine would: it has its own KV pool
+(``BlockManager``), a sequence is admitted on a replica whose pool and limits hold it, which
+the ``placement`` (``ReplicaTimer.admit``) picks, and the admission rules
+(``max_processing_samples``, the offline limit, ``spare_blocks_ratio``) and preemption apply
+per replica.  A step (``schedule_step``) gives every replica with something to run its own
+batch: its own virtual engine in turn, phase, rows and bucket, chosen from its own sequences
+alone.  The engine puts each batch on the modelled clock (each replica's stages,
+``replica_timer.py``) and runs the batches of a phase together on the host where a bucket
+holds them (``ModelRunner.run``); ``schedule`` hands the batches out one at a time (with one
+replica, one per step).
 
 When a sequence cannot grow, the most recently admitted one on its replica is preempted: its
 blocks are freed and it waits to be recomputed (greedy results are unchanged by this).  The waiting
 queue is kept in request order, so a preempted sequence, or a beam forked off a running
 request, goes ahead of younger requests; when nothing can run because running beams wait
-for siblings that wait for blocks, the youngest request gives its blocks up (``_unblock``).
+for siblings that wait for blocks, the youngest request gives its blocks up, on the replica
+where that makes room for the first waiting sequence soonest (``_unblock``).
 
 With automatic prefix caching (``BlockManager``), a sequence is admitted on the cached
 blocks of its longest cached prefix and starts with those tokens computed; before each
@@ -88,6 +96,7 @@ class Batch:
     seqs: list[Sequence]
     spans: list[Span]
     virtual_engine: int = 0  # the group of running sequences the rows come from
+    replica: int = 0  # the data-parallel replica holding every row's KV
 
 
 def validate_scheduler_config(config: SchedulerConfig) -> None:
@@ -139,9 +148,12 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queried_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_cache_hit_tokens = 0  # of which were found computed in cached blocks
-        self._last_phase = ["decode"] * virtual_engines  # each virtual engine's last phase (chunked prefill interleaves)
+        self.replicas = blocks.replicas  # data-parallel replicas: each schedules as an engine of its own
+        # each replica's virtual engines' last phase (chunked prefill interleaves)
+        self._last_phase = [["decode"] * virtual_engines for _ in range(self.replicas)]
         self._engine: dict[str, int] = {}  # running sequence id -> its virtual engine
-        self._turn = 0  # the virtual engine the next step takes its rows from first
+        self._turn = [0] * self.replicas  # the virtual engine each replica's next batch takes its rows from first
+        self._handed: deque[Batch] = deque()  # batches of the current step ``schedule`` has not handed out yet
         self._ages: dict[str, int] = {}  # request id -> the order it was first queued in (``_age``)
         self._age_counter = itertools.count()
 
@@ -208,76 +220,137 @@ class Scheduler:
         self.blocks.cache_computed(seq.request_id, self._hashes(seq), end)
 
     def schedule(self) -> Batch | None:
-        """Admit what fits, reuse what others cached since, then pick this step's virtual
-        engine (the next in turn with something to run), phase, rows, spans and bucket."""
+        """The next batch to run: the next replica's of the current step, or, once every one
+        has been handed out, the first of a new step (``schedule_step``); None when nothing
+        can run.  With one replica every call is a step."""
+        if not self._handed:
+            self._handed.extend(self.schedule_step())
+        return self._handed.popleft() if self._handed else None
+
+    def schedule_step(self) -> list[Batch]:
+        """Admit what fits, reuse what others cached since, then give every replica with
+        something to run its batch of this step, in replica order: its virtual engine (its
+        next in turn with something to run), phase, rows, spans and bucket.  Empty when
+        nothing can run."""
+        assert not self._handed, "the batches of the previous step are still being handed out (schedule)"
         self.num_steps += 1
         self._admit()
         self._reuse_cached()
         while True:
-            for offset in range(self.virtual_engines):
-                engine = (self._turn + offset) % self.virtual_engines
-                batch = self._schedule_engine(engine)
-                if batch is not None:
-                    self._turn = (engine + 1) % self.virtual_engines
-                    return batch
+            batches = [batch for replica in range(self.replicas) if (batch := self._schedule_replica(replica)) is not None]
+            if batches:
+                return batches
             if not self._unblock():
-                return None
+                return []
             self._admit()
 
-    def _schedule_engine(self, engine: int) -> Batch | None:
-        """A step of the running sequences of virtual engine ``engine``, if they have one."""
-        members = [s for s in self.running if self._engine[s.request_id] == engine]
-        order: list[Callable[[list[Sequence], int], Batch | None]] = [self._schedule_prefill, self._schedule_decode]
-        if self.config.prefill_chunk_size is not None and self._last_phase[engine] == "prefill":
-            order.reverse()  # interleave: a decode step between two prefill chunks
-        for make in order:
-            batch = make(members, engine)
+    def _schedule_replica(self, replica: int) -> Batch | None:
+        """The batch of ``replica``: from its next virtual engine in turn that has one."""
+        for offset in range(self.virtual_engines):
+            engine = (self._turn[replica] + offset) % self.virtual_engines
+            batch = self._schedule_engine(replica, engine)
             if batch is not None:
-                self._last_phase[engine] = batch.phase
+                self._turn[replica] = (engine + 1) % self.virtual_engines
                 return batch
         return None
+
+    def _schedule_engine(self, replica: int, engine: int) -> Batch | None:
+        """A batch of the running sequences of virtual engine ``engine`` on ``replica``, if they have one."""
+        members = [s for s in self.running if self._engine[s.request_id] == engine and self._replica(s) == replica]
+        order: list[Callable[[list[Sequence], int, int], Batch | None]] = [self._schedule_prefill, self._schedule_decode]
+        if self.config.prefill_chunk_size is not None and self._last_phase[replica][engine] == "prefill":
+            order.reverse()  # interleave: a decode step between two prefill chunks
+        for make in order:
+            batch = make(members, engine, replica)
+            if batch is not None:
+                self._last_phase[replica][engine] = batch.phase
+                return batch
+        return None
+
+    def _replica(self, seq: Sequence) -> int:
+        """The replica holding the KV of running ``seq``."""
+        return self.blocks.replica_of(seq.request_id) if self.replicas > 1 else 0
 
     def _unblock(self) -> bool:
         """Nothing can run although sequences wait: every running sequence is a beam waiting
         for a sibling's logits while that sibling waits for KV blocks the running ones hold.
         Preempt the youngest running request's latest sequence, if it is younger than the
-        first waiting one, and say whether something was freed.  The oldest request thus
-        always progresses (it fits the cache alone: ``EngineCore`` refuses beams that do not),
-        so this never cycles."""
+        first waiting one, and say whether something was freed; with several replicas, the
+        youngest of the replica that is short of blocks (``_short_replica``).  The oldest
+        request thus always progresses (it fits a replica's cache alone: ``EngineCore``
+        refuses beams that do not), so this never cycles."""
         if not self.waiting:
             return False
         first = self._age(self.waiting[0])
         younger = [seq for seq in self.running if self._age(seq) > first]
         if not younger:
             return False
+        if self.replicas > 1:
+            younger = self._short_replica(self.waiting[0], younger)
         self._preempt(max(reversed(younger), key=self._age))  # the latest admitted of the youngest request
         return True
+
+    def _short_replica(self, seq: Sequence, younger: list[Sequence]) -> list[Sequence]:
+        """Of ``younger`` (running sequences of younger requests than waiting ``seq``), those of
+        the replica where preempting them, youngest first, admits ``seq`` after the fewest
+        (the replica short of the blocks ``seq`` needs; the first such, on a tie); all of
+        them if no replica would hold it."""
+        needed, limit = self.blocks.blocks_needed(seq.num_tokens), self._admission_limit()
+        counts = self._running_per_replica()
+        best: tuple[int, int] | None = None  # (preemptions, replica)
+        for replica in range(self.replicas):
+            here = [s for s in younger if self._replica(s) == replica]
+            here.sort(key=lambda s: (self._age(s), self.running.index(s)), reverse=True)  # the order _unblock preempts them in
+            for count in range(1, len(here) + 1):
+                freed = self.blocks.num_released_by([s.request_id for s in here[:count]])
+                reserve = 0 if count == counts[replica] else self._spare_blocks(replica, seq)
+                if counts[replica] - count < limit and needed + reserve <= self.blocks.num_free_on(replica) + freed:
+                    best = min(best or (count, replica), (count, replica))
+                    break
+        if best is None:
+            return younger
+        return [s for s in younger if self._replica(s) == best[1]]
 
     # -- admission ------------------------------------------------------------------
 
     def _admission_limit(self) -> int:
+        """The most sequences one replica runs at once."""
         limit = self.config.max_processing_samples
         return min(limit, self.max_decode_batch * self.virtual_engines) if self.config.is_offline else limit
 
+    def _running_per_replica(self) -> list[int]:
+        """How many sequences run on each replica."""
+        counts = [0] * self.replicas
+        for seq in self.running:
+            counts[self._replica(seq)] += 1
+        return counts
+
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self._admission_limit():
+        limit = self._admission_limit()
+        counts = self._running_per_replica()
+        while self.waiting and min(counts) < limit:
             seq = self.waiting[0]
             cached = [] if seq.params.prompt_logprobs is not None else self.blocks.cached_prefix(self._hashes(seq), seq.num_tokens)
             engine = self._engine_for(seq)
-            replica = self._place(seq, engine, cached)
+            replica = self._place(seq, engine, cached, counts)
             if replica is None:
                 return
             self.waiting.popleft()
             self.blocks.allocate(seq.request_id, seq.num_tokens, cached, replica=replica)
+            counts[replica] += 1
             if self.blocks.enable_caching:
                 self.prefix_cache_queried_tokens += seq.num_tokens
             self._start(seq, len(cached) * self.blocks.block_size, engine)
             self._count_hit(seq, seq.num_computed_tokens)
 
-    def _place(self, seq: Sequence, engine: int, cached: list[int]) -> int | None:
-        """The replica to admit ``seq`` (of virtual engine ``engine``) on, if one has room."""
+    def _place(self, seq: Sequence, engine: int, cached: list[int], counts: list[int]) -> int | None:
+        """The replica to admit ``seq`` (of virtual engine ``engine``) on, if one has room:
+        below the admission limit with ``counts`` running, and blocks for it."""
+        limit = self._admission_limit()
 
         def fits(replica: int) -> bool:
+            if counts[replica] >= limit:
+                return False
             reserve = self._spare_blocks(replica, seq)
             return self.blocks.can_allocate(seq.num_tokens, reserve=reserve, cached=cached, replica=replica)
 
@@ -339,8 +412,8 @@ class Scheduler:
         """Whether a sample of ``parent``'s request can be admitted on its computed prompt
         now on its replica (the same admission rules as a new sequence, for the one block a
         fork may need)."""
-        replica = self.blocks.replica_of(parent.request_id)
-        return len(self.running) < self._admission_limit() and self.blocks.can_fork(
+        replica = self._replica(parent)
+        return self._running_per_replica()[replica] < self._admission_limit() and self.blocks.can_fork(
             parent.num_computed_tokens, reserve=self._spare_blocks(replica), replica=replica)  # fmt: skip
 
     def admit_fork(self, child: Sequence) -> None:
@@ -368,7 +441,7 @@ class Scheduler:
         fits_decode = smallest_bucket(self.decode_buckets, 1, seq.num_tokens) is not None
         return fits_decode and prefill is not None and seq.num_uncomputed * DECODE_TAIL_RATIO <= prefill.attention_size
 
-    def _schedule_prefill(self, running: list[Sequence], engine: int) -> Batch | None:
+    def _schedule_prefill(self, running: list[Sequence], engine: int, replica: int) -> Batch | None:
         seqs: list[Sequence] = []
         spans: list[Span] = []
         longest = 0  # the furthest span end of the rows taken
@@ -385,11 +458,11 @@ class Scheduler:
             return None
         bucket = smallest_bucket(self.prefill_buckets, len(seqs), max(end for _, end in spans))
         assert bucket is not None
-        return Batch("prefill", bucket, seqs, spans, engine)
+        return Batch("prefill", bucket, seqs, spans, engine, replica)
 
     # -- decode ---------------------------------------------------------------------
 
-    def _schedule_decode(self, running: list[Sequence], engine: int) -> Batch | None:
+    def _schedule_decode(self, running: list[Sequence], engine: int, replica: int) -> Batch | None:
         candidates = [s for s in running if s.num_uncomputed and self._prefill_span(s) is None]
         candidates.sort(key=lambda s: (s.last_step, s.admitted_at))  # least recently decoded first
         seqs: list[Sequence] = []
@@ -412,7 +485,7 @@ class Scheduler:
         spans = [(s.num_computed_tokens, s.num_computed_tokens + 1) for s in seqs]
         bucket = smallest_bucket(self.decode_buckets, len(seqs), max(end for _, end in spans))
         assert bucket is not None
-        return Batch("decode", bucket, seqs, spans, engine)
+        return Batch("decode", bucket, seqs, spans, engine, replica)
 
     def _make_room(self, seq: Sequence, num_tokens: int, keep: list[Sequence]) -> bool:
         """Grow ``seq`` to ``num_tokens``, preempting the latest admitted others of its replica

@@ -1,7 +1,8 @@
 """Data-parallel replicas each have their own KV pool (``BlockManager``), in one global id
 space: replica r owns blocks ``[r * num_blocks, (r + 1) * num_blocks)``.  A sequence is
-placed at admission on a replica whose pool holds it, and a sequence that cannot grow
-preempts only sequences of its own replica."""
+placed at admission on a replica whose pool holds it, a sequence that cannot grow
+preempts only sequences of its own replica, and the beam deadlock breaker preempts on the
+replica where that makes room."""
 
 from __future__ import annotations
 
@@ -57,20 +58,29 @@ def test_two_replicas_hold_twice_the_sequences_of_one_and_free_every_block(small
     assert outputs[0] == outputs[1]  # placement changes where a request runs, not what it generates
 
 
-def start(core: TimingCore, prompts: dict[str, int]) -> list[Sequence]:
-    """Queue one sequence per ``name: prompt length`` on ``core``'s scheduler."""
-    seqs = [Sequence(name, None, list(range(1, length + 1)), SamplingParams(temperature=0), None, 8) for name, length in prompts.items()]
+def start(core: TimingCore, prompts: dict[str, int], request: str | None = None) -> list[Sequence]:
+    """Queue one sequence per ``name: prompt length`` on ``core``'s scheduler (all of one
+    ``request``, as beams are, if given)."""
+    seqs = [Sequence(name, None, list(range(1, length + 1)), SamplingParams(temperature=0), None, 8, group_id=request)
+            for name, length in prompts.items()]  # fmt: skip
     for seq in seqs:
         core.scheduler.add(seq)
     return seqs
 
 
-def advance(batch: Batch) -> None:
-    """What the engine does after a step: spans computed, a token where a row caught up."""
-    for seq, (_, end) in zip(batch.seqs, batch.spans):
-        seq.num_computed_tokens = end
-        if end == seq.num_tokens:
-            seq.output_token_ids.append(7)
+def advance(batches: list[Batch], token: bool = True) -> None:
+    """What the engine does after a step: spans computed, a token where a row caught up
+    (none with ``token=False``: a beam whose logits wait for its siblings')."""
+    for batch in batches:
+        for seq, (_, end) in zip(batch.seqs, batch.spans):
+            seq.num_computed_tokens = end
+            if end == seq.num_tokens and token:
+                seq.output_token_ids.append(7)
+
+
+def rows(batches: list[Batch]) -> list[tuple[int, str, list[str]]]:
+    """Each batch of a step as (replica, phase, sequence ids)."""
+    return [(batch.replica, batch.phase, [s.request_id for s in batch.seqs]) for batch in batches]
 
 
 def test_placement_at_admission_and_preemption_within_a_replica(small_pools: Path) -> None:
@@ -78,13 +88,34 @@ def test_placement_at_admission_and_preemption_within_a_replica(small_pools: Pat
     scheduler, blocks = core.scheduler, core.blocks
     # 4 blocks each: a, c, e of 16 tokens (full), b, d, f of 13 (3 free slots)
     seqs = start(core, {"a": 16, "b": 13, "c": 16, "d": 13, "e": 16, "f": 13})
-    advance(scheduler.schedule())  # all admitted, each on the replica with the fewest live, then the most free blocks
+    step = scheduler.schedule_step()  # all admitted, each on the replica with the fewest live, then the most free blocks
     assert [blocks.replica_of(s.request_id) for s in seqs] == [0, 1, 0, 1, 0, 1]
     assert blocks.num_free == 0 and in_own_pool(blocks)
-    advance(scheduler.schedule())  # c, d prefilled
-    advance(scheduler.schedule())  # e, f prefilled
-    batch = scheduler.schedule()  # a needs a 5th block: the latest admitted on its replica (e) gives way, not f
-    assert batch.phase == "decode" and [s.request_id for s in batch.seqs] == ["a", "b"]
+    assert rows(step) == [(0, "prefill", ["a", "c"]), (1, "prefill", ["b", "d"])]  # each replica its own batch
+    advance(step)
+    advance(scheduler.schedule_step())  # e, f prefilled
+    step = scheduler.schedule_step()  # a needs a 5th block: the latest admitted on its replica (e) gives way, not f
+    assert rows(step) == [(0, "decode", ["a", "c"]), (1, "decode", ["b", "d"])]
     assert scheduler.num_preemptions == 1 and [s.request_id for s in scheduler.waiting] == ["e"]
     assert blocks.tables["a"][-1] // NUM_BLOCKS == 0 and in_own_pool(blocks)
+    blocks.check_invariants()
+
+
+def test_a_beam_deadlock_is_broken_on_the_replica_short_of_blocks(small_pools: Path) -> None:
+    """Every running sequence waits (beams whose logits wait for a sibling's) and the first
+    waiting one, a beam of request o, fits no replica.  Preempting the youngest request (y2)
+    would not make room on its replica, which an older request fills; y1 gives way instead,
+    on the other replica, and o's beam is admitted there after one preemption."""
+    core = TimingCore.open(small_pools, devices="npu:0:0-1", scheduler_overrides=ROOMY.model_dump())
+    scheduler, blocks = core.scheduler, core.blocks
+    start(core, {"z": 16}), start(core, {"o#0": 12}, request="o"), start(core, {"y1": 16, "y2": 8})  # requests in age order
+    advance(scheduler.schedule_step(), token=False)  # z -> 0, o#0 -> 1, y1 -> 1, y2 -> 0, all prefilled
+    start(core, {"o#1": 16}, request="o")
+    advance(scheduler.schedule_step(), token=False)  # o#1 -> replica 0: 10 of its 12 blocks held, 7 of replica 1's
+    assert {s.request_id: blocks.replica_of(s.request_id) for s in scheduler.running} == {"z": 0, "o#0": 1, "y1": 1, "y2": 0, "o#1": 0}
+    start(core, {"o#2": 24}, request="o")  # 6 blocks: ahead of the younger requests, on no replica
+    step = scheduler.schedule_step()
+    assert scheduler.num_preemptions == 1 and [s.request_id for s in scheduler.waiting] == ["y1"]
+    assert rows(step) == [(1, "prefill", ["o#2"])] and blocks.replica_of("o#2") == 1
+    assert in_own_pool(blocks)
     blocks.check_invariants()
