@@ -4,9 +4,12 @@
     python -m furiosa_runtime serve artifacts/smollm2-135m-instruct --host 127.0.0.1 --api-key secret
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /v1/embeddings`` (``/v1/*`` behind ``--api-key`` when set), ``GET /health``,
-``GET /version``, ``GET /metrics``.  Every error is an OpenAI-shaped body with its status
-(400 bad request, 401 key, 404 model or route, 405 method, 500 internal).
+``POST /v1/embeddings`` (every ``/v1`` path behind ``--api-key`` when set, known route or
+not, as vLLM guards them; ``/health``, ``/version`` and ``/metrics`` stay open, as in vLLM),
+``GET /health``, ``GET /version``, ``GET /metrics``.  Every error is an OpenAI-shaped body
+with its status (400 bad request, 401 key, 404 model or route, 405 method, 413 body over
+``ServerConfig.max_body_bytes``, 500 internal).  A body must be a JSON object sent as
+``application/json`` (or with no Content-Type); fields are checked by ``protocol``.
 
 A client that goes away aborts its request in the engine: a stream's generator is
 cancelled by Starlette, and a non-streamed request is watched for the disconnect.
@@ -22,17 +25,20 @@ import hmac
 import logging
 import signal
 import socket
+import types
 from collections.abc import AsyncIterator, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from furiosa_runtime.entrypoints.async_llm_engine import AsyncLLMEngine
 from furiosa_runtime.entrypoints.engine_args import AsyncEngineArgs
@@ -63,10 +69,15 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     completion = OpenAIServingCompletion(engine, config, metrics)
     chat = OpenAIServingChat(engine, config, metrics)
     embedding = OpenAIServingEmbedding(engine, config, metrics)
-    if config.allowed_origins:
+    if config.api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=config.api_key)
+    if config.allowed_origins:  # added last, so outermost: preflights and 401s get CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"], allow_headers=["*"])
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize(config.api_key))] if config.api_key else [])
+    async def parse(raw: Request, model: type[R]) -> R:
+        return await _parse(raw, model, config.max_body_bytes)
+
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
     async def models() -> Response:
@@ -75,15 +86,15 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(raw: Request) -> Response:
-        return await _respond(raw, completion.create_completion(await _parse(raw, CompletionRequest)))
+        return await _respond(raw, completion.create_completion(await parse(raw, CompletionRequest)))
 
     @v1.post("/chat/completions")
     async def chat_completions(raw: Request) -> Response:
-        return await _respond(raw, chat.create_chat_completion(await _parse(raw, ChatCompletionRequest)))
+        return await _respond(raw, chat.create_chat_completion(await parse(raw, ChatCompletionRequest)))
 
     @v1.post("/embeddings")
     async def embeddings(raw: Request) -> Response:
-        return await _respond(raw, embedding.create_embedding(await _parse(raw, EmbeddingRequest)))
+        return await _respond(raw, embedding.create_embedding(await parse(raw, EmbeddingRequest)))
 
     app.include_router(v1)
 
@@ -105,36 +116,94 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _authorize(api_key: str) -> Any:
-    """The /v1 dependency that refuses a request without ``Authorization: Bearer <api_key>``."""
-    expected = api_key.encode()
+class _APIKeyMiddleware:
+    """Refuses every ``/v1`` request without ``Authorization: Bearer <api_key>``, before
+    routing, so an unknown route or a wrong method under ``/v1`` is a 401 too (vLLM's
+    middleware does the same); CORS preflights (OPTIONS) pass, browsers send them keyless."""
 
-    async def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise OpenAIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = api_key.encode()
 
-    return check
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _under_v1(scope["path"]) and not self._authorized(scope):
+            error = OpenAIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+            response = await _openai_error(Request(scope), error)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.expected)
 
 
-async def _parse(raw: Request, model: type[R]) -> R:
-    """The JSON body as ``model``; a 400 naming the first bad field otherwise."""
+def _under_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+async def _parse(raw: Request, model: type[R], max_body_bytes: int) -> R:
+    """The JSON body as ``model``; a 400 naming the first bad field (or a body that is not
+    JSON), a 413 for a body over ``max_body_bytes``."""
+    media_type = raw.headers.get("content-type", "application/json").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise OpenAIError(400, f"Unsupported Content-Type {media_type!r}: send the body as application/json")
     try:
-        return model.model_validate_json(await raw.body())
+        return model.model_validate_json(await _body(raw, max_body_bytes))
     except ValidationError as err:
-        first = err.errors()[0]
-        param = str(first["loc"][0]) if first["loc"] else None
-        if first["type"] == "json_invalid":
-            message = f"The request body is not valid JSON: {first['msg']}"
-        elif first["type"] == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {param}"
-        elif first["type"] == "value_error":  # the models' own cross-field checks
-            message = str(first["ctx"]["error"])
-            param = message.split(":")[0]
-        else:
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            message = f"{where}: {first['msg']}" + (f", got {first['input']!r:.60}" if first["type"] != "missing" else "")
-        raise OpenAIError(400, message, param=param) from None
+        raise _invalid(err, model) from None
+
+
+async def _body(raw: Request, max_body_bytes: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``max_body_bytes``:
+    by its Content-Length, or while it streams in."""
+    too_large = OpenAIError(413, f"The request body is larger than this server accepts ({max_body_bytes} bytes).",
+                            code="request_too_large")  # fmt: skip
+    declared = raw.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in raw.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _invalid(err: ValidationError, model: type[BaseModel]) -> OpenAIError:
+    """A 400 naming the first bad field and, for a field of several types, every one allowed."""
+    errors = err.errors()
+    first = errors[0]
+    loc = first["loc"]
+    param = str(loc[0]) if loc else None
+    got = f", got {first['input']!r:.60}"
+    if first["type"] == "json_invalid":
+        message = f"The request body is not valid JSON: {first['msg']}"
+    elif first["type"] == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {_where(loc)}"
+    elif first["type"] == "value_error":  # the models' own cross-field checks
+        message = str(first["ctx"]["error"])
+        param = message.split(":")[0]
+    elif param is not None and len(loc) > 1 and _union_field(model, param):  # loc[1] names the union member tried
+        members = list(dict.fromkeys(str(e["loc"][1]) for e in errors if e["loc"][:1] == loc[:1] and len(e["loc"]) > 1))
+        message = f"{param}: must be {' or '.join(members)}{got}"
+    else:
+        message = f"{_where(loc) or 'body'}: {first['msg']}" + (got if first["type"] != "missing" else "")
+    return OpenAIError(400, message, param=param)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as a client writes it: ``messages[0].role``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _union_field(model: type[BaseModel], name: str) -> bool:
+    """Whether ``model``'s field ``name`` takes values of several types (None aside)."""
+    field = model.model_fields.get(name)
+    if field is None or get_origin(field.annotation) not in (Union, types.UnionType):
+        return False
+    return len([arg for arg in get_args(field.annotation) if arg is not type(None)]) > 1
 
 
 async def _respond(raw: Request, work: Coroutine[Any, Any, BaseModel | AsyncIterator[str]]) -> Response:

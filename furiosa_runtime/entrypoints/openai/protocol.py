@@ -9,6 +9,12 @@ vLLM's sampling extensions (``top_k``, ``min_p``, ``repetition_penalty``, ``igno
 ``min_tokens``, ``stop_token_ids``, ...; the openai client sends them via ``extra_body``)
 are accepted and map one to one onto ``SamplingParams``, beam search (``use_beam_search``,
 ``length_penalty``, ``early_stopping``) and ``prompt_logprobs`` included.
+
+What one request may ask for is bounded where the cost grows with the number: ``n`` and
+``best_of`` at OpenAI's 128 (the samples of one request run in the same steps, so a
+huge ``n`` would hold the engine for hours, beyond the reach of an abort), ``logprobs``,
+``top_logprobs`` and ``prompt_logprobs`` at vLLM's default ``max_logprobs`` of 20, and
+``seed`` within int64, as vLLM bounds it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from furiosa_runtime.engine.outputs import Logprob
 from furiosa_runtime.engine.sampling_params import RequestOutputKind, SamplingParams
+
+MAX_N = 128  # samples (or beams) of one request: OpenAI's limit
+MAX_LOGPROBS = 20  # alternatives per token: vLLM's default max_logprobs, OpenAI's top_logprobs limit
+INT64 = (-(2**63), 2**63 - 1)  # seed's range (vLLM's)
+# apply_chat_template's own arguments, which the request or the server sets: a template
+# variable of the same name would collide with them.
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "continue_final_message", "tokenize", "chat_template")
 
 # -- requests ---------------------------------------------------------------------------
 
@@ -45,12 +58,12 @@ class SamplingRequest(OpenAIRequest):
     """The parameters completions and chat completions share."""
 
     model: str
-    n: int = 1
+    n: int = Field(1, le=MAX_N)
     temperature: float | None = None  # OpenAI's 1.0; 0.0 with use_beam_search, which ranks raw log-probabilities
     top_p: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -68,7 +81,7 @@ class SamplingRequest(OpenAIRequest):
     use_beam_search: bool = False  # best_of (default n) beams, the n best returned
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = Field(None, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
@@ -116,22 +129,24 @@ class SamplingRequest(OpenAIRequest):
 class CompletionRequest(SamplingRequest):
     """``POST /v1/completions``: one prompt or several (texts or token ids)."""
 
+    engine_names: ClassVar[dict[str, str]] = {"prompt_token_ids": "prompt"}
+
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = 16
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(None, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, le=MAX_N)
 
 
 class ChatCompletionRequest(SamplingRequest):
     """``POST /v1/chat/completions``: a conversation rendered with the chat template."""
 
-    engine_names: ClassVar[dict[str, str]] = {"best_of": "n"}
+    engine_names: ClassVar[dict[str, str]] = {"best_of": "n", "logprobs": "top_logprobs"}  # logprobs is a bool here
 
     messages: list[dict[str, Any]]
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, le=MAX_LOGPROBS)
     # vLLM's chat template extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -143,9 +158,20 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs: only allowed when logprobs is true")
         return self
 
+    @model_validator(mode="after")
+    def _template_kwargs_are_variables(self) -> ChatCompletionRequest:
+        """Refuse keys that are apply_chat_template's own arguments (they would collide)."""
+        taken = sorted(set(self.chat_template_kwargs or ()) & set(RESERVED_TEMPLATE_KWARGS))
+        if taken:
+            raise ValueError(f"chat_template_kwargs: {', '.join(taken)} cannot be set here: the request's fields and "
+                             f"the server set {', '.join(RESERVED_TEMPLATE_KWARGS)}")  # fmt: skip
+        return self
+
 
 class EmbeddingRequest(OpenAIRequest):
     """``POST /v1/embeddings``: one input or several (texts or token ids)."""
+
+    engine_names: ClassVar[dict[str, str]] = {"prompt": "input", "prompt_token_ids": "input"}
 
     model: str
     input: str | list[str] | list[int] | list[list[int]]

@@ -32,6 +32,8 @@ class OpenAIServingEmbedding(OpenAIServing):
         try:
             if not inputs:
                 raise ValueError("input: must not be empty")
+            if any(not x for x in inputs):  # the engine would take [] for a list of no prompts
+                raise ValueError("input: must contain at least one token in every input")
             outputs = await asyncio.gather(*(self._encode(f"{request_id}-{i}", x) for i, x in enumerate(inputs)))
         except ValueError as err:
             raise bad_request(err, request, "input") from None

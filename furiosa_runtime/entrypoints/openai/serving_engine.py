@@ -41,6 +41,10 @@ class ServerConfig:
     api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1/* when set
     allowed_origins: Sequence[str] = ()  # CORS origins; none: no CORS headers
     chat_template: str | None = None  # replaces the tokenizer's template (source text)
+    # Larger request bodies are refused (413) before they are parsed or tokenized (which
+    # blocks the event loop, about 2 s per MB of text): 4 MiB holds a 128k-token prompt
+    # several times over, and more than OpenAI's 300k tokens of one embeddings request.
+    max_body_bytes: int = 4 * 2**20
 
 
 class OpenAIError(Exception):
@@ -60,7 +64,8 @@ def bad_request(err: ValueError, request: OpenAIRequest, prompt_field: str) -> O
     """A 400 for a ValueError raised while preparing ``request``: the context-length errors
     name ``prompt_field`` (or the length limit that does not fit); otherwise the field the
     message starts with, by the request's name for it (``temperature must be ...``; chat's
-    ``n`` for ``best_of``), when the request has it."""
+    ``n`` for ``best_of``, the prompt's field for the engine's ``prompt_token_ids``), when the
+    request has it; a renamed field is renamed in the message too."""
     message = " ".join(str(err).split())
     if isinstance(err, ContextLengthExceededError):
         fits = err.prompt_tokens < err.max_model_len
@@ -69,6 +74,8 @@ def bad_request(err: ValueError, request: OpenAIRequest, prompt_field: str) -> O
         return OpenAIError(400, message, param=param, code="context_length_exceeded")
     lead = re.match(r"[a-z_]+", message)
     name = type(request).engine_names.get(lead[0], lead[0]) if lead else None
+    if lead and name != lead[0]:
+        message = f"{name}{message[lead.end():]}"
     param = name if name in type(request).model_fields else None
     return OpenAIError(400, message, param=param)
 
@@ -131,8 +138,8 @@ class OpenAIServing:
         if model not in self.config.served_model_names:
             raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         if self.engine.task_type != task:
-            raise OpenAIError(400, f"The model `{model}` is a {self.engine.task_type} model (task={self.engine.task_type}); "
-                                   f"this endpoint needs task={task}.", param="model")  # fmt: skip
+            raise OpenAIError(400, f"The model `{model}` serves task={self.engine.task_type}; this endpoint needs task={task}.",
+                              param="model")  # fmt: skip
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The engine's own checks (buckets, context length, vocabulary), before the request is queued."""
