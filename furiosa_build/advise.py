@@ -60,6 +60,7 @@ from furiosa_build.errors import EXIT_USER_ERROR
 from furiosa_build.model_checks import position_limit
 from furiosa_build.output_paths import check_creatable
 from furiosa_build.scratch import atomic_write
+from furiosa_runtime.entrypoints.simulate_cli import non_negative_int, positive_int
 from furiosa_runtime.npu.artifact import MAX_ATTENTION_SIZE, MAX_KV_SLOTS, Bucket
 
 DEFAULT_SAMPLE = 512  # requests simulated per grid: about a second each
@@ -246,11 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     add("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides of conf/config.yaml: model, parallel, hardware, ...")
     add("--workload", required=True, metavar="TRACE", help="a JSONL trace or a distribution (python -m furiosa_runtime simulate's grammar)")
     add("--max-programs", type=int, required=True, metavar="N", help="at most N bucket programs (prefill + decode buckets)")
-    add("--num-prompts", type=int, default=None, help="requests drawn from a distribution; of a trace, its first N lines")
+    add("--num-prompts", type=positive_int, default=None, help="requests drawn from a distribution; of a trace, its first N lines")
     add("--request-rate", type=_rate, default=math.inf, help="inf (all at once, default), trace (its arrival times) or requests/s")
     add("--max-memory", type=_size, default=None, metavar="SIZE", help="memory of one device, e.g. 48GiB (default: the hardware's)")
-    add("--sample", type=int, default=DEFAULT_SAMPLE, help=f"simulate at most this many requests (default: {DEFAULT_SAMPLE})")
-    add("--seed", type=int, default=0, help="seed of the sample and of the requests' token ids (default: 0)")
+    add("--sample", type=positive_int, default=DEFAULT_SAMPLE, help=f"simulate at most this many requests (default: {DEFAULT_SAMPLE})")
+    add("--seed", type=non_negative_int, default=0, help="seed of the sample and of the requests' token ids (default: 0)")
     add("--name", default=None, help="config name: writes <out>/<name>.yaml (default: advised-<trace name>)")
     add("--out", type=Path, default=None, help=f"folder to write to (default: {PACKAGE_BUCKETS})")
     add("--force", action="store_true", help="replace a file the advisor did not write")
@@ -279,7 +280,7 @@ def _size(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Advise, write the file, print the comparison; ``error: ...`` and 2 on a mistake."""
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_intermixed_args(argv)  # overrides may follow the options
     except SystemExit as done:  # --help, or a usage error already printed as one line
         return int(done.code or 0)
     options = Options(args.workload, args.max_programs, tuple(args.overrides), args.num_prompts, args.request_rate,

@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 
 from furiosa_build.model_checks import position_limit
-from furiosa_runtime.engine.workload import Shape, WorkloadError, parse_workload
+from furiosa_runtime.engine.workload import (
+    DISTRIBUTIONS,
+    Shape,
+    WorkloadError,
+    parse_workload,
+)
 
 #: Percentiles of the lengths the advice's comments report (with the maximum).
 REPORTED_PERCENTILES = (50, 90, 99)
@@ -41,7 +46,10 @@ class Traffic:
 
     @classmethod
     def read(cls, workload: str, *, num_prompts: int | None, request_rate: float | None, sample: int, seed: int) -> Traffic:
-        """The workload's requests, at most ``sample`` of them (``AdviseError`` naming ``--workload``)."""
+        """The workload's requests, at most ``sample`` of them (``AdviseError`` naming ``--workload``,
+        or ``--num-prompts`` for a distribution without it)."""
+        if num_prompts is None and workload.split(":", 1)[0] in DISTRIBUTIONS:
+            raise AdviseError(f"--num-prompts: required with a distribution (--workload {workload}): how many requests to draw")
         try:
             shapes = parse_workload(workload, num_prompts, request_rate, seed)
         except WorkloadError as err:

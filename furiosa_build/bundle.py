@@ -53,6 +53,7 @@ from furiosa_runtime.npu.artifact import (
     ArtifactFiles,
     first_error,
     open_artifact,
+    parse_json,
     program_file,
 )
 
@@ -117,14 +118,17 @@ def fingerprint(parts: dict[str, Any]) -> str:
 def export_bundle(artifact_dir: Path, out: Path) -> BundleInfo:
     """Write the programs of the artifact at ``artifact_dir`` (each checked against its
     manifest) as a new bundle folder ``out``: staged beside it, then renamed into place."""
+    if os.path.lexists(out):
+        raise BundleError(f"bundle export: {out} already exists; give a new folder")
+    if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(artifact_dir)):
+        raise BundleError(f"bundle export: {out} is inside the artifact {artifact_dir}, which holds only the files its "
+                          "manifest lists; give a folder outside it")  # fmt: skip
     try:
         artifact, files = open_artifact(artifact_dir)
         keys = sorted({task.program for pipeline in artifact.pipelines for task in pipeline.tasks})
         programs = {program_file(key): files.read(program_file(key)) for key in keys}
     except ArtifactError as error:
         raise BundleError(f"bundle export: {error}") from None
-    if os.path.lexists(out):
-        raise BundleError(f"bundle export: {out} already exists; give a new folder")
     parts = architecture(artifact)
     manifest = {rel: hashlib.sha256(payload).hexdigest() for rel, payload in programs.items()}
     description = {"format": FORMAT, "fingerprint": fingerprint(parts), "architecture": parts, "manifest": manifest}
@@ -183,11 +187,11 @@ def _read_description(bundle: Path) -> _Description:
     if len(text) > _MAX_DESCRIPTION:
         raise _refused(bundle, f"{BUNDLE_FILE} is larger than {_MAX_DESCRIPTION >> 20} MiB")
     try:
-        description = _Description.model_validate(json.loads(text))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _refused(bundle, f"{BUNDLE_FILE} is not JSON ({error})") from None
+        description = _Description.model_validate(parse_json(text))
     except ValidationError as error:
         raise _refused(bundle, f"{BUNDLE_FILE}: {first_error(error)}") from None
+    except ValueError as error:
+        raise _refused(bundle, f"{BUNDLE_FILE} is not JSON ({error})") from None
     if fingerprint(description.architecture) != description.fingerprint:
         raise _refused(bundle, f"{BUNDLE_FILE}: the fingerprint does not match the architecture (tampered?)")
     for rel, digest in description.manifest.items():
@@ -209,12 +213,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                  description="Move compiled programs between caches, without weights (program bundles).")
     actions = bundle.add_subparsers(dest="action", required=True, metavar="ACTION")
     export = actions.add_parser("export", help="write an artifact's programs as a bundle folder")
-    export.add_argument("artifact", metavar="ARTIFACT", type=Path, help="a built artifact folder")
-    export.add_argument("out", metavar="OUT", type=Path, help="the bundle folder to create")
+    export.add_argument("artifact", metavar="ARTIFACT", type=_path, help="a built artifact folder")
+    export.add_argument("out", metavar="OUT", type=_path, help="the bundle folder to create")
     into = actions.add_parser("import", help="verify a bundle and store its programs in a compile cache")
-    into.add_argument("bundle", metavar="BUNDLE", type=Path, help="a bundle folder")
-    into.add_argument("--cache-dir", type=Path, default=Path(BuildOptions.model_fields["cache_dir"].default),
+    into.add_argument("bundle", metavar="BUNDLE", type=_path, help="a bundle folder")
+    into.add_argument("--cache-dir", type=_path, default=Path(BuildOptions.model_fields["cache_dir"].default),
                       help="the compile cache to seed (default: %(default)s)")
+
+
+def _path(text: str) -> Path:
+    """An argparse type: a non-empty path (``Path("")`` would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return Path(text)
 
 
 def run(args: argparse.Namespace) -> int:

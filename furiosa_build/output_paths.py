@@ -4,6 +4,8 @@ Output paths (``build.save_dir``, ``build.cache_dir``, ``build.param_file_path``
 checked by :func:`check_output_paths` before any work: an existing file where a folder
 must go, an ancestor that is a file, a read-only or unwritable place, a name too long;
 those raise :class:`furiosa_build.errors.BuildIOError` (an ``OSError``), also a user error.
+The three must also keep apart (:func:`check_apart`): an artifact inside the cache, a cache
+or a parameter file inside the artifact folder are refused with a ConfigError.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from furiosa_build.errors import BuildIOError, io_error, path_error
+from furiosa_build.errors import BuildIOError, ConfigError, io_error, path_error
 
 if TYPE_CHECKING:
     from furiosa_build.config import BuildSpec
@@ -29,6 +31,7 @@ def check_output_paths(spec: BuildSpec) -> None:
     that cannot be used warns once and the build goes on without it.
     """
     opts = spec.build
+    check_apart(spec)
     if not opts.dry_run and opts.save_dir:
         save_dir = Path(opts.save_dir).expanduser()
         _check_existing("build.save_dir", save_dir, want_dir=True)
@@ -43,6 +46,35 @@ def check_output_paths(spec: BuildSpec) -> None:
         param_file = Path(opts.param_file_path).expanduser()
         _check_existing("build.param_file_path", param_file, want_dir=False)
         check_creatable("build.param_file_path", param_file, param_file.parent, scratch_sibling=True)
+
+
+def check_apart(spec: BuildSpec) -> None:
+    """Refuse output paths nested in one another (ConfigError naming both fields).
+
+    The artifact folder holds only the files its manifest lists and is replaced whole, so
+    a cache or ``build.param_file_path`` inside it would be deleted by the next build or
+    make it refuse the folder as foreign; and the cache's folder belongs to the cache,
+    so neither the artifact nor the parameter file goes inside it.  A dry run writes no
+    artifact but does fill the cache, so the cache is kept out of ``save_dir`` even then.
+    """
+    opts = spec.build
+    save = _real(opts.save_dir)
+    cache = _real(opts.cache_dir)
+    param = None if opts.dry_run else _real(opts.param_file_path)
+    pairs = [("build.cache_dir", cache, "build.save_dir", save, "replacing the artifact would delete it"),
+             ("build.param_file_path", param, "build.save_dir", save, "an artifact holds only the files its manifest lists"),
+             ("build.param_file_path", param, "build.cache_dir", cache, "the cache's folder holds only cache entries")]
+    if not opts.dry_run:
+        pairs.append(("build.save_dir", save, "build.cache_dir", cache, "the cache's folder holds only cache entries"))
+    for field, inner, other, outer, why in pairs:
+        if inner is not None and outer is not None and inner.is_relative_to(outer):
+            where = "is also" if inner == outer else "is inside"
+            raise ConfigError(f"{field}: {inner} {where} {other} {outer}; {why}, so choose a path outside it")
+
+
+def _real(path: str | None) -> Path | None:
+    """A configured path made absolute with symbolic links resolved (None stays None)."""
+    return Path(os.path.realpath(Path(path).expanduser())) if path else None
 
 
 def _check_existing(field: str, path: Path, want_dir: bool) -> None:

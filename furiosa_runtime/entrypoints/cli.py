@@ -218,6 +218,9 @@ def _write(out: TextIO, text: str, newline: bool = True) -> None:
 
 
 def _error(message: object) -> int:
+    """Print ``error: <one line>``; an OSError as ``<path>: <reason>`` (not ``[Errno N] ...``)."""
+    if isinstance(message, OSError) and message.strerror and message.filename is not None:
+        message = f"{message.filename}: {message.strerror.lower()}"
     line = " ".join(str(message).split()) or "unknown error"
     print(f"error: {line}", file=sys.stderr)
     return EXIT_USAGE

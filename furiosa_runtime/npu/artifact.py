@@ -22,6 +22,7 @@ import math
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -612,11 +613,10 @@ class ArtifactFiles:
             raise ArtifactError(f"artifact: file {rel} listed in the manifest is missing") from None
         except OSError as err:
             raise ArtifactError(f"artifact: cannot read {rel} ({err.strerror})") from None
-        f = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            f.close()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder naming only the fd
+            os.close(fd)
             raise ArtifactError(f"artifact: {rel} is not a regular file")
-        return f
+        return os.fdopen(fd, "rb")
 
 
 def _version(st: os.stat_result) -> tuple[int, int, int]:
@@ -653,15 +653,32 @@ def open_artifact(path: str | Path) -> tuple[Artifact, ArtifactFiles]:
         raise ArtifactError(f"artifact: {root} is not a directory")
     if not os.path.lexists(meta):
         raise ArtifactError(f"artifact: {meta} is missing; is {root} an artifact built by furiosa_build?")
-    try:
-        artifact = Artifact.model_validate(json.loads(ArtifactFiles(root, {}).read_description().decode("utf-8")))
+    description = ArtifactFiles(root, {}).read_description()
+    try:  # strict: the builder writes every value with its type, so "8" for 8 means an edited file
+        artifact = Artifact.model_validate(parse_json(description), strict=True)
     except ValidationError as err:
         raise ArtifactError(f"artifact: {meta} is not a valid artifact description ({first_error(err)})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:
         raise ArtifactError(f"artifact: {meta} is not a valid artifact description ({err})") from None
     files = ArtifactFiles(root, artifact.manifest)
     files.check_layout()
     return artifact, files
+
+
+def parse_json(data: bytes) -> Any:
+    """``data`` decoded as UTF-8 JSON, or a ValueError whose message is one line: bad UTF-8
+    or syntax, nesting too deep for the parser (a RecursionError otherwise) or an integer
+    too long to convert (Python refuses more than 4300 digits)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8: {err.reason} at byte {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(str(err)) from None
+    except RecursionError:
+        raise ValueError("arrays or objects nested too deeply") from None
+    except ValueError:  # what json.loads raises besides the above: int() past sys.get_int_max_str_digits()
+        raise ValueError(f"an integer longer than {sys.get_int_max_str_digits()} digits") from None
 
 
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:

@@ -295,7 +295,7 @@ def test_scheduler_config_type_errors_are_one_line() -> None:
     [
         (None, None, r"^model_id_or_path must be a non-empty path"),
         ("artifact", b'{"metadata": {"artifact_id"', r"is not a valid artifact description \(Expecting ':' delimiter"),
-        ("artifact", b"\xff\xfe{", r"is not a valid artifact description \('utf-8' codec can't decode"),
+        ("artifact", b"\xff\xfe{", r"is not a valid artifact description \(not UTF-8: invalid start byte at byte 0\)"),
         ("artifact", b"[1, 2]", r"is not a valid artifact description \(Artifact: must be a valid dictionary"),
         ("artifact", b'{"format_version": "1"}', r"is not a valid artifact description \(metadata: required\)"),
     ],
