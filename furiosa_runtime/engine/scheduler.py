@@ -99,6 +99,11 @@ class Batch:
     replica: int = 0  # the data-parallel replica holding every row's KV
 
 
+def _group(seq: Sequence) -> str:
+    """The request ``seq`` belongs to (a sample or beam's parent request)."""
+    return seq.group_id or seq.request_id
+
+
 def validate_scheduler_config(config: SchedulerConfig) -> None:
     """Raise a one-line ValueError for a scheduler value outside its domain."""
     checks = [
@@ -155,6 +160,9 @@ class Scheduler:
         self._turn = [0] * self.replicas  # the virtual engine each replica's next batch takes its rows from first
         self._handed: deque[Batch] = deque()  # batches of the current step ``schedule`` has not handed out yet
         self._ages: dict[str, int] = {}  # request id -> the order it was first queued in (``_age``)
+        self._held: Counter[str] = Counter()  # request id -> its sequences waiting or running
+        self._running_groups: Counter[str] = Counter()  # request id -> its running sequences
+        self._running_on = [0] * self.replicas  # running sequences per replica
         self._age_counter = itertools.count()
 
     def _index_buckets(self) -> None:
@@ -173,25 +181,33 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue ``seq`` behind every sequence of an older request (a new request's goes last;
         a beam or sample forked off a running request's goes ahead of younger requests)."""
+        self._held[_group(seq)] += 1
         self._enqueue(seq)
 
     def _enqueue(self, seq: Sequence) -> None:
-        """Put ``seq`` in the waiting queue, which is kept in request order (``_age``)."""
+        """Put ``seq`` in the waiting queue, which is kept in request order (``_age``): after
+        the last one of its age or older (at the end for a new request, without a scan)."""
         age = self._age(seq)
-        position = next((i for i, other in enumerate(self.waiting) if self._age(other) > age), len(self.waiting))
+        if not self.waiting or self._age(self.waiting[-1]) <= age:
+            self.waiting.append(seq)
+            return
+        position = next(i for i, other in enumerate(self.waiting) if self._age(other) > age)
         self.waiting.insert(position, seq)
 
     def _age(self, seq: Sequence) -> int:
         """The order in which ``seq``'s request was first seen: the older request goes first."""
-        group = seq.group_id or seq.request_id
+        group = _group(seq)
         if group not in self._ages:
             self._ages[group] = next(self._age_counter)
         return self._ages[group]
 
-    def _forget_request(self, seq: Sequence) -> None:
-        """Drop the age of ``seq``'s request once none of its sequences is queued or running."""
-        group = seq.group_id or seq.request_id
-        if not any((s.group_id or s.request_id) == group for s in (*self.waiting, *self.running)):
+    def _forget(self, seq: Sequence) -> None:
+        """``seq`` has left the queue and the running set for good: drop its request's age
+        once none of the request's sequences is queued or running."""
+        group = _group(seq)
+        self._held[group] -= 1
+        if self._held[group] <= 0:
+            del self._held[group]
             self._ages.pop(group, None)
 
     def has_unfinished(self) -> bool:
@@ -199,19 +215,19 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Drop ``seq`` wherever it is and return its blocks."""
+        held = seq in self.waiting or seq in self.running
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
-            self.running.remove(seq)
-            self._engine.pop(seq.request_id)
+            self._stop(seq)
         self.blocks.free(seq.request_id)
-        self._forget_request(seq)
+        if held:
+            self._forget(seq)
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self._engine.pop(seq.request_id)
+        self._stop(seq)
         self.blocks.free(seq.request_id)
-        self._forget_request(seq)
+        self._forget(seq)
 
     def computed(self, seq: Sequence, end: int) -> None:
         """Record that a step computed ``seq`` up to position ``end``; its full blocks join
@@ -296,7 +312,7 @@ class Scheduler:
         (the replica short of the blocks ``seq`` needs; the first such, on a tie); all of
         them if no replica would hold it."""
         needed, limit = self.blocks.blocks_needed(seq.num_tokens), self._admission_limit()
-        counts = self._running_per_replica()
+        counts = self._running_on
         best: tuple[int, int] | None = None  # (preemptions, replica)
         for replica in range(self.replicas):
             here = [s for s in younger if self._replica(s) == replica]
@@ -318,16 +334,9 @@ class Scheduler:
         limit = self.config.max_processing_samples
         return min(limit, self.max_decode_batch * self.virtual_engines) if self.config.is_offline else limit
 
-    def _running_per_replica(self) -> list[int]:
-        """How many sequences run on each replica."""
-        counts = [0] * self.replicas
-        for seq in self.running:
-            counts[self._replica(seq)] += 1
-        return counts
-
     def _admit(self) -> None:
         limit = self._admission_limit()
-        counts = self._running_per_replica()
+        counts = self._running_on
         while self.waiting and min(counts) < limit:
             seq = self.waiting[0]
             cached = [] if seq.params.prompt_logprobs is not None else self.blocks.cached_prefix(self._hashes(seq), seq.num_tokens)
@@ -337,7 +346,6 @@ class Scheduler:
                 return
             self.waiting.popleft()
             self.blocks.allocate(seq.request_id, seq.num_tokens, cached, replica=replica)
-            counts[replica] += 1
             if self.blocks.enable_caching:
                 self.prefix_cache_queried_tokens += seq.num_tokens
             self._start(seq, len(cached) * self.blocks.block_size, engine)
@@ -386,8 +394,7 @@ class Scheduler:
         """Blocks an admission on ``replica`` must leave free: ``spare_blocks_ratio`` of its pool,
         while others run there, unless ``seq`` belongs to a running request (a beam or sample
         of it: the spare blocks are there for the running requests to grow)."""
-        here = [other for other in self.running if self.blocks.replica_of(other.request_id) == replica]
-        if not here or (seq is not None and any(self._age(other) == self._age(seq) for other in self.running)):
+        if not self._running_on[replica] or (seq is not None and self._running_groups[_group(seq)]):
             return 0
         return int(self.blocks.num_blocks * self.config.spare_blocks_ratio)
 
@@ -395,14 +402,25 @@ class Scheduler:
         seq.status, seq.num_computed_tokens, seq.admitted_at = Status.RUNNING, computed, self.num_steps
         self._engine[seq.request_id] = engine
         self.running.append(seq)
+        self._running_on[self._replica(seq)] += 1
+        self._running_groups[_group(seq)] += 1
+
+    def _stop(self, seq: Sequence) -> None:
+        """Take running ``seq`` out of the running set (before its blocks are freed)."""
+        self.running.remove(seq)
+        self._engine.pop(seq.request_id)
+        self._running_on[self._replica(seq)] -= 1
+        self._running_groups[_group(seq)] -= 1
+        if not self._running_groups[_group(seq)]:
+            del self._running_groups[_group(seq)]
 
     def _engine_for(self, seq: Sequence) -> int:
         """The virtual engine of a running sibling of ``seq`` (its steps depend on theirs), or
         else the one running the fewest sequences."""
         if self.virtual_engines == 1:
             return 0
-        request = seq.group_id or seq.request_id
-        sibling = next((s for s in self.running if (s.group_id or s.request_id) == request), None)
+        request = _group(seq)
+        sibling = next((s for s in self.running if _group(s) == request), None)
         if sibling is not None:
             return self._engine[sibling.request_id]
         load = Counter(self._engine.values())
@@ -413,11 +431,12 @@ class Scheduler:
         now on its replica (the same admission rules as a new sequence, for the one block a
         fork may need)."""
         replica = self._replica(parent)
-        return self._running_per_replica()[replica] < self._admission_limit() and self.blocks.can_fork(
+        return self._running_on[replica] < self._admission_limit() and self.blocks.can_fork(
             parent.num_computed_tokens, reserve=self._spare_blocks(replica), replica=replica)  # fmt: skip
 
     def admit_fork(self, child: Sequence) -> None:
         """Run ``child``, whose KV (its whole prompt) the model runner has just forked."""
+        self._held[_group(child)] += 1
         self._start(child, child.num_tokens, self._engine_for(child))
 
     # -- prefill --------------------------------------------------------------------
@@ -505,8 +524,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks; it is recomputed from scratch when readmitted."""
-        self.running.remove(seq)
-        self._engine.pop(seq.request_id)
+        self._stop(seq)
         self.blocks.free(seq.request_id)
         self.num_preemptions += 1
         logger.warning("sequence %s preempted (recomputed when readmitted) because the KV cache is full: %d preemptions "
