@@ -35,8 +35,10 @@ row can only ever read (never write) a block that no sequence owns.
 keeps one pool per replica in one global id space: replica r owns ids ``[r * num_blocks,
 (r + 1) * num_blocks)`` (the rows of the simulator's host KV arrays), its first one its
 padding block.  A new table draws from the pool of the replica it is given (chosen at
-admission, ``ReplicaTimer.admit``), grows and forks from that same pool; prefix caching
-needs a single replica (a cached block's KV lives on one replica).
+admission, ``ReplicaTimer.admit``), grows and forks from that same pool.  A cached block's
+KV lives on one replica, so each replica has its own prefix cache (keys are looked up per
+replica, evictable blocks go back to their replica's queue): the scheduler admits a sequence
+on the replica holding the longest cached prefix of it when that replica has room.
 """
 
 from __future__ import annotations
@@ -69,7 +71,6 @@ class BlockManager:
         """``num_blocks`` per replica (``paged_attention_config.num_blocks``), ``replicas`` pools."""
         if num_blocks < 2:
             raise ValueError(f"paged_attention_num_blocks: needs at least 2 KV blocks, got {num_blocks}")
-        assert replicas == 1 or not enable_caching, "prefix caching needs a single replica"
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.replicas = replicas
@@ -79,19 +80,20 @@ class BlockManager:
         self.tables: dict[str, list[int]] = {}
         self._replica: dict[str, int] = {}  # sequence -> the replica whose pool its table draws from
         self._refs: dict[int, int] = {}  # held block -> number of tables holding it
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # keyed blocks nobody holds, oldest first
-        self._block_of: dict[bytes, int] = {}  # key -> the block holding that prefix's KV
-        self._key_of: dict[int, bytes] = {}  # the inverse: keyed block -> its key
+        # per replica: its keyed blocks nobody holds, oldest first
+        self._evictable: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(replicas)]
+        self._block_of: dict[tuple[int, bytes], int] = {}  # (replica, key) -> the block holding that prefix's KV there
+        self._key_of: dict[int, bytes] = {}  # keyed block -> its key (its replica is block // num_blocks)
         self._num_keyed: dict[str, int] = {}  # sequence -> leading table blocks already offered to the cache
 
     @property
     def num_free(self) -> int:
         """Blocks sequences can be given, over every replica: the free ones and the evictable cached ones."""
-        return sum(map(len, self._free)) + len(self._evictable)
+        return sum(map(len, self._free)) + sum(map(len, self._evictable))
 
     def num_free_on(self, replica: int) -> int:
         """Blocks a sequence of ``replica`` can be given."""
-        return len(self._free[replica]) + len(self._evictable)  # evictable ones only with a single replica
+        return len(self._free[replica]) + len(self._evictable[replica])
 
     @property
     def num_usable(self) -> int:
@@ -118,14 +120,14 @@ class BlockManager:
 
     # -- admission ------------------------------------------------------------------
 
-    def cached_prefix(self, hashes: list[bytes], num_tokens: int, start: int = 0) -> list[int]:
-        """The cached blocks holding the prefix keyed by ``hashes[start:]``, stopping at the
-        first miss and before the block of the last of ``num_tokens`` tokens."""
+    def cached_prefix(self, hashes: list[bytes], num_tokens: int, start: int = 0, replica: int = 0) -> list[int]:
+        """The blocks of ``replica`` caching the prefix keyed by ``hashes[start:]``, stopping at
+        the first miss and before the block of the last of ``num_tokens`` tokens."""
         if not self.enable_caching:
             return []
         found = []
         for key in hashes[start : (num_tokens - 1) // self.block_size]:
-            block = self._block_of.get(key)
+            block = self._block_of.get((replica, key))
             if block is None:
                 break
             found.append(block)
@@ -135,7 +137,7 @@ class BlockManager:
         """Room on ``replica`` for a new sequence of ``num_tokens`` whose first blocks are the
         ``cached`` ones (from ``cached_prefix``) while keeping ``reserve`` blocks free."""
         cached = cached or []
-        evictable_hits = sum(block in self._evictable for block in cached)
+        evictable_hits = sum(block in self._evictable[replica] for block in cached)
         return self.blocks_needed(num_tokens) - len(cached) + evictable_hits + reserve <= self.num_free_on(replica)
 
     def allocate(self, seq_id: str, num_tokens: int, cached: list[int] | None = None, replica: int = 0) -> list[int]:
@@ -171,7 +173,7 @@ class BlockManager:
             return num_computed
         start = num_computed // self.block_size
         table = self.tables[seq_id]
-        for index, block in enumerate(self.cached_prefix(hashes, num_tokens, start), start):
+        for index, block in enumerate(self.cached_prefix(hashes, num_tokens, start, self._replica[seq_id]), start):
             fresh, table[index] = table[index], self._hold(block)
             self._release(fresh)
             self._num_keyed[seq_id] = index + 1
@@ -180,7 +182,7 @@ class BlockManager:
 
     def _hold(self, block: int) -> int:
         """Take a hold on a cached block (it leaves the evictable queue on its first hold)."""
-        self._evictable.pop(block, None)
+        self._evictable[block // self.num_blocks].pop(block, None)
         self._refs[block] = self._refs.get(block, 0) + 1
         return block
 
@@ -189,8 +191,8 @@ class BlockManager:
         if self._free[replica]:
             block = self._free[replica].pop()
         else:
-            block, _ = self._evictable.popitem(last=False)
-            del self._block_of[self._key_of.pop(block)]
+            block, _ = self._evictable[replica].popitem(last=False)
+            del self._block_of[(replica, self._key_of.pop(block))]
         self._refs[block] = 1
         return block
 
@@ -234,11 +236,11 @@ class BlockManager:
         A prefix some other block already holds keeps that block as its cached copy."""
         if not self.enable_caching:
             return
-        table, first = self.tables[seq_id], self._num_keyed[seq_id]
+        table, first, replica = self.tables[seq_id], self._num_keyed[seq_id], self._replica[seq_id]
         for index in range(first, num_computed // self.block_size):
             key, block = hashes[index], table[index]
-            if key not in self._block_of:
-                self._block_of[key], self._key_of[block] = block, key
+            if (replica, key) not in self._block_of:
+                self._block_of[(replica, key)], self._key_of[block] = block, key
         self._num_keyed[seq_id] = max(first, num_computed // self.block_size)
 
     def free(self, seq_id: str) -> None:
@@ -261,7 +263,7 @@ class BlockManager:
             return
         del self._refs[block]
         if block in self._key_of:
-            self._evictable[block] = None
+            self._evictable[block // self.num_blocks][block] = None
         else:
             self._free[block // self.num_blocks].append(block)
 
@@ -283,15 +285,19 @@ class BlockManager:
         for replica, pool in enumerate(self._free):
             assert all(block // self.num_blocks == replica for block in pool), "a free list holds another replica's block"
         free = [block for pool in self._free for block in pool]
-        everything = list(held) + free + list(self._evictable)
+        evictable = [block for queue in self._evictable for block in queue]
+        assert all(block // self.num_blocks == r for r, queue in enumerate(self._evictable) for block in queue), \
+            "an evictable queue holds another replica's block"
+        everything = list(held) + free + evictable
         assert len(everything) == len(set(everything)), "a KV block is two of held, free and evictable, or freed twice"
         usable = [block for block in range(self.replicas * self.num_blocks) if block % self.num_blocks]
         assert sorted(everything) == usable, "a KV block leaked"
         assert held == self._refs, "a KV block is shared without a fork (its reference count is wrong)"
         for seq_id, table in self.tables.items():
             assert all(block // self.num_blocks == self._replica.get(seq_id) for block in table), "a table holds another replica's block"
-        assert {b: k for k, b in self._block_of.items()} == self._key_of, "prefix-cache keys and blocks disagree"
-        assert set(self._evictable) <= set(self._key_of), "an evictable KV block holds no cached prefix"
+        assert {b: k for (r, k), b in self._block_of.items()} == self._key_of, "prefix-cache keys and blocks disagree"
+        assert all(b // self.num_blocks == r for (r, _), b in self._block_of.items()), "a replica's key names another replica's block"
+        assert set(evictable) <= set(self._key_of), "an evictable KV block holds no cached prefix"
         assert not set(free) & set(self._key_of), "a free KV block is still keyed in the prefix cache"
         assert self._num_keyed.keys() == self.tables.keys() == self._replica.keys(), "a sequence's bookkeeping outlived its table"
         assert self.enable_caching or not self._key_of, "prefix caching is off but blocks are cached"

@@ -8,12 +8,12 @@ work and their completions carry token ids with ``text=""`` (nothing to detokeni
 with); text prompts, chat and stop strings are refused in one line.
 
 Automatic prefix caching (``enable_prefix_caching``, on by default; see
-``block_manager.py``) applies to generation artifacts served by one data-parallel replica.
-It is off for embedding artifacts, whose encoders attend in both directions (a token's
-KV depends on the tokens after it, so a shared prefix does not mean shared KV) and which
-run one pass per text anyway; and off with several replicas, because a cached block's KV
-lives on the replica that computed it (each replica has its own pool of blocks) while a
-new sequence is placed on the least loaded replica.
+``block_manager.py``) applies to generation artifacts.  With several data-parallel
+replicas each keeps its own cache (a cached block's KV lives on the replica that computed
+it), and a new sequence goes to the replica caching the longest prefix of it when that
+one has room.  It is off for embedding artifacts, whose encoders attend in both directions
+(a token's KV depends on the tokens after it, so a shared prefix does not mean shared KV)
+and which run one pass per text anyway.
 
 With ``jit`` (``enable_jit_compilation``) the engine also compiles, in background worker
 processes, the prefill buckets its traffic asks for and serves each from the step after
@@ -135,9 +135,6 @@ class EngineCore:
         if self.artifact.model_metadata.task != "generate":
             logger.info("prefix caching off: %s is a %s artifact (its KV depends on the whole text)",
                         self.path, self.artifact.model_metadata.task)  # fmt: skip
-            return False
-        if self.simulator.mesh.dp > 1:
-            logger.info("prefix caching off: %d data-parallel replicas (a cached block lives on one replica)", self.simulator.mesh.dp)
             return False
         return True
 

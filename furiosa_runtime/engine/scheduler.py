@@ -336,14 +336,13 @@ class Scheduler:
 
     def _admit(self) -> None:
         limit = self._admission_limit()
-        counts = self._running_on
-        while self.waiting and min(counts) < limit:
+        while self.waiting and min(self._running_on) < limit:
             seq = self.waiting[0]
-            cached = [] if seq.params.prompt_logprobs is not None else self.blocks.cached_prefix(self._hashes(seq), seq.num_tokens)
             engine = self._engine_for(seq)
-            replica = self._place(seq, engine, cached, counts)
-            if replica is None:
+            placed = self._place(seq, engine)
+            if placed is None:
                 return
+            replica, cached = placed
             self.waiting.popleft()
             self.blocks.allocate(seq.request_id, seq.num_tokens, cached, replica=replica)
             if self.blocks.enable_caching:
@@ -351,20 +350,31 @@ class Scheduler:
             self._start(seq, len(cached) * self.blocks.block_size, engine)
             self._count_hit(seq, seq.num_computed_tokens)
 
-    def _place(self, seq: Sequence, engine: int, cached: list[int], counts: list[int]) -> int | None:
-        """The replica to admit ``seq`` (of virtual engine ``engine``) on, if one has room:
-        below the admission limit with ``counts`` running, and blocks for it."""
+    def _place(self, seq: Sequence, engine: int) -> tuple[int, list[int]] | None:
+        """The replica to admit ``seq`` (of virtual engine ``engine``) on, if one has room
+        (below the admission limit, and blocks for it), and the cached blocks of its prefix
+        there: the replica caching the longest prefix of it when that one has room, else the
+        ``placement``'s pick."""
         limit = self._admission_limit()
+        hashes = self._hashes(seq) if seq.params.prompt_logprobs is None else []
+        cached = [self.blocks.cached_prefix(hashes, seq.num_tokens, replica=r) for r in range(self.replicas)]
 
         def fits(replica: int) -> bool:
-            if counts[replica] >= limit:
+            if self._running_on[replica] >= limit:
                 return False
             reserve = self._spare_blocks(replica, seq)
-            return self.blocks.can_allocate(seq.num_tokens, reserve=reserve, cached=cached, replica=replica)
+            return self.blocks.can_allocate(seq.num_tokens, reserve=reserve, cached=cached[replica], replica=replica)
 
-        if self.placement is None:
-            return 0 if fits(0) else None
-        return self.placement.admit(seq.request_id, engine, fits)
+        def admit(allowed: Callable[[int], bool]) -> int | None:
+            if self.placement is None:
+                return 0 if allowed(0) else None
+            return self.placement.admit(seq.request_id, engine, allowed)
+
+        warm = max(range(self.replicas), key=lambda r: (len(cached[r]), -r))  # the longest cached prefix, lowest replica on a tie
+        replica = admit(lambda r: r == warm and fits(r)) if cached[warm] else None
+        if replica is None:
+            replica = admit(fits)
+        return None if replica is None else (replica, cached[replica])
 
     def _reuse_cached(self) -> None:
         """Let running sequences take over cached blocks of their still uncomputed prefix."""

@@ -95,8 +95,7 @@ class TimingCore:
 
     def __init__(self, artifact: Artifact, times: StepTimes, scheduler_config: SchedulerConfig, enable_prefix_caching: bool = True) -> None:
         paged = artifact.generator_config.paged_attention_config
-        caching = enable_prefix_caching and times.mesh.dp == 1  # as EngineCore decides (a cached block lives on one replica)
-        self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=caching, replicas=times.mesh.dp)
+        self.blocks = BlockManager(paged.num_blocks, paged.block_size, enable_caching=enable_prefix_caching, replicas=times.mesh.dp)
         gen = artifact.generator_config
         self.timer = ReplicaTimer(artifact, times, self.blocks)
         self.scheduler = Scheduler(list(gen.prefill_buckets), list(gen.decode_buckets), self.blocks, scheduler_config,

@@ -217,8 +217,8 @@ def test_invariant_check_catches_a_free_block_still_in_the_cache() -> None:
     blocks = BlockManager(num_blocks=5, block_size=2)
     run_prompt(blocks, "a", [1, 2, 3])
     blocks.free("a")
-    block = next(iter(blocks._evictable))
-    del blocks._evictable[block]
+    block = next(iter(blocks._evictable[0]))
+    del blocks._evictable[0][block]
     blocks._free[0].append(block)  # freed without dropping its key
     with pytest.raises(AssertionError, match="keyed"):
         blocks.check_invariants()

@@ -119,3 +119,40 @@ def test_a_beam_deadlock_is_broken_on_the_replica_short_of_blocks(small_pools: P
     assert rows(step) == [(1, "prefill", ["o#2"])] and blocks.replica_of("o#2") == 1
     assert in_own_pool(blocks)
     blocks.check_invariants()
+
+
+def test_each_replica_caches_prefixes_and_a_prompt_goes_where_its_prefix_is(small_pools: Path) -> None:
+    """Two system prompts: the first request of each lands on its own replica and caches its
+    prefix there; later requests follow their prefix to that replica and skip its prefill,
+    with the tokens of one PE and of two replicas without caching."""
+    systems = {"a": list(range(100, 108)), "b": list(range(200, 208))}  # 8 tokens: two full blocks
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def prompt(name: str, i: int) -> dict:
+        return {"prompt_token_ids": systems[name] + [300 + 10 * i + j for j in range(4)]}
+
+    tokens, placed = [], []
+    for devices, caching in (("npu:0:0", False), ("npu:0:0-1", False), ("npu:0:0-1", True)):
+        llm = LLM(small_pools, devices=devices, scheduler_config=ROOMY, enable_prefix_caching=caching)
+        engine, blocks = LLMEngine.from_llm(llm), llm.engine.blocks
+        finished = []
+        # the first wave caches each system prompt on one replica; the second comes in the order
+        # that balancing the load alone would send to the other replicas
+        for wave, names in (([0], "ab"), ([1, 2, 3], "ba")):
+            for i in wave:
+                for name in names:
+                    engine.add_request(f"{name}{i}", prompt(name, i), params)
+            finished += engine.step()
+            placed.append({seq_id: blocks.replica_of(seq_id) for seq_id in blocks.tables})
+            while engine.has_unfinished_requests():
+                finished += engine.step()
+                blocks.check_invariants()
+        assert blocks.num_free == blocks.num_usable and not blocks.tables
+        tokens.append({o.request_id: o.outputs[0].token_ids for o in finished})
+        hits = llm.engine.scheduler.prefix_cache_hit_tokens
+        assert (hits >= 6 * 8) == caching  # each of the second wave's six prompts found its two system blocks
+    assert tokens[0] == tokens[1] == tokens[2]
+    first, later = placed[4], placed[5]  # the cached two-replica run's waves
+    assert first["a0"] != first["b0"]  # the first two requests went to different replicas
+    assert {later[f"a{i}"] for i in (1, 2, 3)} == {first["a0"]}
+    assert {later[f"b{i}"] for i in (1, 2, 3)} == {first["b0"]}
