@@ -101,10 +101,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def build_subcommand_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
     """``generate``, ``chat``, ``embed``, ``serve`` or ``simulate``: the EngineArgs flags plus the command's own."""
     from furiosa_runtime.entrypoints.engine_args import EngineArgs
-    from furiosa_runtime.entrypoints.openai.cli_args import add_serve_args
 
     parser = _Parser(prog=f"{prog or _invoked_as()} {command}")
     if command == "serve":
+        from furiosa_runtime.entrypoints.openai.cli_args import add_serve_args
+
         parser.description = "Serve the artifact over an OpenAI-compatible HTTP API."
         return add_serve_args(parser)
     if command == "simulate":

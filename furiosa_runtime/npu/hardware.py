@@ -159,8 +159,10 @@ def parse_devices(devices: str, hw: HardwareSpec = RNGD) -> list[DeviceRef]:
             pes = tuple(range(hw.pes_per_device))
         else:
             lo, hi = int(first), int(last if last is not None else first)
-            if not lo <= hi < hw.pes_per_device:
+            if hi >= hw.pes_per_device:
                 raise ValueError(f"devices: {part.strip()!r} names PEs outside 0-{hw.pes_per_device - 1}")
+            if lo > hi:
+                raise ValueError(f"devices: {part.strip()!r} is a reversed PE range; write the lower PE first (npu:{device}:{hi}-{lo})")
             pes = tuple(range(lo, hi + 1))
         refs.append(DeviceRef(int(device), pes))
     return refs

@@ -223,6 +223,7 @@ BAD_OVERRIDES = [
     ("parallel.num_blocks_per_pp_stage=[1,1]", "parallel.num_blocks_per_pp_stage: expected 1 positive layer counts"),
     ("parallel.devices=gpu:0", "parallel.devices: 'gpu:0' is not a device"),
     ("parallel.devices=npu:0:9", "parallel.devices: 'npu:0:9' names PEs outside 0-7"),
+    ("parallel.devices=npu:0:3-1", "parallel.devices: 'npu:0:3-1' is a reversed PE range; write the lower PE first (npu:0:1-3)"),
     ("parallel.devices='npu:0,npu:0'", "parallel.devices: npu:0:0, npu:0:1, npu:0:2"),
     ("buckets.decode=[[1,4096]]", "buckets.decode[0]: attention_size 4096 exceeds buckets.max_seq_len_to_capture=256"),
     ("buckets.decode=[[1,256],[0,256]]", "buckets.decode[1]: batch_size and attention_size must be positive"),

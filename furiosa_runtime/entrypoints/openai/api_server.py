@@ -290,7 +290,8 @@ def run_server(args: argparse.Namespace) -> None:
     sock = _bind(args.host, args.port)
     engine: AsyncLLMEngine = AsyncLLMEngine.from_engine_args(engine_args)
     config = ServerConfig(served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
-                          allowed_origins=args.allowed_origins or (), chat_template=chat_template)  # fmt: skip
+                          allowed_origins=args.allowed_origins or (), chat_template=chat_template,
+                          max_body_bytes=args.max_body_bytes)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(build_app(engine, config), log_config=None, log_level=args.log_level, access_log=False))
     generator = engine.native_engine.artifact.generator_config
     buckets = "; ".join(f"{phase} " + ", ".join(f"{b.batch_size}x{b.attention_size}" for b in phase_buckets)

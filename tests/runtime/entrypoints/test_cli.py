@@ -209,6 +209,9 @@ def test_subcommand_user_errors_are_one_line(tiny_llama_artifact: Path, capsys, 
         (["generate", "--model", "a", "--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
         (["generate", "--model", "a", "--prompt", "x", "--tokenizer-mode", "fast"], "argument --tokenizer-mode: invalid choice"),
         (["a", "Hello", "--top-k", "1.5"], "argument --top-k: invalid int value"),
+        (["serve", "a", "--port", "-1"], "argument --port: expected a port 0-65535, got '-1'"),
+        (["serve", "a", "--port", "70000"], "argument --port: expected a port 0-65535, got '70000'"),
+        (["serve", "a", "--max-body-bytes", "0"], "argument --max-body-bytes: expected an integer >= 1, got '0'"),
     ],
 )
 def test_subcommand_usage_errors_exit_2_with_one_line(capsys, argv: list[str], needle: str) -> None:
@@ -252,7 +255,7 @@ def test_subcommand_in_a_subprocess(tiny_llama_artifact: Path) -> None:
 def test_serve_user_errors_are_one_line(tiny_llama_artifact: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--port", "x"])
-    assert exc.value.code == 2 and "argument --port: invalid int value" in capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --port: expected a port 0-65535, got 'x'" in capsys.readouterr().err
     for argv, needle in [
         (["serve"], "required: ARTIFACT (or --model)"),
         (["serve", "a", "--model", "b"], "ARTIFACT 'a' and --model 'b' differ"),
