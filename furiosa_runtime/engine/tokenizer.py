@@ -289,7 +289,9 @@ class Tokenizer:
         When tokenizer_config.json sets `add_bos_token` / `add_eos_token` (Llama-style
         configs), those flags decide whether BOS / EOS are added, as in transformers.
         """
-        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        # encode_batch, unlike encode, lets go of the GIL while it works: a server tokenizing a
+        # long prompt in a worker thread keeps its event loop running
+        [encoding] = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
         ids = list(encoding.ids)
         if add_special_tokens:
             ids = self._apply_bos_eos_flags(ids, list(encoding.special_tokens_mask))

@@ -54,11 +54,13 @@ class AsyncLLMEngine(LLMEngineBase):
         Closing the generator early (a client that disconnects) aborts the request.
         """
         self.try_add_request_id(request_id)
-        try:
-            text, token_ids = self._prepare(prompt, sampling_params)
-        except Exception:
+        try:  # in a worker thread: a long prompt's tokenization does not stall the other streams
+            text, token_ids = await asyncio.to_thread(self._prepare, prompt, sampling_params)
+        except BaseException:  # a bad request, or a client gone (cancelled) while it was tokenized
             self.try_remove_request_id(request_id)
             raise
+        if request_id not in self.request_ids:  # aborted while it was tokenized
+            return
         stream: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
         self._streams[request_id] = stream
         self._submit(request_id, lambda: self.native_engine.add_request(request_id, text, token_ids, sampling_params))

@@ -143,3 +143,29 @@ def test_abort_refuses_a_non_string_id(llm: LLM) -> None:
     engine = AsyncLLMEngine.from_llm(llm)
     with pytest.raises(ValueError, match="must be a string"):
         asyncio.run(engine.abort(5))  # type: ignore[arg-type]
+
+
+def test_a_long_prompt_is_tokenized_while_the_event_loop_runs(llm: LLM) -> None:
+    """A server's other streams keep going while one request's long text is tokenized (here
+    ~1 MB, refused afterwards as too long): the loop ticks many times in the meantime."""
+    engine = AsyncLLMEngine.from_llm(llm)
+    text = "the quick brown fox jumps over the lazy dog; " * 22000
+
+    async def main() -> int:
+        ticks, done = 0, asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        with pytest.raises(ValueError, match="maximum context length|too long"):
+            await collect(engine, text, GREEDY, "long")
+        done.set()
+        await task
+        return ticks
+
+    assert asyncio.run(main()) > 100
+    assert not engine.request_ids
