@@ -11,6 +11,7 @@ list per prompt position) comes on the response.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -50,7 +51,7 @@ class OpenAIServingChat(OpenAIServing):
         received_at = time.time()
         self.check_model(request.model, "generate")
         try:
-            prompt, token_ids = self._render(request)
+            prompt, token_ids = await asyncio.to_thread(self._render, request)  # off the event loop: other streams go on
             max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
             top = (request.top_logprobs or 0) if request.logprobs else None
             params = request.sampling_params(max_tokens, top)

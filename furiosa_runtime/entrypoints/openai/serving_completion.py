@@ -10,6 +10,7 @@ vLLM's list per prompt position, comes on each choice of its prompt.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -43,7 +44,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.stream and request.best_of is not None and request.best_of > request.n:
             raise OpenAIError(400, "best_of: cannot be streamed when best_of > n (the best n are known only at the end)", param="best_of")
         try:
-            prompts = [parse_prompt(p, self.engine.native_engine.tokenizer) for p in _prompt_list(request.prompt)]
+            prompts = await asyncio.to_thread(self._tokenize, request)  # off the event loop: other streams go on
             params = request.sampling_params(request.max_tokens, request.logprobs, request.best_of)
             for _, token_ids in prompts:
                 self.validate(token_ids, params)
@@ -61,6 +62,10 @@ class OpenAIServingCompletion(OpenAIServing):
         choices = [choice for index in sorted(finals) for choice in self._choices(request, index, finals[index])]
         completion_tokens = sum(len(c.token_ids) for output in finals.values() for c in output.outputs)
         return response.model_copy(update={"choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
+
+    def _tokenize(self, request: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """Each prompt's text (None for token ids) and token ids."""
+        return [parse_prompt(p, self.engine.native_engine.tokenizer) for p in _prompt_list(request.prompt)]
 
     def _stream(self, request: CompletionRequest, head: CompletionResponse,
                 outputs: AsyncGenerator[tuple[int, RequestOutput], None], prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip

@@ -481,3 +481,28 @@ def test_the_server_stack_is_imported_only_to_serve() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_health_answers_while_a_long_prompt_is_tokenized(url: str) -> None:
+    """Prompts are tokenized off the event loop: /health keeps answering while a 3 MB prompt
+    is tokenized (then refused as longer than the model's context)."""
+    prompt = "the quick brown fox jumps over the lazy dog; " * 70000
+    replies: list[httpx.Response] = []
+    done = threading.Event()
+
+    def post() -> None:
+        try:
+            replies.append(httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1}, timeout=60))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    answered = 0
+    with httpx.Client(timeout=10) as health:
+        while not done.is_set():
+            assert health.get(f"{url}/health").status_code == 200
+            answered += 1
+    thread.join()
+    assert replies[0].status_code == 400 and replies[0].json()["error"]["code"] == "context_length_exceeded"
+    assert answered > 100, answered
