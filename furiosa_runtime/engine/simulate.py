@@ -53,7 +53,8 @@ from furiosa_runtime.npu.step_times import StepTimes, load_programs
 #: The token a simulated step "generates": its value matters only to the prefix cache's
 #: keys, and no two requests of a workload share a whole prompt.
 OUTPUT_TOKEN = 0
-#: Prompts per unit of concurrency (the largest decode batch of every virtual engine) when a
+#: Prompts per unit of concurrency (the largest decode batch of every virtual engine of every
+#: data-parallel replica) when a
 #: distribution gives no count: the published methodology runs ``num_prompts = 3 x
 #: concurrency`` requests offline.
 PROMPTS_PER_SLOT = 3
@@ -243,7 +244,8 @@ def simulate(
     report what ``vllm bench serve`` would measure.
 
     ``num_prompts`` None draws ``PROMPTS_PER_SLOT`` x the largest decode batch of every
-    virtual engine (one per pipeline stage) from a distribution (a trace: all its lines).
+    virtual engine (one per pipeline stage) of every data-parallel replica from a
+    distribution (a trace: all its lines).
     ``scheduler_overrides`` replace values of the artifact's scheduler config; the mesh
     settings are ``EngineCore``'s.  A workload that cannot be read, or has a request the
     artifact cannot hold, raises ``WorkloadError``.
@@ -251,7 +253,8 @@ def simulate(
     core = TimingCore.open(artifact_path, enable_prefix_caching=enable_prefix_caching, scheduler_overrides=scheduler_overrides,
                            devices=devices, pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size)
     if num_prompts is None and workload.split(":", 1)[0] in DISTRIBUTIONS:
-        num_prompts = PROMPTS_PER_SLOT * core.scheduler.max_decode_batch * core.scheduler.virtual_engines
+        scheduler = core.scheduler
+        num_prompts = PROMPTS_PER_SLOT * scheduler.max_decode_batch * scheduler.virtual_engines * scheduler.replicas
     shapes = parse_workload(workload, num_prompts, request_rate, seed)
     requests = make_requests(shapes, core.vocab_size, shared_prefix, seed)
     rate = "" if request_rate is None else f", {'offline' if math.isinf(request_rate) else f'{request_rate:g} requests/s'}"

@@ -55,8 +55,8 @@ def add_simulate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="fixed:IN:OUT, uniform:LO-HI:LO-HI, normal:MEAN,STD:MEAN,STD, lognormal:MEAN,STD:MEAN,STD or a JSONL trace "
              "({\"arrival\": s, \"prompt_tokens\": n, \"output_tokens\": m} per line)")  # fmt: skip
     add("--num-prompts", type=positive_int, default=None,
-        help=f"requests drawn from a distribution (default: {PROMPTS_PER_SLOT} x the largest decode batch, the published "
-             "methodology's choice); of a trace, its first N lines (default: all)")  # fmt: skip
+        help=f"requests drawn from a distribution (default: {PROMPTS_PER_SLOT} x the largest decode batch of every "
+             "pipeline stage and data-parallel replica, the published methodology's choice); of a trace, its first N lines (default: all)")  # fmt: skip
     add("--request-rate", type=_rate, default=None,
         help="Poisson arrivals at this many requests/s, or inf for all at once (default: a trace's own arrival times; "
              "a distribution's requests all at once)")  # fmt: skip
