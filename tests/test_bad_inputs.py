@@ -534,7 +534,7 @@ def _engine_args(**kwargs: Any) -> Any:
 
 
 RUNTIME_CASES: list[tuple[Callable[[Sandbox], Any], str]] = [
-    (lambda s: _llm("/no/such/artifact"), "artifact: /no/such/artifact is not a directory"),
+    (lambda s: _llm("/no/such/artifact"), "artifact: /no/such/artifact does not exist"),
     (lambda s: _llm(s.paths["file"]), "artifact: <file> is not a directory"),
     (lambda s: _llm(s.paths["empty_dir"]), "artifact: <empty_dir>/artifact.json is missing"),
     (lambda s: _llm(s.paths["user_dir"]), "artifact: <user_dir>/artifact.json is missing"),
@@ -564,7 +564,7 @@ RUNTIME_CASES: list[tuple[Callable[[Sandbox], Any], str]] = [
     (lambda s: _params(presence_penalty=3), "presence_penalty must be a finite number in [-2, 2], got 3"),
     (lambda s: _params(best_of=0), "best_of must be None or an integer >= n, got 0"),
     (lambda s: _params(stop_token_ids=["a"]), "stop_token_ids must be a list of integers >= 0"),
-    (lambda s: _engine_args(model="/no/such/artifact"), "artifact: /no/such/artifact is not a directory"),
+    (lambda s: _engine_args(model="/no/such/artifact"), "artifact: /no/such/artifact does not exist"),
     (lambda s: _engine_args(model=s.paths["empty_dir"], npu_queue_limit=0), "npu_queue_limit"),
 ]
 RUNTIME_IDS = [f"runtime{i}" for i in range(len(RUNTIME_CASES))]
@@ -588,12 +588,12 @@ def assert_refused_in_one_line(call: Callable[[Sandbox], Any], expected: str, sa
 
 
 RUNTIME_CLI_CASES: list[tuple[list[str], str]] = [
-    (["/no/such/artifact", "hi"], "artifact: /no/such/artifact is not a directory"),
+    (["/no/such/artifact", "hi"], "artifact: /no/such/artifact does not exist"),
     (["<file>", "hi"], "artifact: <file> is not a directory"),
     (["<empty_dir>", "hi", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["<empty_dir>", "hi", "--max-tokens", "zero"], "argument --max-tokens: invalid int value: 'zero'"),
     (["generate", "--model", "<empty_dir>"], "the following arguments are required: --prompt"),
-    (["embed", "--model", "/no/such", "--prompt", "a"], "artifact: /no/such is not a directory"),
+    (["embed", "--model", "/no/such", "--prompt", "a"], "artifact: /no/such does not exist"),
 ]
 
 
@@ -719,7 +719,7 @@ FRESH = [
     (["-m", "furiosa_build.cli", "build", "/no/such/model", "out"], "error: model.model_id_or_path: '/no/such/model'"),
     (["-m", "furiosa_build.cli", "build", "a_file", "a_file/out", "--seed-for-random-weight", "0"],
      "error: model.model_id_or_path: 'a_file' is not"),
-    (["-m", "furiosa_runtime", "/no/such/artifact", "hi"], "error: artifact: /no/such/artifact is not a directory"),
+    (["-m", "furiosa_runtime", "/no/such/artifact", "hi"], "error: artifact: /no/such/artifact does not exist"),
 ]
 
 

@@ -650,7 +650,7 @@ def open_artifact(path: str | Path) -> tuple[Artifact, ArtifactFiles]:
     root = Path(path)
     meta = root / ARTIFACT_FILE
     if not root.is_dir():
-        raise ArtifactError(f"artifact: {root} is not a directory")
+        raise ArtifactError(f"artifact: {root} {'is not a directory' if os.path.lexists(root) else 'does not exist'}")
     if not os.path.lexists(meta):
         raise ArtifactError(f"artifact: {meta} is missing; is {root} an artifact built by furiosa_build?")
     description = ArtifactFiles(root, {}).read_description()

@@ -61,7 +61,7 @@ def test_seeded_sampling_is_reproducible(tiny_llama_artifact: Path, capsys) -> N
 
 
 def test_missing_artifact(tmp_path: Path) -> None:
-    assert_user_error(run_cli(tmp_path / "does-not-exist", "Hello"), "not a directory")
+    assert_user_error(run_cli(tmp_path / "does-not-exist", "Hello"), "does not exist")
 
 
 def test_corrupted_artifact(tiny_llama_artifact: Path, tmp_path: Path) -> None:
