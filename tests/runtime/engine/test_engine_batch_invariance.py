@@ -101,6 +101,23 @@ def test_two_hundred_random_requests_match_each_alone(
         assert tokens == alone(reference, prompt, params), request_id
 
 
+def test_two_replicas_with_a_prefix_cache_each_match_each_alone(small_cache_artifact: Path, reference: LLM, request) -> None:
+    """The same random traffic on two data-parallel replicas of the artifact, each with its
+    own small KV pool and prefix cache: requests follow their cached prefixes, preempt only
+    on their replica, and still get the tokens of one PE alone."""
+    if "single-pe" not in request.node.callspec.id:
+        pytest.skip("two replicas of the single-PE artifact")
+    llm = LLM(small_cache_artifact, devices="npu:0:0-1", scheduler_config=SchedulerConfig(spare_blocks_ratio=0.0))
+    rng = np.random.default_rng(5)
+    requests = [random_request(rng, max_prompt=32) for _ in range(200)]
+    finished = serve_randomly(LLMEngine.from_llm(llm), requests, seed=6)
+    stats = llm.engine.stats()
+    assert stats.preemptions > 0 and stats.prefix_cache_hit_tokens > 0
+    for request_id, tokens in finished.items():
+        prompt, params = requests[int(request_id.split("-")[1])]
+        assert tokens == alone(reference, prompt, params), request_id
+
+
 @pytest.mark.parametrize("config", [SchedulerConfig(prefill_chunk_size=8), SchedulerConfig(prefill_chunk_size=8, is_offline=True, max_processing_samples=6)])
 def test_chunked_prefill_and_long_prompts_match_each_alone(small_cache_artifact: Path, config: SchedulerConfig) -> None:
     llm = LLM(small_cache_artifact, scheduler_config=config)
