@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import subprocess
 import sys
 import tempfile
@@ -106,7 +107,10 @@ def run_engine(artifact: Path, requests: list[Request], devices: str | None = No
     label = "furiosa_runtime engine" if devices is None else f"engine on {devices} ({llm.engine.simulator.mesh.dp} replicas)"
     print(f"{label}: modelled NPU latency per request: time to first token p50 {np.percentile(ttft, 50) * 1e3:.1f} ms, "
           f"p95 {np.percentile(ttft, 95) * 1e3:.1f} ms; time per output token p50 {np.percentile(tpot, 50) * 1e3:.2f} ms")  # fmt: skip
-    return Result(label, seconds, tokens, llm.engine.npu_seconds)
+    result = Result(label, seconds, tokens, llm.engine.npu_seconds)
+    del llm, outputs
+    gc.collect()  # the engine's KV arrays and widened weights go now, not during the next run
+    return result
 
 
 class KernelTimes:
