@@ -182,7 +182,7 @@ CONFIG_ERRORS = [
     (["parallel.devices=npu:0:0-1", "parallel.pipeline_parallel_size=2", "parallel.num_blocks_per_pp_stage=[4]"],
      "parallel.num_blocks_per_pp_stage: expected 2 positive layer counts"),
     (["parallel.devices=npu0"], "parallel.devices: 'npu0' is not a device; use npu:N, npu:N:P or npu:N:P-Q"),
-    (["parallel.devices=npu:0:5-2"], "parallel.devices: 'npu:0:5-2' names PEs outside 0-7"),
+    (["parallel.devices=npu:0:5-2"], "parallel.devices: 'npu:0:5-2' is a reversed PE range; write the lower PE first (npu:0:2-5)"),
     (["parallel.devices='npu:0,npu:0:1'"], "parallel.devices: npu:0:1 listed more than once"),
     (["parallel.tensor_parallel_size=6"], "parallel.tensor_parallel_size: must be a power of two"),
 ]  # fmt: skip
