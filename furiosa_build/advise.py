@@ -60,7 +60,7 @@ from furiosa_build.errors import EXIT_USER_ERROR
 from furiosa_build.model_checks import position_limit
 from furiosa_build.output_paths import check_creatable
 from furiosa_build.scratch import atomic_write
-from furiosa_runtime.entrypoints.simulate_cli import non_negative_int, positive_int
+from furiosa_runtime.entrypoints.arg_checks import non_negative_int, positive_int
 from furiosa_runtime.npu.artifact import MAX_ATTENTION_SIZE, MAX_KV_SLOTS, Bucket
 
 DEFAULT_SAMPLE = 512  # requests simulated per grid: about a second each

@@ -1,8 +1,10 @@
 """Argument checks shared by ``LLM`` and ``EngineArgs``: each raises one ValueError line
-naming the parameter and what it accepts."""
+naming the parameter and what it accepts; and the argparse types of counts and seeds that
+the command lines share (``simulate``, ``serve``, the build's ``advise``)."""
 
 from __future__ import annotations
 
+import argparse
 from numbers import Integral
 from pathlib import Path
 
@@ -54,3 +56,17 @@ def check_bool(name: str, value: object) -> None:
     """Raise unless ``value`` is True or False (a truthy string such as "false" is refused)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count such as ``--num-prompts``, an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a seed, an integer >= 0 (NumPy's SeedSequence takes no negatives)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)

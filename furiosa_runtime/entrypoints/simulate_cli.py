@@ -19,6 +19,7 @@ from typing import TextIO
 
 from furiosa_runtime.engine.simulate import PROMPTS_PER_SLOT, simulate
 from furiosa_runtime.engine.workload import WorkloadError
+from furiosa_runtime.entrypoints.arg_checks import non_negative_int, positive_int
 
 
 def _rate(text: str) -> float:
@@ -30,20 +31,6 @@ def _rate(text: str) -> float:
     if not rate > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (or inf), got {text}")
     return rate
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a count such as ``--num-prompts``, an integer >= 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: a seed, an integer >= 0 (NumPy's SeedSequence takes no negatives)."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
 
 
 def add_simulate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

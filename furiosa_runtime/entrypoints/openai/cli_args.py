@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from furiosa_runtime.entrypoints.arg_checks import positive_int
 from furiosa_runtime.entrypoints.openai.serving_engine import ServerConfig
-from furiosa_runtime.entrypoints.simulate_cli import positive_int
 
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8000
