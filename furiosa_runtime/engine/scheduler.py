@@ -522,10 +522,10 @@ class Scheduler:
 
         Returns False when ``seq`` itself had to be preempted.
         """
-        replica = self.blocks.replica_of(seq.request_id)
+        replica = self._replica(seq)
         while not self.blocks.can_append(seq.request_id, num_tokens):
             # running is in admission order; only the sequences of seq's replica free blocks it can use
-            victim = next(s for s in reversed(self.running) if s not in keep and self.blocks.replica_of(s.request_id) == replica)
+            victim = next(s for s in reversed(self.running) if s not in keep and self._replica(s) == replica)
             self._preempt(victim)
             if victim is seq:
                 return False

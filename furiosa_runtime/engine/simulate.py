@@ -54,9 +54,8 @@ from furiosa_runtime.npu.step_times import StepTimes, load_programs
 #: keys, and no two requests of a workload share a whole prompt.
 OUTPUT_TOKEN = 0
 #: Prompts per unit of concurrency (the largest decode batch of every virtual engine of every
-#: data-parallel replica) when a
-#: distribution gives no count: the published methodology runs ``num_prompts = 3 x
-#: concurrency`` requests offline.
+#: data-parallel replica) when a distribution gives no count: the published methodology runs
+#: ``num_prompts = 3 x concurrency`` requests offline.
 PROMPTS_PER_SLOT = 3
 
 #: Sampling of every request: greedy, and the output length is forced.

@@ -10,9 +10,10 @@ meet at every collective (``all_reduce``, ``all_gather``), and activations cross
 pipeline stages through explicit transfers.  The KV cache of a layer on the same PE of
 every replica is one host array whose rows are indexed by global block ids (replica r's
 blocks ``[r * num_blocks, (r + 1) * num_blocks)``, the engine's per-replica pools), so a
-batch reads and writes it as fed, whichever replicas its rows sit on.  Beside the values, every bucket has a
-modelled step latency (``step_seconds``, the timing face in ``timing.py``).  Set
-``FURIOSA_TRACE=1`` to print every instruction, collective and transfer as it executes.
+batch reads and writes it as fed, whichever replicas its rows sit on.  Beside the values,
+every bucket has a modelled step latency (``step_seconds``, the timing face in
+``timing.py``).  Set ``FURIOSA_TRACE=1`` to print every instruction, collective and
+transfer as it executes.
 """
 
 from __future__ import annotations
